@@ -1,0 +1,249 @@
+"""Experiment configuration: one YAML file, validated by pydantic.
+
+Every section is frozen and forbids unknown keys, so a typo is an error, not a
+silently ignored option. Each registered protocol has its own section, named
+after it (``fedmd:``, ``fml:`` ...), built from the protocol's ``Config`` class;
+``protocol:`` chooses which one runs, so one file can carry the settings of
+several protocols and a comparison is a single ``--set protocol=...``.
+
+Errors are reported as one line naming the field, the bad value and what is
+allowed (:func:`format_validation_error`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
+from pydantic import Field as PydField
+
+from securefl.models.zoo import MODEL_ZOO
+from securefl.protocols import PROTOCOLS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    seed: int = 0
+    rounds: int = PydField(10, ge=1, le=100_000)
+    participation: float = PydField(1.0, gt=0, le=1, description="fraction of participants sampled per round")
+    eval_every: int = PydField(1, ge=1)
+    name: str | None = None
+
+
+class DirichletPartition(Section):
+    kind: Literal["dirichlet"] = "dirichlet"
+    alpha: float = PydField(0.5, gt=0)
+    min_size: int = PydField(10, ge=1, description="resample until every participant has this many records")
+
+
+class ShardPartition(Section):
+    kind: Literal["shards"]
+    classes_per_party: int = PydField(2, ge=1)
+
+
+class IidPartition(Section):
+    kind: Literal["iid"]
+
+
+class ExplicitPartition(Section):
+    kind: Literal["explicit"]
+    assignment: list[list[int]] = PydField(min_length=1, description="training-split indices per participant")
+
+
+Partition = Annotated[
+    DirichletPartition | ShardPartition | IidPartition | ExplicitPartition, PydField(discriminator="kind")
+]
+
+
+class DataConfig(Section):
+    dataset: Literal["digits", "fashion_mnist", "breast_cancer"] = "digits"
+    data_dir: str | None = None
+    partition: Partition = PydField(default_factory=DirichletPartition)
+    public_size: int = PydField(0, ge=0, description="records carved out of the train split as the public set")
+    public_labelled: bool = PydField(False, description="may protocols use the public set's labels?")
+    public_classes: list[int] | None = PydField(None, description="restrict the public set to these classes (A2)")
+    private_classes: list[int] | None = PydField(None, description="restrict private data and test set (A2)")
+    val_fraction: float = PydField(0.15, ge=0, lt=1)
+    max_train_records: int | None = PydField(None, ge=10, description="subsample the train split (quick runs)")
+
+    @model_validator(mode="after")
+    def _classes_disjoint(self) -> DataConfig:
+        if self.public_classes and self.private_classes and set(self.public_classes) & set(self.private_classes):
+            raise ValueError("public_classes and private_classes must not overlap")
+        return self
+
+
+class TrainingConfig(Section):
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = PydField(1e-3, gt=0, le=10)
+    momentum: float = PydField(0.9, ge=0, lt=1)
+    weight_decay: float = PydField(0.0, ge=0)
+    batch_size: int = PydField(32, ge=1)
+    local_epochs: int = PydField(1, ge=1)
+    max_grad_norm: float | None = PydField(None, gt=0)
+
+
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ParticipantConfig(Section):
+    id: str
+    model: str
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_safe(cls, value: str) -> str:
+        # Ids become file names (ledgers, keys), so keep them to a safe alphabet.
+        if not _ID_PATTERN.match(value):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-', starting alphanumeric")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        if value not in MODEL_ZOO:
+            raise ValueError(f"unknown model; allowed: {', '.join(MODEL_ZOO)}")
+        return value
+
+
+class _ExperimentBase(Section):
+    protocol: str
+    run: RunConfig = PydField(default_factory=RunConfig)
+    data: DataConfig = PydField(default_factory=DataConfig)
+    training: TrainingConfig = PydField(default_factory=TrainingConfig)
+    participants: list[ParticipantConfig] = PydField(min_length=1)
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol_exists(cls, value: str) -> str:
+        if value not in PROTOCOLS:
+            raise ValueError(f"unknown protocol; allowed: {', '.join(PROTOCOLS)}")
+        return value
+
+    @field_validator("participants")
+    @classmethod
+    def _unique_ids(cls, value: list[ParticipantConfig]) -> list[ParticipantConfig]:
+        ids = [p.id for p in value]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"participant ids must be unique; repeated: {', '.join(dupes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _partition_fits(self) -> _ExperimentBase:
+        partition = self.data.partition
+        if isinstance(partition, ExplicitPartition) and len(partition.assignment) != len(self.participants):
+            raise ValueError(
+                f"data.partition.assignment has {len(partition.assignment)} lists for "
+                f"{len(self.participants)} participants"
+            )
+        return self
+
+    def protocol_config(self) -> BaseModel:
+        return getattr(self, self.protocol)
+
+
+# One section per registered protocol, typed by that protocol's own Config class.
+ExperimentConfig = create_model(  # type: ignore[call-overload]
+    "ExperimentConfig",
+    __base__=_ExperimentBase,
+    **{name: (proto.Config, PydField(default_factory=proto.Config)) for name, proto in PROTOCOLS.items()},
+)
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message is one line naming the field and the bad value."""
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        # Discriminated unions add the tag to the location; drop it so the path matches the YAML.
+        loc = re.sub(r"\.(dirichlet|shards|iid|explicit)(?=\.|$)", "", loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            parts.append(f"{loc}: required field is missing")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown field (value {_short(err['input'])})")
+        else:
+            parts.append(f"{loc} = {_short(err['input'])}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_config(raw: Any, source: str = "config") -> Any:
+    """Validate a mapping into an ``ExperimentConfig``; raise :class:`ConfigError` with one line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars; list items by index)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        node: Any = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is not a section")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return parse_config(raw, str(path))
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,21 @@
+"""The protocol registry. Adding an algorithm: one file, one entry here, one test file."""
+
+from __future__ import annotations
+
+from securefl.protocols.base import Field, Protocol, ProtocolConfig, ProtocolSetupError, Schema
+from securefl.protocols.fedavg import FedAvg
+from securefl.protocols.fedmd import FedMD
+from securefl.protocols.local_only import LocalOnly
+from securefl.protocols.pooled import Pooled
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (FedMD, LocalOnly, Pooled, FedAvg)}
+
+
+def get_protocol(name: str) -> type[Protocol]:
+    try:
+        return PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown protocol {name!r}; allowed: {', '.join(PROTOCOLS)}") from None
+
+
+__all__ = ["PROTOCOLS", "Field", "Protocol", "ProtocolConfig", "ProtocolSetupError", "Schema", "get_protocol"]

@@ -1,0 +1,224 @@
+"""What every protocol is: pure role methods and a declared wire schema.
+
+A round, as the runtime drives it::
+
+    downlink = protocol.open_round(r, sampled)        # server -> sampled clients (optional)
+    reply    = protocol.client_step(party, inbox, r)  # each sampled client -> server
+    result   = protocol.server_step(r, replies, aggregator)
+    protocol.client_update(party, inbox, r)           # clients apply the server's result
+
+Protocols never import opacus, tenseal, cryptography or a transport. Private
+training goes through ``party.trainer``; aggregation goes through the
+``aggregator`` handed to ``server_step``. Privacy and encryption are layers the
+runtime composes around these calls, so no protocol contains an ``if privacy``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from securefl.runtime.aggregator import PlainAggregator
+from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
+from securefl.runtime.party import FederationContext, Party
+from securefl.runtime.training import accuracy, predict_logits
+
+
+class ProtocolSetupError(ValueError):
+    """A protocol cannot run with this set-up; raised before round 1 with the reason."""
+
+
+class ProtocolConfig(BaseModel):
+    """Base of every per-protocol config section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One payload field a protocol releases.
+
+    ``aggregatable`` fields are only ever combined by sums/means, so a secure
+    aggregator may replace them by ciphertexts or masked vectors. ``private``
+    fields are derived from private data and are what a privacy layer protects.
+    """
+
+    aggregatable: bool = False
+    private: bool = True
+    description: str = ""
+
+
+class Schema:
+    """The declared payload fields of one message kind."""
+
+    def __init__(self, kind: str, **fields: Field) -> None:
+        self.kind = kind
+        self.fields = dict(fields)
+
+    def __repr__(self) -> str:
+        return f"Schema({self.kind!r}, {', '.join(self.fields)})"
+
+    def check(self, msg: Message) -> None:
+        if msg.kind != self.kind:
+            raise ValueError(f"expected a {self.kind!r} message, got {msg.kind!r}")
+        unknown = set(msg.payload) - set(self.fields)
+        missing = set(self.fields) - set(msg.payload)
+        if unknown or missing:
+            raise ValueError(
+                f"{self.kind!r} message from {msg.sender!r}: payload fields {sorted(msg.payload)} do not match "
+                f"the declared schema {sorted(self.fields)}"
+            )
+
+
+Downlink = Message | dict[str, Message] | None
+
+
+class Protocol(ABC):
+    """Base class. Subclasses set the class attributes and implement the role methods."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    paper: ClassVar[str] = ""
+    Config: ClassVar[type[ProtocolConfig]] = ProtocolConfig
+    # What clients send up, and what the server (or relay) sends down.
+    uplink: ClassVar[Schema | None] = None
+    downlink: ClassVar[Schema | None] = None
+
+    def __init__(self, config: ProtocolConfig, ctx: FederationContext) -> None:
+        self.config = config
+        self.ctx = ctx
+
+    # ----- checks before round 1 -------------------------------------------------------
+    def validate_participants(self, parties: Sequence[Party]) -> None:
+        """Refuse an impossible set-up before any training (e.g. FedAvg with mixed models)."""
+
+    # ----- lifecycle -------------------------------------------------------------------
+    @abstractmethod
+    def setup_party(self, party: Party) -> None:
+        """Build the party's model(s) and optimizers. Runs on start and on resume."""
+
+    def prepare_party(self, party: Party) -> None:
+        """One-off work before round 1 (e.g. FedMD's transfer learning). Not re-run on resume."""
+
+    # ----- one round -------------------------------------------------------------------
+    def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:
+        """Server to sampled clients at the start of a round (e.g. the global model)."""
+        return None
+
+    @abstractmethod
+    def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message | None:
+        """Local work; returns the uplink message (or None when nothing is shared)."""
+
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Downlink:
+        """Combine the replies through ``aggregator`` only; returns what goes back down."""
+        return None
+
+    def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
+        """Apply what the server sent back (e.g. FedMD's digest and revisit)."""
+
+    # ----- evaluation ------------------------------------------------------------------
+    def evaluate(self, party: Party) -> dict[str, float]:
+        """Test metrics of one participant. ``accuracy`` is the headline number."""
+        assert party.model is not None
+        return {"accuracy": accuracy(party.model, self.ctx.test_x, self.ctx.test_y, classes=self.ctx.eval_classes)}
+
+    def evaluate_server(self) -> dict[str, float]:
+        """Metrics of server-side models (e.g. a global model); empty when there is none."""
+        return {}
+
+    # ----- checkpointing ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Server-side state to checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def party_state(self, party: Party) -> dict[str, Any]:
+        """A party's state to checkpoint: its model plus every stateful object in ``party.state``."""
+        return {
+            "model": party.model.state_dict() if party.model is not None else None,
+            "state": {k: _state_of(v) for k, v in party.state.items()},
+        }
+
+    def load_party_state(self, party: Party, state: dict[str, Any]) -> None:
+        if party.model is not None:
+            party.model.load_state_dict(state["model"])
+        for key, value in state["state"].items():
+            current = party.state.get(key)
+            if hasattr(current, "load_state_dict"):
+                current.load_state_dict(value)
+            else:
+                party.state[key] = value
+
+    # ----- helpers for subclasses ------------------------------------------------------
+    def reply(self, party: Party, rnd: int, **payload: torch.Tensor) -> Message:
+        assert self.uplink is not None, f"{self.name} declares no uplink"
+        return Message(sender=party.id, receiver=AGGREGATOR, run_id=self.ctx.run_id, round=rnd,
+                       kind=self.uplink.kind, payload=payload)
+
+    def broadcast(self, rnd: int, **payload: torch.Tensor) -> Message:
+        assert self.downlink is not None, f"{self.name} declares no downlink"
+        return Message(sender=AGGREGATOR, receiver=BROADCAST, run_id=self.ctx.run_id, round=rnd,
+                       kind=self.downlink.kind, payload=payload)
+
+
+def only_message(inbox: Sequence[Message], kind: str) -> Message:
+    """The single message of ``kind`` in an inbox; anything else is a protocol error."""
+    matches = [m for m in inbox if m.kind == kind]
+    if len(matches) != 1:
+        raise RuntimeError(f"expected exactly one {kind!r} message in the inbox, found {len(matches)}")
+    return matches[0]
+
+
+def val_score(party: Party, classes: torch.Tensor | None) -> float:
+    """Early-stopping score on the party's validation split (higher is better). Never the test set.
+
+    Negative cross-entropy rather than accuracy: on the few dozen validation
+    records of a small silo, accuracy plateaus for epochs while the loss still
+    moves, and stopping on the plateau leaves models badly under-trained.
+    """
+    assert party.model is not None
+    view = party.val if len(party.val) > 0 else party.train  # a tiny silo may have no validation split
+    logits = predict_logits(party.model, view.x)
+    if classes is not None:
+        # Score only the evaluated classes' outputs (A2: private classes), like the accuracy does.
+        remap = torch.full((int(classes.max()) + 1,), -1, dtype=torch.long)
+        remap[classes] = torch.arange(len(classes))
+        return -float(F.cross_entropy(logits[:, classes], remap[view.y]))
+    return -float(F.cross_entropy(logits, view.y))
+
+
+def _state_of(value: Any) -> Any:
+    return value.state_dict() if hasattr(value, "state_dict") else value
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """All parameters and float buffers as one vector (what FedAvg-style protocols send)."""
+    parts = [t.detach().reshape(-1).float() for t in _float_state(model).values()]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
+    """Inverse of :func:`flat_parameters`. Integer buffers (e.g. counters) are never overwritten."""
+    state = _float_state(model)
+    expected = sum(t.numel() for t in state.values())
+    if flat.numel() != expected:
+        raise ValueError(f"flat parameter vector has {flat.numel()} values; the model needs {expected}")
+    offset = 0
+    with torch.no_grad():
+        for tensor in state.values():
+            n = tensor.numel()
+            tensor.copy_(flat[offset:offset + n].view_as(tensor).to(tensor.dtype))
+            offset += n
+
+
+def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if v.is_floating_point()}

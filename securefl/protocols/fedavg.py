@@ -1,0 +1,94 @@
+"""FedAvg baseline, for homogeneous participants only.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", AISTATS 2017. The server broadcasts the global model,
+sampled clients train ``local_epochs`` on their data and send their weights,
+and the server takes the mean weighted by sample counts. FedAvg cannot mix
+architectures; a heterogeneous set-up is refused before round 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from securefl.protocols.base import (
+    Field,
+    Protocol,
+    ProtocolConfig,
+    ProtocolSetupError,
+    Schema,
+    flat_parameters,
+    load_flat_parameters,
+    only_message,
+)
+from securefl.runtime.aggregator import PlainAggregator
+from securefl.runtime.message import Message
+from securefl.runtime.party import Party
+from securefl.runtime.training import accuracy
+
+
+class FedAvgConfig(ProtocolConfig):
+    pass
+
+
+class FedAvg(Protocol):
+    name = "fedavg"
+    summary = "baseline: sample-weighted parameter averaging (homogeneous models only)"
+    paper = "McMahan et al. 2017"
+    Config = FedAvgConfig
+    uplink = Schema("weights", weights=Field(aggregatable=True, description="all float parameters, flattened"))
+    downlink = Schema("global_model", weights=Field(aggregatable=False, private=False))
+
+    def __init__(self, config: FedAvgConfig, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, ctx)
+        self.global_model: torch.nn.Module | None = None
+
+    def validate_participants(self, parties: Sequence[Party]) -> None:
+        models = sorted({p.model_name for p in parties})
+        if len(models) != 1:
+            raise ProtocolSetupError(
+                f"fedavg needs every participant to use the same model; participants use {', '.join(models)}. "
+                "Use a heterogeneous protocol (fedmd, fedh2l, heterofl, fml, fedgen) or one model name."
+            )
+
+    def setup_party(self, party: Party) -> None:
+        if self.global_model is None:
+            self.global_model = self.ctx.build_model(party.model_name, purpose="fedavg-global")
+        party.model = self.ctx.build_model(party.model_name, purpose=party.id)
+        party.state["private_opt"] = self.ctx.make_optimizer(party.model)
+
+    def open_round(self, rnd: int, sampled: Sequence[str]) -> Message:
+        assert self.global_model is not None
+        return self.broadcast(rnd, weights=flat_parameters(self.global_model))
+
+    def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message:
+        assert party.model is not None
+        load_flat_parameters(party.model, only_message(inbox, "global_model").tensor("weights"))
+        party.trainer.fit(party.model, party.state["private_opt"], party.train.x, party.train.y,
+                          batch_size=self.ctx.training.batch_size, epochs=self.ctx.training.local_epochs,
+                          max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
+        msg = self.reply(party, rnd, weights=flat_parameters(party.model))
+        # Sample counts are public metadata in FedAvg (they set the weights).
+        return msg.with_meta(num_samples=party.num_samples)
+
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
+        assert self.global_model is not None
+        weights = [float(r.meta["num_samples"]) for r in replies]
+        load_flat_parameters(self.global_model, aggregator.weighted_mean(replies, "weights", weights))
+        return None
+
+    def evaluate(self, party: Party) -> dict[str, float]:
+        # Every participant holds the global model after the round: report that one.
+        assert self.global_model is not None
+        return {"accuracy": accuracy(self.global_model, self.ctx.test_x, self.ctx.test_y,
+                                     classes=self.ctx.eval_classes)}
+
+    def state_dict(self) -> dict:
+        assert self.global_model is not None
+        return {"global_model": self.global_model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert self.global_model is not None
+        self.global_model.load_state_dict(state["global_model"])

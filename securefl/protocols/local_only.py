@@ -1,0 +1,67 @@
+"""Local-only baseline: every participant trains alone on its own silo.
+
+This is the lower bound every collaborative protocol must beat. It runs the
+same step 0 as FedMD without a labelled public set (train on D_k with early
+stopping on the validation split), then keeps training for ``local_epochs``
+per round, keeping the weights with the best validation accuracy, so the
+comparison gives local training the same number of rounds and the same
+model selection rule as the protocols it is compared with.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from pydantic import Field as PydField
+
+from securefl.protocols.base import Protocol, ProtocolConfig, val_score
+from securefl.runtime.message import Message
+from securefl.runtime.party import Party
+from securefl.runtime.training import fit_with_early_stopping
+
+
+class LocalOnlyConfig(ProtocolConfig):
+    max_epochs_first: int = PydField(50, ge=1, description="epochs cap of the initial early-stopped training")
+    patience: int = PydField(5, ge=1)
+
+
+class LocalOnly(Protocol):
+    name = "local_only"
+    summary = "baseline: each participant trains alone (lower bound)"
+    Config = LocalOnlyConfig
+    config: LocalOnlyConfig
+
+    def setup_party(self, party: Party) -> None:
+        party.model = self.ctx.build_model(party.model_name, purpose=party.id)
+        party.state["private_opt"] = self.ctx.make_optimizer(party.model)
+        party.state["best_val"] = -float("inf")
+        party.state["best_model"] = None
+
+    def prepare_party(self, party: Party) -> None:
+        model = party.model
+        assert model is not None
+        _, best = fit_with_early_stopping(
+            lambda: self._train(party, epochs=1), model, lambda: val_score(party, self.ctx.eval_classes),
+            max_epochs=self.config.max_epochs_first, patience=self.config.patience)
+        party.state["best_val"] = best
+        party.state["best_model"] = copy.deepcopy(model.state_dict())
+
+    def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
+        model = party.model
+        assert model is not None
+        self._train(party, epochs=self.ctx.training.local_epochs)
+        acc = val_score(party, self.ctx.eval_classes)
+        if acc > party.state["best_val"]:
+            party.state["best_val"] = acc
+            party.state["best_model"] = copy.deepcopy(model.state_dict())
+        else:
+            # Keep the validation-selected weights: more local epochs on a small silo only overfit.
+            model.load_state_dict(party.state["best_model"])
+        return None
+
+    def _train(self, party: Party, *, epochs: int) -> None:
+        assert party.model is not None
+        party.trainer.fit(party.model, party.state["private_opt"], party.train.x, party.train.y,
+                          batch_size=self.ctx.training.batch_size, epochs=epochs,
+                          max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")

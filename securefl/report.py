@@ -1,0 +1,88 @@
+"""What a run leaves behind for people: ``summary.json``, ``report.md`` and plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from securefl.protocols import Protocol
+from securefl.runtime.party import Party
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol: Protocol) -> dict[str, Any]:
+    metrics = read_metrics(run_dir)
+    final = metrics[-1]
+    participants = [
+        {"id": p.id, "model": p.model_name, "train_records": p.num_samples,
+         "final_accuracy": final["participants"][p.id]["accuracy"],
+         **{k: v for k, v in final["participants"][p.id].items() if k != "accuracy"}}
+        for p in parties
+    ]
+    accs = [p["final_accuracy"] for p in participants]
+    summary = {
+        "protocol": config.protocol,
+        "rounds": config.run.rounds,
+        "seed": config.run.seed,
+        "dataset": config.data.dataset,
+        "mean_accuracy": float(np.mean(accs)),
+        "min_accuracy": float(np.min(accs)),
+        "max_accuracy": float(np.max(accs)),
+        "server": final.get("server", {}),
+        "participants": participants,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_accuracy(metrics, run_dir / "accuracy.png", title=f"{config.protocol} on {config.data.dataset}")
+    (run_dir / "report.md").write_text(_markdown(summary, protocol, metrics))
+    return summary
+
+
+def plot_accuracy(metrics: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rounds = [m["round"] for m in metrics]
+    for pid in metrics[-1]["participants"]:
+        ax.plot(rounds, [m["participants"][pid]["accuracy"] for m in metrics], alpha=0.55, lw=1.2, label=pid)
+    ax.plot(rounds, [m["mean_accuracy"] for m in metrics], color="black", lw=2.4, label="mean")
+    ax.set_xlabel("round (0 = after local pre-training)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[str, Any]]) -> str:
+    lines = [
+        f"# Run report: {summary['protocol']}",
+        "",
+        f"- Protocol: **{protocol.name}**: {protocol.summary}" + (f" ({protocol.paper})" if protocol.paper else ""),
+        f"- Dataset: {summary['dataset']}; rounds: {summary['rounds']}; seed: {summary['seed']}",
+        f"- Mean test accuracy: **{summary['mean_accuracy']:.4f}** "
+        f"(min {summary['min_accuracy']:.4f}, max {summary['max_accuracy']:.4f})",
+        "",
+        "| participant | model | train records | final accuracy | after pre-training |",
+        "|---|---|---|---|---|",
+    ]
+    first = metrics[0]["participants"]
+    for p in summary["participants"]:
+        lines.append(f"| {p['id']} | {p['model']} | {p['train_records']} | {p['final_accuracy']:.4f} | "
+                     f"{first[p['id']]['accuracy']:.4f} |")
+    if summary["server"]:
+        lines += ["", "Server-side models: " + ", ".join(f"{k} = {v:.4f}" for k, v in summary["server"].items())]
+    lines += ["", "![accuracy over rounds](accuracy.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""The plaintext aggregator that protocols call.
+
+Protocols aggregate only through ``aggregator.mean(replies, field)`` (or
+``sum`` / ``weighted_mean``), never by stacking tensors themselves, so that a
+secure aggregator (CKKS, pairwise masking) can be swapped in at the call site
+without touching the protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from securefl.runtime.message import Message
+
+
+class AggregationError(ValueError):
+    """Replies cannot be combined (missing field, shape mismatch, bad weights)."""
+
+
+class PlainAggregator:
+    """Sums in the clear. The aggregator therefore sees every individual payload."""
+
+    name = "plain"
+
+    def sum(self, replies: Sequence[Message], field: str) -> torch.Tensor:
+        return self._stack(replies, field).sum(dim=0)
+
+    def mean(self, replies: Sequence[Message], field: str) -> torch.Tensor:
+        """Unweighted mean (FedMD's consensus, FedH2L's peer average)."""
+        return self._stack(replies, field).mean(dim=0)
+
+    def weighted_mean(self, replies: Sequence[Message], field: str, weights: Sequence[float]) -> torch.Tensor:
+        """Mean with public weights (e.g. sample counts in FedAvg)."""
+        stacked = self._stack(replies, field)
+        w = torch.as_tensor(list(weights), dtype=stacked.dtype)
+        if w.shape != (len(replies),) or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise AggregationError(f"weights must be {len(replies)} non-negative numbers with a positive sum")
+        w = w / w.sum()
+        return torch.tensordot(w, stacked, dims=1)
+
+    @staticmethod
+    def _stack(replies: Sequence[Message], field: str) -> torch.Tensor:
+        if not replies:
+            raise AggregationError(f"no replies to aggregate for field {field!r}")
+        tensors = [r.tensor(field) for r in replies]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) != 1:
+            raise AggregationError(f"field {field!r} has different shapes across replies: {sorted(shapes)}")
+        return torch.stack([t.float() for t in tensors])

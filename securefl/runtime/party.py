@@ -1,0 +1,113 @@
+"""Participants (data owners) and what the runtime hands every protocol."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from securefl.data.datasets import Dataset
+from securefl.data.partition import FederatedSplit
+from securefl.models.zoo import build_model
+from securefl.runtime.training import PlainTrainer, make_optimizer
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed for one purpose (e.g. ("init", party) or ("step", round, party)).
+
+    Deriving every random stream from (seed, purpose) instead of threading one
+    global RNG through the run makes a resumed run draw exactly what an
+    uninterrupted one would, with no RNG state in the checkpoint.
+    """
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class DataView:
+    """Index view into a shared tensor pair: a silo costs its indices, not a copy of its data."""
+
+    x_all: torch.Tensor
+    y_all: torch.Tensor
+    idx: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.idx.numel())
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.x_all[self.idx]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.y_all[self.idx]
+
+    def label_counts(self, num_classes: int) -> torch.Tensor:
+        return torch.bincount(self.y, minlength=num_classes)
+
+
+@dataclass
+class Party:
+    """One data owner: its private data views, its model(s) and its injected trainer.
+
+    ``state`` belongs to the protocol (optimizers, extra models such as FML's meme).
+    """
+
+    id: str
+    index: int
+    model_name: str
+    train: DataView
+    val: DataView
+    trainer: Any = field(default_factory=PlainTrainer)
+    model: nn.Module | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.train)
+
+
+@dataclass(frozen=True)
+class FederationContext:
+    """Read-only facts about the run that every protocol may use."""
+
+    run_id: str
+    seed: int
+    dataset: Dataset
+    split: FederatedSplit
+    training: Any  # securefl.config.TrainingConfig
+    public: DataView
+    public_val: DataView
+    public_labelled: bool
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    # Output units the evaluation is restricted to (A2: the private classes), or None for all.
+    eval_classes: torch.Tensor | None
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.dataset.input_shape
+
+    def build_model(self, name: str, *, purpose: str) -> nn.Module:
+        """A zoo model, initialised from its own derived seed so creation order never matters."""
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(self.seed, "init", purpose))
+            return build_model(name, self.input_shape, self.num_classes)
+
+    def make_optimizer(self, model: nn.Module, *, lr: float | None = None, kind: str | None = None,
+                       weight_decay: float | None = None) -> torch.optim.Optimizer:
+        t = self.training
+        return make_optimizer(
+            model, kind=kind or t.optimizer, lr=lr if lr is not None else t.lr, momentum=t.momentum,
+            weight_decay=t.weight_decay if weight_decay is None else weight_decay,
+        )
+
+    def generator(self, *parts: object) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.seed, *parts))

@@ -1,0 +1,161 @@
+"""Training loops shared by every protocol, and the injected ``Trainer``.
+
+Protocols never build their own loop over private data: they call
+``party.trainer.fit(...)`` with a per-batch loss. The plain trainer below is the
+default; the privacy layer injects a DP-SGD trainer with the same signature, so
+switching DP on changes no protocol file. Steps on *public* data (FedMD's
+digest, transfer learning on a public set) use :func:`fit_public`, which is
+always plain because public data needs no protection.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def kl_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) with the spec's exact form: batchmean over log_softmax / softmax."""
+    return F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.softmax(teacher_logits.detach() / temperature, dim=1),
+        reduction="batchmean",
+    )
+
+
+def minibatches(n: int, batch_size: int, *, shuffle: bool = True) -> Iterator[torch.Tensor]:
+    """Index batches over ``n`` records; shuffling draws from torch's (runtime-seeded) global RNG."""
+    order = torch.randperm(n) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    samples: int
+    mean_loss: float
+
+
+class PlainTrainer:
+    """Non-private minibatch training over a participant's private data."""
+
+    name = "plain"
+
+    def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+            batch_size: int, epochs: int | None = None, steps: int | None = None,
+            batch_loss: BatchLoss = cross_entropy_loss, max_grad_norm: float | None = None,
+            payload: str = "private_training") -> TrainStats:
+        """Train for ``epochs`` passes or exactly ``steps`` minibatches (FedGen counts steps).
+
+        ``payload`` names the step for the privacy ledger of a DP trainer; the
+        plain trainer records nothing.
+        """
+        return _run_minibatches(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, steps=steps,
+                                batch_loss=batch_loss, max_grad_norm=max_grad_norm)
+
+
+def fit_public(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+               batch_size: int, epochs: int, batch_loss: BatchLoss = cross_entropy_loss) -> TrainStats:
+    """Train on public data (no privacy cost, hence always the plain loop)."""
+    return _run_minibatches(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, steps=None,
+                            batch_loss=batch_loss, max_grad_norm=None)
+
+
+def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+                     batch_size: int, epochs: int | None, steps: int | None, batch_loss: BatchLoss,
+                     max_grad_norm: float | None) -> TrainStats:
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs or steps")
+    n = len(x)
+    if n == 0:
+        return TrainStats(0, 0, float("nan"))
+    model.train()
+    total, done, seen = 0.0, 0, 0
+
+    def batch_stream() -> Iterator[torch.Tensor]:
+        if epochs is not None:
+            for _ in range(epochs):
+                yield from minibatches(n, batch_size)
+        else:
+            # Steps, not epochs: cycle over fresh shuffles; a silo smaller than a batch still works.
+            while True:
+                yield from minibatches(n, batch_size)
+
+    for idx in batch_stream():
+        if steps is not None and done >= steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss = batch_loss(model, x[idx], y[idx])
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        done += 1
+    return TrainStats(done, seen, total / max(seen, 1))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, classes: torch.Tensor | None = None) -> float:
+    """Top-1 accuracy; with ``classes`` the argmax is taken over those output units only."""
+    if len(x) == 0:
+        return float("nan")
+    logits = predict_logits(model, x)
+    if classes is not None:
+        pred = classes[logits[:, classes].argmax(dim=1)]
+    else:
+        pred = logits.argmax(dim=1)
+    return float((pred == y).float().mean())
+
+
+def fit_with_early_stopping(fit_epoch: Callable[[], object], model: nn.Module, validate: Callable[[], float], *,
+                            max_epochs: int, patience: int) -> tuple[int, float]:
+    """Run ``fit_epoch`` until the validation score stops improving; restore the best weights.
+
+    ``validate`` returns a score where higher is better. Selection uses the
+    validation split only (the FedMD reference code selects on the test set;
+    we never do). Returns (epochs run, best validation score).
+    """
+    best_acc, best_state, since_best, epochs = -float("inf"), None, 0, 0
+    for _ in range(max_epochs):
+        fit_epoch()
+        epochs += 1
+        acc = validate()
+        if acc > best_acc:
+            best_acc, best_state, since_best = acc, copy.deepcopy(model.state_dict()), 0
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return epochs, best_acc
+
+
+def make_optimizer(model: nn.Module, *, kind: str, lr: float, momentum: float = 0.0,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if kind == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}; allowed: adam, sgd")
