@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates
+# .venv and installs what it needs. torch is pinned to 2.13.0 here (a CPU build
+# that pip finds locally); pyproject.toml keeps a permissive range for users.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-slow test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf runs/demo
+	$(BIN)/securefl compare examples/digits_fedmd.yaml --protocols fedmd local_only --out runs/demo
+	@echo "Run directories, reports and plots: runs/demo/fedmd and runs/demo/local_only"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # exit 5 = no slow tests selected
+
+test-all: test test-slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check securefl tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny, fast digits experiments."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from securefl.config import parse_config
+
+TINY: dict[str, Any] = {
+    "protocol": "fedmd",
+    "run": {"seed": 3, "rounds": 2},
+    "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5}, "public_size": 150,
+             "val_fraction": 0.15},
+    "training": {"batch_size": 32, "local_epochs": 1},
+    "participants": [
+        {"id": "p0", "model": "cnn_s"},
+        {"id": "p1", "model": "mlp_s"},
+        {"id": "p2", "model": "deepcnn_s"},
+    ],
+    "fedmd": {"alignment_size": 100, "transfer_max_epochs": 3, "revisit_epochs": 1},
+    "local_only": {"max_epochs_first": 3},
+}
+
+
+def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def tiny_raw(**changes: Any) -> dict[str, Any]:
+    return deep_update(TINY, changes)
+
+
+def tiny_config(**changes: Any) -> Any:
+    return parse_config(tiny_raw(**changes))
+
+
+def metrics_without_time(run_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("elapsed_s")
+    return rows
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config

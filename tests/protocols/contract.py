@@ -1,0 +1,129 @@
+"""The contract every protocol honours. Each protocol's test file subclasses it.
+
+A subclass sets ``protocol`` and, if needed, ``overrides`` (changes to the tiny
+digits config of ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from securefl.protocols import get_protocol
+from securefl.runtime.aggregator import PlainAggregator
+from securefl.runtime.federation import Federation
+from securefl.runtime.message import Message
+from securefl.runtime.transport import InProcessTransport
+from tests.conftest import deep_update, metrics_without_time, tiny_config
+
+FORBIDDEN_IMPORTS = {"opacus", "tenseal", "cryptography", "flwr", "securefl.privacy", "securefl.crypto",
+                     "securefl.layers"}
+
+
+class RecordingTransport(InProcessTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[Message] = []
+
+    def send(self, msg: Message) -> None:
+        self.sent.append(msg)
+        super().send(msg)
+
+
+class SpyAggregator(PlainAggregator):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def sum(self, replies, field):  # type: ignore[no-untyped-def]
+        self.calls.append(("sum", field))
+        return super().sum(replies, field)
+
+    def mean(self, replies, field):  # type: ignore[no-untyped-def]
+        self.calls.append(("mean", field))
+        return super().mean(replies, field)
+
+    def weighted_mean(self, replies, field, weights):  # type: ignore[no-untyped-def]
+        self.calls.append(("weighted_mean", field))
+        return super().weighted_mean(replies, field, weights)
+
+
+class ProtocolContract:
+    protocol: ClassVar[str]
+    overrides: ClassVar[dict[str, Any]] = {}
+    shares_nothing: ClassVar[bool] = False  # baselines such as local-only send no messages
+
+    def config(self, **changes: Any) -> Any:
+        return tiny_config(**deep_update({"protocol": self.protocol, **self.overrides}, changes))
+
+    def test_runs_and_writes_the_run_directory(self, tmp_path: Path) -> None:
+        summary = Federation(self.config(), tmp_path / "run", progress=False).run()
+        for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.md", "accuracy.png", "run.json"):
+            assert (tmp_path / "run" / name).is_file(), name
+        assert summary["protocol"] == self.protocol
+        assert len(summary["participants"]) == 3
+        assert all(0.0 <= p["final_accuracy"] <= 1.0 for p in summary["participants"])
+        # Round 0 (after pre-training) plus one line per round.
+        assert len(metrics_without_time(tmp_path / "run")) == 3
+
+    def test_same_seed_same_metrics_and_other_seed_differs(self, tmp_path: Path) -> None:
+        Federation(self.config(), tmp_path / "a", progress=False).run()
+        Federation(self.config(), tmp_path / "b", progress=False).run()
+        Federation(self.config(run={"seed": 11}), tmp_path / "c", progress=False).run()
+        a, b, c = (metrics_without_time(tmp_path / x) for x in "abc")
+        assert a == b
+        assert [r["participants"] for r in a] != [r["participants"] for r in c]
+
+    def test_messages_match_declared_schemas_and_aggregation_goes_through_the_aggregator(self, tmp_path: Path) -> None:
+        transport = RecordingTransport()
+        fed = Federation(self.config(), tmp_path / "run", progress=False, transport=transport)
+        spy = SpyAggregator()
+        fed.aggregator = spy
+        fed.run()
+        proto = get_protocol(self.protocol)
+        if self.shares_nothing:
+            assert transport.sent == []
+            return
+        uplinks = [m for m in transport.sent if proto.uplink is not None and m.kind == proto.uplink.kind]
+        assert uplinks, "the protocol sent no uplink message"
+        for msg in uplinks:
+            proto.uplink.check(msg)  # type: ignore[union-attr]
+            for value in msg.payload.values():
+                assert isinstance(value, torch.Tensor) and torch.isfinite(value).all()
+        aggregatable = {n for n, f in proto.uplink.fields.items() if f.aggregatable}  # type: ignore[union-attr]
+        aggregated = {field for _, field in spy.calls}
+        assert aggregated, "server_step never called the aggregator"
+        assert aggregated <= aggregatable, f"aggregated undeclared fields {aggregated - aggregatable}"
+
+    def test_resume_after_a_crash_matches_an_uninterrupted_run(self, tmp_path: Path) -> None:
+        cfg = self.config(run={"rounds": 3})
+        Federation(cfg, tmp_path / "full", progress=False).run()
+
+        class Crash(Exception):
+            pass
+
+        def crash_after_round_1(rnd: int) -> None:
+            if rnd == 1:
+                raise Crash
+
+        try:
+            Federation(cfg, tmp_path / "cut", progress=False, on_round_end=crash_after_round_1).run()
+        except Crash:
+            pass
+        assert not (tmp_path / "cut" / "summary.json").exists()
+        Federation(cfg, tmp_path / "cut", progress=False, resume=True).run()
+        assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "full")
+
+    def test_protocol_file_imports_no_privacy_crypto_or_transport_library(self) -> None:
+        source = Path(inspect.getfile(get_protocol(self.protocol))).read_text()
+        for node in ast.walk(ast.parse(source)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not any(name == f or name.startswith(f + ".") for f in FORBIDDEN_IMPORTS), name
