@@ -77,7 +77,9 @@ class Schema:
             )
 
 
-Downlink = Message | dict[str, Message] | None
+# What a server (or relay) sends down: one message for every sampled client, a message per
+# client, or several per client (a relay forwarding each neighbour's message unchanged).
+Downlink = Message | dict[str, Message | list[Message]] | None
 
 
 class Protocol(ABC):
@@ -113,8 +115,13 @@ class Protocol(ABC):
         return None
 
     @abstractmethod
-    def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message | None:
-        """Local work; returns the uplink message (or None when nothing is shared)."""
+    def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message | list[Message] | None:
+        """Local work; returns the uplink message(s), or None when nothing is shared.
+
+        Messages addressed to the aggregator are aggregated in ``server_step``;
+        messages addressed to a peer id are delivered to that peer's inbox
+        (decentralised protocols), read in ``client_update``.
+        """
 
     def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Downlink:
         """Combine the replies through ``aggregator`` only; returns what goes back down."""

@@ -39,6 +39,7 @@ from securefl.data.partition import (
     train_val_split,
 )
 from securefl.protocols import Protocol, get_protocol
+from securefl.protocols.base import Downlink
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
 from securefl.runtime.party import DataView, FederationContext, Party, derive_seed
@@ -252,9 +253,11 @@ class Federation:
         for pid in sampled:
             party = by_id[pid]
             with _seeded(derive_seed(seed, "client_step", rnd, pid)):
-                reply = self.protocol.client_step(party, self.transport.receive(pid), rnd)
-            if reply is not None:
-                if self.protocol.uplink is not None:
+                replies = self.protocol.client_step(party, self.transport.receive(pid), rnd)
+            for reply in _as_list(replies):
+                # Messages to the aggregator are checked against the declared uplink; peer-to-peer
+                # messages (decentralised protocols) go straight to the peer's inbox.
+                if reply.receiver == AGGREGATOR and self.protocol.uplink is not None:
                     self.protocol.uplink.check(reply)
                 self.transport.send(reply)
             bar.update(1)
@@ -268,7 +271,7 @@ class Federation:
                 with _seeded(derive_seed(seed, "client_update", rnd, pid)):
                     self.protocol.client_update(by_id[pid], inbox, rnd)
 
-    def _deliver(self, downlink: Message | dict[str, Message] | None, sampled: Sequence[str]) -> None:
+    def _deliver(self, downlink: Downlink, sampled: Sequence[str]) -> None:
         if downlink is None:
             return
         if isinstance(downlink, Message):
@@ -276,8 +279,9 @@ class Federation:
             for pid in targets:
                 self.transport.send(downlink.model_copy(update={"receiver": pid}))
         else:
-            for pid, msg in downlink.items():
-                self.transport.send(msg.model_copy(update={"receiver": pid}))
+            for pid, msgs in downlink.items():
+                for msg in _as_list(msgs):
+                    self.transport.send(msg.model_copy(update={"receiver": pid}))
 
     def _evaluate(self, rnd: int, sampled: Sequence[str], elapsed: float) -> RoundRecord:
         seed = self.config.run.seed
@@ -335,6 +339,12 @@ class Federation:
         lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
         metrics.write_text("".join(lines[: state["metrics_lines"]]))
         return int(state["round"]) + 1
+
+
+def _as_list(messages: Message | Sequence[Message] | None) -> list[Message]:
+    if messages is None:
+        return []
+    return [messages] if isinstance(messages, Message) else list(messages)
 
 
 class _seeded:
