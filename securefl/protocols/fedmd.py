@@ -45,7 +45,6 @@ from securefl.runtime.message import Message
 from securefl.runtime.party import Party, derive_seed
 from securefl.runtime.training import (
     accuracy,
-    fit_public,
     fit_with_early_stopping,
     kl_distillation,
     predict_logits,
@@ -103,8 +102,8 @@ class FedMD(Protocol):
         if ctx.public_labelled and len(ctx.public) > 0:
             public_opt = ctx.make_optimizer(model)
             fit_with_early_stopping(
-                lambda: fit_public(model, public_opt, ctx.public.x, ctx.public.y,
-                                   batch_size=ctx.training.batch_size, epochs=1),
+                lambda: party.trainer.fit_public(model, public_opt, ctx.public.x, ctx.public.y,
+                                                 batch_size=ctx.training.batch_size, epochs=1, payload="transfer_public"),
                 model, lambda: accuracy(model, ctx.public_val.x, ctx.public_val.y),
                 max_epochs=cfg.transfer_max_epochs, patience=cfg.transfer_patience)
         self._train_private_with_early_stopping(party, max_epochs=cfg.transfer_max_epochs)
@@ -140,8 +139,9 @@ class FedMD(Protocol):
         assert model is not None
         x_align = self.ctx.public.x[self.alignment_indices(rnd)]
         # The digest fits public inputs to an aggregate: no private record is touched here.
-        fit_public(model, party.state["digest_opt"], x_align, consensus, batch_size=cfg.digest_batch_size,
-                   epochs=cfg.digest_epochs, batch_loss=digest_loss(cfg.digest_loss, cfg.digest_temperature))
+        party.trainer.fit_public(model, party.state["digest_opt"], x_align, consensus, batch_size=cfg.digest_batch_size,
+                                 epochs=cfg.digest_epochs, batch_loss=digest_loss(cfg.digest_loss, cfg.digest_temperature),
+                                 payload="digest")
         if cfg.revisit_epochs > 0:
             party.trainer.fit(model, party.state["private_opt"], party.train.x, party.train.y,
                               batch_size=cfg.revisit_batch_size, epochs=cfg.revisit_epochs,

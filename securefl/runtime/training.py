@@ -65,6 +65,12 @@ class PlainTrainer:
         return _run_minibatches(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, steps=steps,
                                 batch_loss=batch_loss, max_grad_norm=max_grad_norm)
 
+    def fit_public(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+                   batch_size: int, epochs: int, batch_loss: BatchLoss = cross_entropy_loss,
+                   payload: str = "public_training") -> TrainStats:
+        """Train on public data. A DP trainer logs it as a zero-cost step; this one just trains."""
+        return fit_public(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, batch_loss=batch_loss)
+
 
 def fit_public(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                batch_size: int, epochs: int, batch_loss: BatchLoss = cross_entropy_loss) -> TrainStats:

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from securefl.config import load_config
-from securefl.protocols import fedmd as fedmd_module
 from securefl.runtime.federation import Federation
-from securefl.runtime.training import predict_logits
+from securefl.runtime.training import PlainTrainer, predict_logits
 from tests.conftest import tiny_config
 from tests.protocols.contract import ProtocolContract
 
@@ -67,25 +66,28 @@ def test_labelled_public_set_alignment_is_stratified(tmp_path: Path) -> None:
     assert (counts - 50 * public_share).abs().max() < 1
 
 
-def test_digest_comes_before_revisit(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+class RecordingTrainer(PlainTrainer):
+    """Trains for real, and records which data each step touched."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+
+    def fit(self, model, optimizer, x, y, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(("private", kwargs["payload"], len(x)))
+        return super().fit(model, optimizer, x, y, **kwargs)
+
+    def fit_public(self, model, optimizer, x, y, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(("public", kwargs["payload"], len(x)))
+        return super().fit_public(model, optimizer, x, y, **kwargs)
+
+
+def test_digest_on_public_data_comes_before_revisit_on_private_data(tmp_path: Path) -> None:
     fed = _prepared(tmp_path)
-    calls: list[str] = []
-    real_fit_public = fedmd_module.fit_public
-
-    def recording_fit_public(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append("digest")
-        return real_fit_public(*args, **kwargs)
-
-    class RecordingTrainer:
-        def fit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            calls.append(f"private:{kwargs['payload']}")
-
-    monkeypatch.setattr(fedmd_module, "fit_public", recording_fit_public)
     party = fed.parties[0]
     party.trainer = RecordingTrainer()
     replies = [fed.protocol.client_step(p, [], 1) for p in fed.parties]
     fed.protocol.client_update(party, [fed.protocol.server_step(1, replies, fed.aggregator)], 1)
-    assert calls == ["digest", "private:revisit"]
+    assert party.trainer.calls == [("public", "digest", 100), ("private", "revisit", party.num_samples)]
 
 
 def test_optimizer_state_persists_across_rounds(tmp_path: Path) -> None:
@@ -98,20 +100,20 @@ def test_optimizer_state_persists_across_rounds(tmp_path: Path) -> None:
     assert steps and all(float(s) == 2 for s in steps)
 
 
-def test_transfer_learning_uses_a_labelled_public_set(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    seen: list[int] = []
-    real = fedmd_module.fit_public
+def test_transfer_learning_uses_a_labelled_public_set(tmp_path: Path) -> None:
+    def public_steps(labelled: bool) -> list[tuple[str, str, int]]:
+        fed = Federation(tiny_config(data={"public_labelled": labelled}), tmp_path / str(labelled), progress=False)
+        party = fed.parties[0]
+        party.trainer = RecordingTrainer()
+        fed.protocol.prepare_party(party)
+        return party.trainer.calls
 
-    def spy(model, opt, x, y, **kw):  # type: ignore[no-untyped-def]
-        seen.append(len(x))
-        return real(model, opt, x, y, **kw)
-
-    monkeypatch.setattr(fedmd_module, "fit_public", spy)
-    _prepared(tmp_path / "a", data={"public_labelled": True})
-    assert seen and all(n == 135 for n in seen)  # 150 public records minus a 10% validation split
-    seen.clear()
-    _prepared(tmp_path / "b", data={"public_labelled": False})
-    assert seen == []  # A1: an unlabelled public set serves only as alignment inputs
+    labelled = public_steps(True)
+    # Public stage first (150 public records minus a 10% validation split), then the private stage.
+    assert labelled[0] == ("public", "transfer_public", 135)
+    assert labelled[-1][:2] == ("private", "transfer_private")
+    # A1: an unlabelled public set serves only as alignment inputs, never for training.
+    assert all(kind == "private" for kind, _, _ in public_steps(False))
 
 
 def test_fedmd_beats_local_only_on_the_demo(tmp_path: Path) -> None:
