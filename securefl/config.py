@@ -12,6 +12,7 @@ allowed (:func:`format_validation_error`).
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -207,6 +208,17 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     if raw is None:
         raise ConfigError(f"{path}: the file is empty")
     return raw
+
+
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``changes`` merged in, section by section."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -1,0 +1,280 @@
+"""The accuracy benchmark of ``shared/spec/benchmarks.md`` section A, on real Fashion-MNIST.
+
+Setting A1 (the main table): 10 participants with heterogeneous models, private
+data from a Dirichlet(0.5) label split of the train set minus a 5,000-image
+public set that is used WITHOUT its labels, evaluation on the full 10k test set.
+Setting A2 (FedMD-faithful): a labelled public set of classes 0-4, private
+task classes 5-9, evaluation on the test images of classes 5-9.
+
+Every (setting, row, ε column, seed) is one ordinary ``securefl`` run in its own
+run directory under ``benchmarks/results/runs/``; a finished run is reused and
+an interrupted one resumed, so the benchmark can be stopped and restarted
+without losing work. Results go to ``benchmarks/results/accuracy.{json,md}``
+and ``accuracy_rounds.png``.
+
+Usage::
+
+    python benchmarks/accuracy.py                    # everything registered, 3 seeds
+    python benchmarks/accuracy.py --setting A1 --rows fedmd local_only --seeds 0
+    python benchmarks/accuracy.py --quick            # CI smoke: few rounds, 1 seed, subsampled data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+# At least four families (MLP, CNN, deep CNN, ResNet) in several widths across the ten participants.
+A1_MODELS = ["cnn_s", "mlp_m", "resnet_s", "mlp_l", "deepcnn_s", "mlp_s", "cnn_s", "resnet_s", "mlp_m", "deepcnn_s"]
+
+
+@dataclass(frozen=True)
+class Row:
+    protocol: str
+    variant: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    homogeneous: bool = False  # FedAvg: every participant gets the first model
+
+
+ROWS: list[Row] = [
+    Row("local_only", "-"),
+    Row("pooled", "-"),
+    Row("fedavg", "homogeneous cnn_s", homogeneous=True),
+    Row("fedmd", "-"),
+    Row("fedh2l", "plain", {"fedh2l": {"alignment": "none"}}),
+    Row("fedh2l", "meta-aligned", {"fedh2l": {"alignment": "meta"}}),
+    Row("fedh2l", "pcgrad-aligned", {"fedh2l": {"alignment": "pcgrad"}}),
+    Row("fml", "local"),  # FML reports local (headline) and meme accuracy from the same runs
+    Row("fedgen", "private", {"fedgen": {"mode": "private"}}),
+    Row("fedgen", "reference", {"fedgen": {"mode": "reference"}}),
+    Row("heterofl", "a-e mix"),
+]
+A2_ROWS = ["local_only", "pooled", "fedmd", "fedh2l"]
+
+
+def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "dataset": "fashion_mnist",
+        "data_dir": data_dir,
+        "partition": {"kind": "dirichlet", "alpha": 0.5, "min_size": 50},
+        "public_size": 5000,
+        "public_labelled": False,
+        "val_fraction": 0.1,
+    }
+    if setting == "A2":
+        data.update(public_labelled=True, public_classes=[0, 1, 2, 3, 4], private_classes=[5, 6, 7, 8, 9])
+    if quick:
+        data.update(max_train_records=6000, public_size=1000)
+    rounds = 2 if quick else 10
+    return {
+        "protocol": "local_only",
+        "run": {"seed": seed, "rounds": rounds},
+        "data": data,
+        "training": {"optimizer": "adam", "lr": 1e-3, "batch_size": 64, "local_epochs": 1},
+        "participants": [{"id": f"p{i}", "model": m} for i, m in enumerate(A1_MODELS)],
+        "fedmd": {"alignment_size": 1000 if quick else 5000, "revisit_epochs": 1, "revisit_batch_size": 64,
+                  "transfer_max_epochs": 2 if quick else 10, "transfer_patience": 2},
+        "local_only": {"max_epochs_first": 2 if quick else 10, "patience": 2},
+    }
+
+
+def run_dir(setting: str, row: Row, epsilon: str, seed: int) -> Path:
+    name = f"{row.protocol}-{row.variant}".replace(" ", "_").replace("/", "_")
+    return RESULTS / "runs" / setting / name / f"eps-{epsilon}" / f"seed{seed}"
+
+
+def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any]:
+    """Run (or reuse, or resume) one benchmark cell. Runs in a worker process."""
+    import torch
+
+    torch.set_num_threads(1)
+    from securefl.config import deep_merge, parse_config
+    from securefl.runtime.federation import CHECKPOINT, Federation
+
+    setting, row, epsilon, seed, quick, data_dir = task
+    out = run_dir(setting, row, epsilon, seed)
+    if (out / "summary.json").exists():
+        return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True}
+    raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir), row.overrides)
+    raw["protocol"] = row.protocol
+    if row.homogeneous:
+        raw["participants"] = [{"id": p["id"], "model": A1_MODELS[0]} for p in raw["participants"]]
+    config = parse_config(raw, f"{setting}/{row.protocol}/{row.variant}")
+    t0 = time.perf_counter()
+    summary = Federation(config, out, resume=(out / CHECKPOINT).exists(), progress=False).run()
+    summary["wall_s"] = time.perf_counter() - t0
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {"task": task[:4], "summary": summary, "reused": False}
+
+
+def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import numpy as np
+
+    cells: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for res in results:
+        setting, row, epsilon, _ = res["task"]
+        cells.setdefault((setting, row.protocol, row.variant, epsilon), []).append(res["summary"])
+    rows = []
+    for (setting, protocol, variant, epsilon), summaries in cells.items():
+        means = [s["mean_accuracy"] for s in summaries]
+        rows.append({
+            "setting": setting, "protocol": protocol, "variant": variant, "epsilon": epsilon,
+            "mean": float(np.mean(means)), "std": float(np.std(means)),
+            "min": float(np.mean([s["min_accuracy"] for s in summaries])),
+            "max": float(np.mean([s["max_accuracy"] for s in summaries])),
+            "seeds": sorted(s["seed"] for s in summaries), "rounds": summaries[0]["rounds"],
+        })
+        if protocol == "fml":
+            meme = [float(np.mean([p["meme_accuracy"] for p in s["participants"]])) for s in summaries
+                    if all("meme_accuracy" in p for p in s["participants"])]
+            if meme:
+                rows.append({**rows[-1], "variant": "meme", "mean": float(np.mean(meme)), "std": float(np.std(meme)),
+                             "min": float(np.mean([min(p["meme_accuracy"] for p in s["participants"]) for s in summaries])),
+                             "max": float(np.mean([max(p["meme_accuracy"] for p in s["participants"]) for s in summaries]))})
+    return rows
+
+
+def write_markdown(rows: list[dict[str, Any]], path: Path, command: str) -> None:
+    lines = [f"Made by `{command}` on a 2-core CPU machine. Mean over participants of test accuracy "
+             "(min-max across participants), averaged over seeds.", ""]
+    for setting in sorted({r["setting"] for r in rows}):
+        eps_cols = sorted({r["epsilon"] for r in rows if r["setting"] == setting}, key=_eps_key)
+        lines += [f"### Setting {setting}", "", "| protocol | variant | " + " | ".join(f"ε = {e}" for e in eps_cols) + " |",
+                  "|---|---|" + "---|" * len(eps_cols)]
+        keys = []
+        for r in rows:
+            if r["setting"] == setting and (r["protocol"], r["variant"]) not in keys:
+                keys.append((r["protocol"], r["variant"]))
+        for protocol, variant in keys:
+            cells = []
+            for eps in eps_cols:
+                match = [r for r in rows if r["setting"] == setting and r["protocol"] == protocol
+                         and r["variant"] == variant and r["epsilon"] == eps]
+                if match:
+                    m = match[0]
+                    cells.append(f"{100 * m['mean']:.1f} ({100 * m['min']:.0f}-{100 * m['max']:.0f}), "
+                                 f"{len(m['seeds'])} seed{'s' if len(m['seeds']) > 1 else ''}")
+                else:
+                    cells.append("-")
+            lines.append(f"| {protocol} | {variant} | " + " | ".join(cells) + " |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _eps_key(eps: str) -> tuple[int, float]:
+    if eps == "inf":
+        return (0, 0.0)
+    if eps == "mixed":
+        return (2, 0.0)
+    return (1, -float(eps))
+
+
+def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves: dict[str, list[list[float]]] = {}
+    for res in results:
+        setting, row, epsilon, seed = res["task"]
+        if epsilon != "inf" or setting != "A1":
+            continue
+        metrics_path = run_dir(setting, row, epsilon, seed) / "metrics.jsonl"
+        if not metrics_path.exists():
+            continue
+        series = [json.loads(line)["mean_accuracy"] for line in metrics_path.read_text().splitlines()]
+        curves.setdefault(f"{row.protocol} {row.variant}".replace(" -", ""), []).append(series)
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for label, series in sorted(curves.items()):
+        n = min(len(s) for s in series)
+        ax.plot(range(n), np.mean([s[:n] for s in series], axis=0), marker="o", ms=3, label=label)
+    ax.set_xlabel("round (0 = after local pre-training)")
+    ax.set_ylabel("mean test accuracy over participants")
+    ax.set_title("Fashion-MNIST, setting A1, ε = ∞")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from securefl.protocols import PROTOCOLS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=["A1", "A2", "all"], default="all")
+    parser.add_argument("--rows", nargs="*", help="protocol names to run (default: every registered one)")
+    parser.add_argument("--epsilons", nargs="*", default=["inf"], help="ε columns: inf, 8, 2, mixed")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    parser.add_argument("--quick", action="store_true", help="CI smoke: 2 rounds, 1 seed, 6,000 records")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out-name", default="accuracy", help="results file stem under benchmarks/results/")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds[:1]
+        args.out_name = args.out_name if args.out_name != "accuracy" else "accuracy_quick"
+
+    settings = ["A1", "A2"] if args.setting == "all" else [args.setting]
+    tasks = []
+    for setting in settings:
+        for row in ROWS:
+            if row.protocol not in PROTOCOLS:
+                print(f"skipping {row.protocol} ({row.variant}): not registered", file=sys.stderr)
+                continue
+            if args.rows and row.protocol not in args.rows:
+                continue
+            if setting == "A2" and (row.protocol not in A2_ROWS or row.variant not in ("-", "plain")):
+                continue
+            for eps in args.epsilons:
+                if eps != "inf":
+                    raise SystemExit("DP columns need the privacy layer (not wired yet); use --epsilons inf")
+                for seed in args.seeds:
+                    tasks.append((setting, row, eps, seed, args.quick, args.data_dir))
+
+    from tqdm.auto import tqdm
+
+    results = []
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(args.jobs) as pool, tqdm(total=len(tasks), unit="run", desc="accuracy benchmark") as bar:
+        for res in pool.imap_unordered(_one_run, tasks):
+            results.append(res)
+            setting, row, eps, seed = res["task"]
+            bar.set_postfix_str(f"{setting} {row.protocol}/{row.variant} ε={eps} s{seed}: "
+                                f"{res['summary']['mean_accuracy']:.3f}")
+            bar.update(1)
+
+    rows = aggregate(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # Keep the cells of earlier invocations that this one did not recompute.
+    previous = RESULTS / f"{args.out_name}.json"
+    if previous.exists():
+        key = lambda r: (r["setting"], r["protocol"], r["variant"], r["epsilon"])  # noqa: E731
+        fresh = {key(r) for r in rows}
+        rows = [r for r in json.loads(previous.read_text()) if key(r) not in fresh] + rows
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (RESULTS / f"{args.out_name}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_markdown(rows, RESULTS / f"{args.out_name}.md", command.strip())
+    plot_rounds(results, RESULTS / f"{args.out_name}_rounds.png")
+    print((RESULTS / f"{args.out_name}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
