@@ -1,0 +1,332 @@
+"""Benchmarks B1 and B2 of benchmarks.md: the cost of securefl's secure aggregation, as ratios in one run.
+
+B1  CKKS through securefl against the same steps written directly against
+    TenSEAL (same parameters, same payloads): K = 10 payloads of 50,000
+    floats, encrypt -> serialize -> aggregate (deserialize + sum + 1/K) ->
+    decrypt. Targets: time ratio <= 1.25, bytes per float within 10 %.
+B2  Pairwise masking (SecAgg, Bonawitz et al. 2017) against CKKS on the same
+    payloads, end to end, with one participant dropping after key sharing
+    and recovered. Targets: >= 20x faster, <= 3x the plaintext fp32 bytes.
+
+Timings alternate between the compared paths inside every repetition (the
+machine is shared and noisy) and the median over repetitions is reported.
+
+Usage::
+
+    python benchmarks/crypto.py            # full run (a minute or so on 2 cores)
+    python benchmarks/crypto.py --quick    # fewer repetitions, < 30 s
+
+Writes ``benchmarks/results/crypto.json`` (a list of rows ``{measure, value,
+target, better, unit}``) and ``benchmarks/results/crypto.md``, and prints the
+table.
+
+Adding a measurement (e.g. B3, one FedMD round): write a function
+``b3_fedmd_round(bench: Bench) -> list[Row]`` and append it to
+:data:`MEASUREMENTS`; :func:`main` runs every entry in order, shares the
+progress bar and writes all rows to the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+import tenseal as ts  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from securefl.crypto.ckks import CkksAggregator, CkksParams, KeyHolderContext, PublicContext, seal_tensor  # noqa: E402
+from securefl.crypto.masking import MaskingSession  # noqa: E402
+from securefl.crypto.sealed import SealedTensor  # noqa: E402
+from securefl.runtime.message import AGGREGATOR, Message  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One result line. ``target`` is ``None`` for informational rows."""
+
+    measure: str
+    value: float
+    target: float | None
+    better: str  # "lower" or "higher"
+    unit: str
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value <= self.target if self.better == "lower" else self.value >= self.target
+
+
+@dataclass
+class Bench:
+    """What every measurement function gets: the workload, the repetitions and the progress bar."""
+
+    participants: int = 10
+    length: int = 50_000
+    repeats: int = 9
+    seed: int = 0
+    params: CkksParams = field(default_factory=CkksParams)
+    progress: tqdm | None = None
+
+    def tick(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(label, refresh=False)
+            self.progress.update(1)
+
+    def payloads(self) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed)
+        return [torch.empty(self.length).uniform_(-10, 10, generator=gen) for _ in range(self.participants)]
+
+
+def _timed(fn: Callable[[], T]) -> tuple[float, T]:
+    gc.collect()
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _msg(sender: str, kind: str = "logits", receiver: str = AGGREGATOR) -> Message:
+    return Message(sender=sender, receiver=receiver, run_id="bench", round=1, kind=kind)
+
+
+def _payload_bytes(msg: Message) -> int:
+    total = 0
+    for value in msg.payload.values():
+        if isinstance(value, bytes):
+            total += len(value)
+        elif isinstance(value, list):
+            total += sum(len(v) for v in value)
+        else:
+            total += value.numel() * value.element_size()
+    return total
+
+
+# -- the compared paths ------------------------------------------------------------------------------
+def securefl_ckks_round(key_ctx: KeyHolderContext, public_bytes: bytes, xs: list[torch.Tensor]):
+    """encrypt -> serialize (client) -> deserialize + mean (aggregator) -> decrypt (key holder), via securefl."""
+    replies = [seal_tensor(key_ctx, x).attach(_msg(f"p{k}"), "logits") for k, x in enumerate(xs)]
+    aggregator = CkksAggregator(PublicContext.from_bytes(public_bytes))
+    consensus = aggregator.mean(replies, "logits")
+    down = consensus.attach(_msg(AGGREGATOR, "consensus", "*"), "consensus")
+    result = key_ctx.open(SealedTensor.from_message(down, "consensus"))
+    return result, sum(_payload_bytes(r) for r in replies)
+
+
+def raw_encrypt(ctx: ts.Context, x: np.ndarray, slots: int) -> list[ts.CKKSVector]:
+    """Encryption alone, for the throughput figure quoted in benchmarks.md."""
+    return [ts.ckks_vector(ctx, x[i : i + slots]) for i in range(0, x.size, slots)]
+
+
+def raw_tenseal_round(ctx: ts.Context, public_bytes: bytes, xs: list[np.ndarray], slots: int):
+    """The same steps written directly against TenSEAL."""
+    uploads = [[ts.ckks_vector(ctx, x[i : i + slots]).serialize() for i in range(0, x.size, slots)] for x in xs]
+    public = ts.context_from(public_bytes)
+    total = [ts.ckks_vector_from(public, b) for b in uploads[0]]
+    for upload in uploads[1:]:
+        for i, b in enumerate(upload):
+            total[i] += ts.ckks_vector_from(public, b)
+    down = [(v * (1.0 / len(xs))).serialize() for v in total]
+    result = np.concatenate([np.asarray(ts.ckks_vector_from(ctx, b).decrypt()) for b in down])
+    return result, sum(len(b) for u in uploads for b in u)
+
+
+def masking_round(xs: list[torch.Tensor], dropped: str, threshold: int):
+    """SecAgg end to end: keys, shares, masked inputs of the survivors, unmasking with one dropout."""
+    ids = [f"p{k}" for k in range(len(xs))]
+    sim = MaskingSession(run_id="bench", round=1, participant_ids=ids, threshold=threshold).simulate()
+    replies = [
+        sim.clients[pid].mask_input(x, field="logits").attach(_msg(pid), "logits")
+        for pid, x in zip(ids, xs, strict=True)
+        if pid != dropped
+    ]
+    sim.drop(dropped)
+    result = sim.aggregator.mean(replies, "logits")
+    masked = sum(_payload_bytes(r) for r in replies)
+    overhead = sum(_payload_bytes(m) for m in sim.traffic)
+    return result, masked, overhead
+
+
+# -- B1 ----------------------------------------------------------------------------------------------------
+def b1_ckks_vs_raw(bench: Bench) -> list[Row]:
+    xs = bench.payloads()
+    xs_np = [x.double().numpy() for x in xs]
+    key_ctx = KeyHolderContext.generate(bench.params)
+    public_bytes = key_ctx.public().to_bytes()
+    raw_ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=bench.params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(bench.params.coeff_mod_bit_sizes),
+    )
+    raw_ctx.global_scale = 2.0**bench.params.global_scale_bits
+    raw_pub = raw_ctx.copy()
+    raw_pub.make_context_public()
+    raw_public_bytes = raw_pub.serialize(save_galois_keys=False, save_relin_keys=False)
+    expected = np.mean(xs_np, axis=0)
+
+    t_ours, t_raw, t_enc = [], [], []
+    for rep in range(bench.repeats):
+        # Alternate which path goes first, so drift in machine load hits both alike.
+        order = ("ours", "raw") if rep % 2 == 0 else ("raw", "ours")
+        for which in order:
+            if which == "ours":
+                dt, (ours, ours_bytes) = _timed(lambda: securefl_ckks_round(key_ctx, public_bytes, xs))
+                t_ours.append(dt)
+            else:
+                dt, (raw, raw_bytes) = _timed(lambda: raw_tenseal_round(raw_ctx, raw_public_bytes, xs_np, bench.params.slots))
+                t_raw.append(dt)
+        x0 = xs_np[rep % len(xs_np)]
+        dt, _ = _timed(partial(raw_encrypt, raw_ctx, x0, bench.params.slots))
+        t_enc.append(dt)
+        bench.tick(f"B1 rep {rep + 1}")
+
+    floats = bench.participants * bench.length
+    ours_bpf, raw_bpf = ours_bytes / floats, raw_bytes / floats
+    return [
+        Row("B1 CKKS time, securefl / raw TenSEAL", statistics.median(t_ours) / statistics.median(t_raw), 1.25, "lower", "ratio"),
+        Row("B1 CKKS bytes per float, securefl / raw TenSEAL", ours_bpf / raw_bpf, 1.10, "lower", "ratio"),
+        Row("B1 securefl CKKS round time (K=10 x 50k floats)", statistics.median(t_ours), None, "lower", "s"),
+        Row("B1 raw TenSEAL round time (K=10 x 50k floats)", statistics.median(t_raw), None, "lower", "s"),
+        Row("B1 securefl bytes per float (uplink)", ours_bpf, None, "lower", "bytes"),
+        Row("B1 raw TenSEAL bytes per float (uplink)", raw_bpf, None, "lower", "bytes"),
+        Row("B1 CKKS ciphertext size / fp32 size", ours_bpf / 4, None, "lower", "ratio"),
+        Row("B1 raw TenSEAL encryption throughput", bench.length / statistics.median(t_enc), None, "higher", "floats/s"),
+        Row("B1 securefl mean, max abs error", float(np.abs(ours.double().numpy() - expected).max()), 1e-5, "lower", "abs"),
+        Row("B1 raw TenSEAL mean, max abs error", float(np.abs(raw - expected).max()), 1e-5, "lower", "abs"),
+    ]
+
+
+# -- B2 ----------------------------------------------------------------------------------------------------
+def b2_masking_vs_ckks(bench: Bench) -> list[Row]:
+    xs = bench.payloads()
+    dropped = "p3"
+    survivors = [x for k, x in enumerate(xs) if f"p{k}" != dropped]
+    expected = torch.stack([x.double() for x in survivors]).mean(0)
+    key_ctx = KeyHolderContext.generate(bench.params)
+    public_bytes = key_ctx.public().to_bytes()
+    threshold = MaskingSession.default_threshold(bench.participants)
+
+    t_mask, t_ckks = [], []
+    for rep in range(bench.repeats):
+        order = ("mask", "ckks") if rep % 2 == 0 else ("ckks", "mask")
+        for which in order:
+            if which == "mask":
+                dt, (masked_mean, masked_bytes, overhead) = _timed(lambda: masking_round(xs, dropped, threshold))
+                t_mask.append(dt)
+            else:
+                # A dropout costs CKKS nothing: the aggregator sums whatever arrived.
+                dt, (ckks_mean, ckks_bytes) = _timed(lambda: securefl_ckks_round(key_ctx, public_bytes, survivors))
+                t_ckks.append(dt)
+        bench.tick(f"B2 rep {rep + 1}")
+
+    fp32 = len(survivors) * bench.length * 4
+    return [
+        Row(
+            "B2 speed-up, masking vs CKKS (end to end, 1 dropout)",
+            statistics.median(t_ckks) / statistics.median(t_mask),
+            20.0,
+            "higher",
+            "x",
+        ),
+        Row("B2 masking traffic / plaintext fp32 bytes (all messages)", (masked_bytes + overhead) / fp32, 3.0, "lower", "ratio"),
+        Row("B2 masked input / plaintext fp32 bytes", masked_bytes / fp32, None, "lower", "ratio"),
+        Row("B2 CKKS uplink / plaintext fp32 bytes", ckks_bytes / fp32, None, "lower", "ratio"),
+        Row("B2 masking round time (K=10, 1 dropout)", statistics.median(t_mask), None, "lower", "s"),
+        Row("B2 CKKS round time (9 survivors)", statistics.median(t_ckks), None, "lower", "s"),
+        # Fixed-point rounding (<= K * 2^-25 / K) plus rounding the mean to the payloads' float32.
+        Row("B2 masking mean, max abs error", float((masked_mean.double() - expected).abs().max()), 1e-6, "lower", "abs"),
+        Row("B2 CKKS mean, max abs error", float((ckks_mean.double() - expected).abs().max()), 1e-5, "lower", "abs"),
+    ]
+
+
+#: Every measurement, run in order. B3 (one FedMD round) is added here by the runtime's owner.
+MEASUREMENTS: list[Callable[[Bench], list[Row]]] = [b1_ckks_vs_raw, b2_masking_vs_ckks]
+
+
+# -- output ------------------------------------------------------------------------------------------------
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return ""
+    if value == 0 or (1e-3 <= abs(value) < 1e6):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 100 else f"{value:,.0f}"
+    return f"{value:.2e}"
+
+
+def markdown(rows: list[Row], command: str) -> str:
+    lines = [
+        "# Crypto benchmarks (B1, B2)",
+        "",
+        f"Made by `{command}` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"{platform.machine()} with {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, TenSEAL {ts.__version__}. Ratios are medians of timings "
+        "alternated in one run.",
+        "",
+        "| measure | value | target | unit | met |",
+        "|---|---:|---:|---|:---:|",
+    ]
+    for row in rows:
+        target = "" if row.target is None else ("≤ " if row.better == "lower" else "≥ ") + _fmt(row.target)
+        met = {True: "yes", False: "**no**", None: ""}[row.met]
+        lines.append(f"| {row.measure} | {_fmt(row.value)} | {target} | {row.unit} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 repetitions instead of 9 (under 30 s)")
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions per measurement (overrides --quick)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"output directory (default {RESULTS})")
+    args = parser.parse_args(argv)
+
+    repeats = args.repeats or (3 if args.quick else 9)
+    if repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {repeats}")
+    bench = Bench(repeats=repeats)
+    rows: list[Row] = []
+    with tqdm(total=repeats * len(MEASUREMENTS), desc="crypto benchmarks", unit="rep", delay=2.0, file=sys.stderr) as bar:
+        bench.progress = bar
+        for measure in MEASUREMENTS:
+            rows.extend(measure(bench))
+    bench.progress = None
+
+    command = (
+        "python benchmarks/crypto.py"
+        + (" --quick" if args.quick else "")
+        + (f" --repeats {args.repeats}" if args.repeats else "")
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(r).items()} for r in rows]
+    (args.out / "crypto.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table = markdown(rows, command)
+    (args.out / "crypto.md").write_text(table)
+    print(table)
+    missed = [r.measure for r in rows if r.met is False]
+    if missed:
+        print(f"targets missed: {missed}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""securefl.crypto: CKKS aggregation, pairwise masking (SecAgg), Shamir sharing, keys and signing.
+
+Submodules
+----------
+ckks
+    TenSEAL CKKS: key-holder vs public contexts, dense packing, the CKKS aggregator.
+masking, shamir, fixedpoint
+    Secure aggregation by pairwise masking (Bonawitz et al., CCS 2017).
+signing
+    Ed25519 message signatures and the replay-aware verifier.
+sealed
+    :class:`SealedTensor`: how an encrypted/masked tensor travels in a message.
+wire
+    :func:`assert_wire_safe`: keeps secret keys off the transport.
+
+Names are loaded lazily (PEP 562), so ``from securefl.crypto import SealedTensor``
+does not import TenSEAL or ``cryptography``; protocols may use the sealed-value
+helpers without pulling in the crypto libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    # errors
+    "CiphertextError": "errors",
+    "RejectedMessage": "errors",
+    "SecAggAbort": "errors",
+    "ShamirError": "errors",
+    # wire safety
+    "SecretHolder": "wire",
+    "assert_wire_safe": "wire",
+    "holds_secret": "wire",
+    # sealed values
+    "SealedTensor": "sealed",
+    "Sealer": "sealed",
+    "Opener": "sealed",
+    "attach": "sealed",
+    "is_sealed": "sealed",
+    "open_field": "sealed",
+    "open_sealed_fields": "sealed",
+    "seal_field": "sealed",
+    # CKKS
+    "CkksAggregator": "ckks",
+    "CkksParams": "ckks",
+    "EncryptedVector": "ckks",
+    "KeyHolderContext": "ckks",
+    "PublicContext": "ckks",
+    "SecretKeyRequired": "ckks",
+    "seal_tensor": "ckks",
+    # masking
+    "ClientSecrets": "masking",
+    "FixedPoint": "fixedpoint",
+    "MaskingAggregator": "masking",
+    "MaskingClient": "masking",
+    "MaskingSession": "masking",
+    "SecAggSimulation": "masking",
+    "prg_stream": "masking",
+    # signing
+    "MessageVerifier": "signing",
+    "PartyKeys": "signing",
+    "canonical_bytes": "signing",
+    "generate_signing_key": "signing",
+    "load_public_key": "signing",
+    "public_key_bytes": "signing",
+    "sign_message": "signing",
+}
+
+__all__ = [
+    "CiphertextError",
+    "CkksAggregator",
+    "CkksParams",
+    "ClientSecrets",
+    "EncryptedVector",
+    "FixedPoint",
+    "KeyHolderContext",
+    "MaskingAggregator",
+    "MaskingClient",
+    "MaskingSession",
+    "MessageVerifier",
+    "Opener",
+    "PartyKeys",
+    "PublicContext",
+    "RejectedMessage",
+    "SealedTensor",
+    "Sealer",
+    "SecAggAbort",
+    "SecAggSimulation",
+    "SecretHolder",
+    "SecretKeyRequired",
+    "ShamirError",
+    "assert_wire_safe",
+    "attach",
+    "canonical_bytes",
+    "generate_signing_key",
+    "holds_secret",
+    "is_sealed",
+    "load_public_key",
+    "open_field",
+    "open_sealed_fields",
+    "prg_stream",
+    "public_key_bytes",
+    "seal_field",
+    "seal_tensor",
+    "sign_message",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'securefl.crypto' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"securefl.crypto.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from securefl.crypto.ckks import (
+        CkksAggregator,
+        CkksParams,
+        EncryptedVector,
+        KeyHolderContext,
+        PublicContext,
+        SecretKeyRequired,
+        seal_tensor,
+    )
+    from securefl.crypto.errors import CiphertextError, RejectedMessage, SecAggAbort, ShamirError
+    from securefl.crypto.fixedpoint import FixedPoint
+    from securefl.crypto.masking import (
+        ClientSecrets,
+        MaskingAggregator,
+        MaskingClient,
+        MaskingSession,
+        SecAggSimulation,
+        prg_stream,
+    )
+    from securefl.crypto.sealed import (
+        Opener,
+        SealedTensor,
+        Sealer,
+        attach,
+        is_sealed,
+        open_field,
+        open_sealed_fields,
+        seal_field,
+    )
+    from securefl.crypto.signing import (
+        MessageVerifier,
+        PartyKeys,
+        canonical_bytes,
+        generate_signing_key,
+        load_public_key,
+        public_key_bytes,
+        sign_message,
+    )
+    from securefl.crypto.wire import SecretHolder, assert_wire_safe, holds_secret
