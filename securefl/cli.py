@@ -18,7 +18,9 @@ from securefl.models.zoo import UnknownModel
 from securefl.protocols import PROTOCOLS, ProtocolSetupError
 
 USAGE_ERROR = 2
-BAD_INPUT = (ConfigError, DataError, UnknownModel, ProtocolSetupError)
+from securefl.layers.base import LayerSetupError  # noqa: E402
+
+BAD_INPUT = (ConfigError, DataError, UnknownModel, ProtocolSetupError, LayerSetupError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
 from pydantic import Field as PydField
 
+from securefl.crypto.ckks import CkksParams
 from securefl.models.zoo import MODEL_ZOO
 from securefl.protocols import PROTOCOLS
 
@@ -113,8 +114,17 @@ class ParticipantConfig(Section):
         return value
 
 
+class MaskingConfig(Section):
+    threshold_fraction: float = PydField(
+        0.67, gt=0.5, le=1, description="Shamir threshold t as a fraction of the round's participants (t > n/2)")
+
+
 class _ExperimentBase(Section):
     protocol: str
+    secure_aggregation: Literal["none", "ckks", "masking"] = "none"
+    ckks: CkksParams = PydField(default_factory=CkksParams)
+    masking: MaskingConfig = PydField(default_factory=MaskingConfig)
+    signing: bool = PydField(True, description="sign every message (Ed25519) and verify on receipt")
     run: RunConfig = PydField(default_factory=RunConfig)
     data: DataConfig = PydField(default_factory=DataConfig)
     training: TrainingConfig = PydField(default_factory=TrainingConfig)

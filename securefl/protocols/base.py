@@ -92,6 +92,9 @@ class Protocol(ABC):
     # What clients send up, and what the server (or relay) sends down.
     uplink: ClassVar[Schema | None] = None
     downlink: ClassVar[Schema | None] = None
+    # True when server_step computes on the aggregate itself (e.g. keeps a global model):
+    # fine under masking (the server learns the sum by design), refused under CKKS.
+    server_opens_aggregates: ClassVar[bool] = False
 
     def __init__(self, config: ProtocolConfig, ctx: FederationContext) -> None:
         self.config = config
@@ -166,15 +169,32 @@ class Protocol(ABC):
                 party.state[key] = value
 
     # ----- helpers for subclasses ------------------------------------------------------
-    def reply(self, party: Party, rnd: int, **payload: torch.Tensor) -> Message:
+    def reply(self, party: Party, rnd: int, **payload: Any) -> Message:
         assert self.uplink is not None, f"{self.name} declares no uplink"
-        return Message(sender=party.id, receiver=AGGREGATOR, run_id=self.ctx.run_id, round=rnd,
-                       kind=self.uplink.kind, payload=payload)
+        return _with_fields(Message(sender=party.id, receiver=AGGREGATOR, run_id=self.ctx.run_id, round=rnd,
+                                    kind=self.uplink.kind), payload)
 
-    def broadcast(self, rnd: int, **payload: torch.Tensor) -> Message:
+    def broadcast(self, rnd: int, **payload: Any) -> Message:
+        """A message from the server to every sampled client.
+
+        Values may be tensors or whatever the aggregator returned: under CKKS
+        that is a sealed value the server cannot read, which the clients'
+        inbound layer opens. The protocol forwards it without knowing.
+        """
         assert self.downlink is not None, f"{self.name} declares no downlink"
-        return Message(sender=AGGREGATOR, receiver=BROADCAST, run_id=self.ctx.run_id, round=rnd,
-                       kind=self.downlink.kind, payload=payload)
+        return _with_fields(Message(sender=AGGREGATOR, receiver=BROADCAST, run_id=self.ctx.run_id, round=rnd,
+                                    kind=self.downlink.kind), payload)
+
+
+def _with_fields(msg: Message, payload: dict[str, Any]) -> Message:
+    tensors = {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+    msg = msg.with_payload(**tensors)
+    for name, value in payload.items():
+        if not isinstance(value, torch.Tensor):
+            # A sealed aggregate knows how to put itself on a message (duck-typed: protocols
+            # never import the crypto package).
+            msg = value.attach(msg, name)
+    return msg
 
 
 def only_message(inbox: Sequence[Message], kind: str) -> Message:

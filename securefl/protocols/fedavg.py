@@ -40,6 +40,7 @@ class FedAvg(Protocol):
     Config = FedAvgConfig
     uplink = Schema("weights", weights=Field(aggregatable=True, description="all float parameters, flattened"))
     downlink = Schema("global_model", weights=Field(aggregatable=False, private=False))
+    server_opens_aggregates = True  # the server keeps the global model
 
     def __init__(self, config: FedAvgConfig, ctx) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, ctx)
@@ -70,8 +71,9 @@ class FedAvg(Protocol):
                           batch_size=self.ctx.training.batch_size, epochs=self.ctx.training.local_epochs,
                           max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
         msg = self.reply(party, rnd, weights=flat_parameters(party.model))
-        # Sample counts are public metadata in FedAvg (they set the weights).
-        return msg.with_meta(num_samples=party.num_samples)
+        # Sample counts are public metadata in FedAvg (they set the weights); a masking layer
+        # pre-weights the input with the declared aggregation weight.
+        return msg.with_meta(num_samples=party.num_samples, aggregation_weight=float(party.num_samples))
 
     def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
         assert self.global_model is not None

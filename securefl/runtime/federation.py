@@ -39,6 +39,7 @@ from securefl.data.partition import (
     train_val_split,
 )
 from securefl.protocols import Protocol, get_protocol
+from securefl.layers.base import Layer, Rejected
 from securefl.protocols.base import Downlink
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
@@ -101,6 +102,7 @@ class RoundRecord:
     server: dict[str, float]
     communication_bytes: dict[str, int]
     elapsed_s: float
+    rejected: list[dict[str, str]]
 
     def to_json(self) -> dict[str, Any]:
         accs = [m["accuracy"] for m in self.participants.values() if "accuracy" in m]
@@ -111,6 +113,7 @@ class RoundRecord:
             "server": self.server,
             "sampled": self.sampled,
             "communication_bytes": self.communication_bytes,
+            "rejected": self.rejected,
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -142,6 +145,10 @@ class Federation:
         self.aggregator = PlainAggregator()
         # Refuse impossible set-ups before any training.
         self.protocol.validate_participants(self.parties)
+        self.layers: list[Layer] = self._build_layers()
+        for layer in self.layers:
+            layer.check(self.protocol, self.parties)
+        self._rejected: list[dict[str, str]] = []
         for party in self.parties:
             with _seeded(derive_seed(seed, "setup", party.id)):
                 self.protocol.setup_party(party)
@@ -184,6 +191,28 @@ class Federation:
             "versions": {"torch": torch.__version__, "numpy": np.__version__, "opacus": opacus.__version__,
                          "scikit-learn": sklearn.__version__},
         }
+
+    def _build_layers(self) -> list[Layer]:
+        """The middleware stack, in outbound order: DP, then sealing, then signing."""
+        cfg = self.config
+        key_dir = self.out / "keys"
+        layers: list[Layer] = []
+        if cfg.secure_aggregation == "ckks":
+            from securefl.layers.secure_aggregation import CkksLayer
+
+            layers.append(CkksLayer(cfg.ckks, key_dir=key_dir))
+        elif cfg.secure_aggregation == "masking":
+            from securefl.layers.secure_aggregation import MaskingLayer
+
+            layers.append(MaskingLayer(run_id=self.run_id, threshold_fraction=cfg.masking.threshold_fraction))
+        if cfg.signing:
+            from securefl.crypto.keystore import load_or_create_party_keys
+            from securefl.layers.signing import SigningLayer
+
+            ids = [p.id for p in self.parties] + [AGGREGATOR]
+            layers.append(SigningLayer(run_id=self.run_id,
+                                       keys={pid: load_or_create_party_keys(key_dir, pid) for pid in ids}))
+        return layers
 
     def _view(self, idx: np.ndarray) -> DataView:
         return DataView(self.dataset.x_train, self.dataset.y_train, torch.as_tensor(idx, dtype=torch.long))
@@ -249,27 +278,67 @@ class Federation:
     def _round(self, rnd: int, sampled: Sequence[str], bar: tqdm) -> None:
         seed = self.config.run.seed
         by_id = {p.id: p for p in self.parties}
+        for layer in self.layers:
+            layer.start_round(rnd, sampled)
         self._deliver(self.protocol.open_round(rnd, sampled), sampled)
+        outgoing: list[Message] = []
         for pid in sampled:
             party = by_id[pid]
+            inbox = self._receive(party)
             with _seeded(derive_seed(seed, "client_step", rnd, pid)):
-                replies = self.protocol.client_step(party, self.transport.receive(pid), rnd)
+                replies = self.protocol.client_step(party, inbox, rnd)
             for reply in _as_list(replies):
                 # Messages to the aggregator are checked against the declared uplink; peer-to-peer
                 # messages (decentralised protocols) go straight to the peer's inbox.
                 if reply.receiver == AGGREGATOR and self.protocol.uplink is not None:
                     self.protocol.uplink.check(reply)
-                self.transport.send(reply)
+                for layer in self.layers:
+                    reply = layer.outbound(reply, party)
+                outgoing.append(reply)
             bar.update(1)
-        replies = self.transport.receive(AGGREGATOR)
+        # Sampled parties step concurrently in a deployment: send only after all have stepped, so a
+        # peer-to-peer message never lands in a later peer's client_step inbox instead of its client_update.
+        for reply in outgoing:
+            self.transport.send(reply)
+        replies = []
+        for msg in self.transport.receive(AGGREGATOR):
+            try:
+                for layer in reversed(self.layers):
+                    msg = layer.server_inbound(msg)
+                replies.append(msg)
+            except Rejected as rejection:
+                self._reject(rejection, receiver=AGGREGATOR)
+        aggregator = self.aggregator
+        for layer in self.layers:
+            aggregator = layer.wrap_aggregator(aggregator, rnd)
         with _seeded(derive_seed(seed, "server_step", rnd)):
-            downlink = self.protocol.server_step(rnd, replies, self.aggregator) if replies else None
+            downlink = self.protocol.server_step(rnd, replies, aggregator) if replies else None
         self._deliver(downlink, sampled)
         for pid in sampled:
-            inbox = self.transport.receive(pid)
+            inbox = self._receive(by_id[pid])
             if inbox:
                 with _seeded(derive_seed(seed, "client_update", rnd, pid)):
                     self.protocol.client_update(by_id[pid], inbox, rnd)
+
+    def _receive(self, party: Party) -> list[Message]:
+        """A participant's inbox after its inbound layers (verify, then open); rejections are logged."""
+        accepted = []
+        for msg in self.transport.receive(party.id):
+            try:
+                for layer in reversed(self.layers):
+                    msg = layer.inbound(msg, party)
+                accepted.append(msg)
+            except Rejected as rejection:
+                self._reject(rejection, receiver=party.id)
+        return accepted
+
+    def _reject(self, rejection: Rejected, *, receiver: str) -> None:
+        self._rejected.append({"sender": rejection.sender, "receiver": receiver, "reason": rejection.reason})
+
+    def _send_from_server(self, msg: Message) -> None:
+        for layer in self.layers:
+            msg = layer.server_outbound(msg)
+        self.transport.send(msg)
 
     def _deliver(self, downlink: Downlink, sampled: Sequence[str]) -> None:
         if downlink is None:
@@ -277,11 +346,11 @@ class Federation:
         if isinstance(downlink, Message):
             targets = sampled if downlink.receiver == BROADCAST else [downlink.receiver]
             for pid in targets:
-                self.transport.send(downlink.model_copy(update={"receiver": pid}))
+                self._send_from_server(downlink.model_copy(update={"receiver": pid}))
         else:
             for pid, msgs in downlink.items():
                 for msg in _as_list(msgs):
-                    self.transport.send(msg.model_copy(update={"receiver": pid}))
+                    self._send_from_server(msg.model_copy(update={"receiver": pid}))
 
     def _evaluate(self, rnd: int, sampled: Sequence[str], elapsed: float) -> RoundRecord:
         seed = self.config.run.seed
@@ -292,7 +361,8 @@ class Federation:
         counters = getattr(self.transport, "bytes_by_kind", {})
         record = RoundRecord(round=rnd, sampled=list(sampled), participants=per_party,
                              server={k: float(v) for k, v in self.protocol.evaluate_server().items()},
-                             communication_bytes=dict(counters), elapsed_s=elapsed)
+                             communication_bytes=dict(counters), elapsed_s=elapsed, rejected=list(self._rejected))
+        self._rejected.clear()
         if hasattr(self.transport, "reset_counters"):
             self.transport.reset_counters()
         return record

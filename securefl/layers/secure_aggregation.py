@@ -1,0 +1,126 @@
+"""Secure aggregation as layers: CKKS (TenSEAL) and pairwise masking (SecAgg family).
+
+Both replace each *aggregatable* uplink field (as declared by the protocol's
+schema) by a sealed value on the participant, and swap the server's
+aggregator for one that combines sealed values.
+
+- CKKS: the participants are the key-holder committee (in simulation they
+  share one key generated at start); the aggregator holds only the public
+  context and cannot decrypt. Aggregates come back sealed and are opened by
+  the participants' inbound layer, so the server never sees a plaintext sum.
+  A protocol whose server must compute on the aggregate in the clear
+  (``server_opens_aggregates``) or that needs individual payloads in the clear
+  (a non-aggregatable private uplink field, e.g. FedGen's reference mode) is
+  refused before round 1.
+- Masking: per round, the sampled participants agree on pairwise seeds and
+  Shamir-share them (Bonawitz et al. 2017, rounds 0-1); each masks its input;
+  the server learns only the sum, in the clear, and recovers dropouts from the
+  shares. A protocol whose server reads aggregates works under masking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from securefl.crypto.ckks import CkksAggregator, CkksParams, KeyHolderContext
+from securefl.crypto.masking import MaskingSession, SecAggSimulation
+from securefl.crypto.sealed import SealedTensor, open_sealed_fields
+from securefl.layers.base import Layer, LayerSetupError, aggregatable_fields
+from securefl.runtime.message import AGGREGATOR, Message
+
+
+def _refuse_individual_fields(protocol: Any, scheme: str) -> None:
+    uplink = getattr(protocol, "uplink", None)
+    if uplink is None:
+        return
+    clear = [n for n, f in uplink.fields.items() if f.private and not f.aggregatable]
+    if clear:
+        raise LayerSetupError(
+            f"secure_aggregation={scheme} cannot run {protocol.name}: its uplink sends {', '.join(clear)} that the "
+            "server must read individually (not only as a sum), which secure aggregation forbids"
+            + (f" ({protocol.secure_aggregation_note})" if getattr(protocol, "secure_aggregation_note", "") else "")
+        )
+
+
+class CkksLayer(Layer):
+    name = "ckks"
+
+    def __init__(self, params: CkksParams, *, key_dir: Path | None = None) -> None:
+        committee_file = key_dir / "ckks_committee.secret" if key_dir is not None else None
+        if committee_file is not None and committee_file.exists():
+            # A resumed run keeps the committee's key: sealed state may outlive a round.
+            self._keys = KeyHolderContext.from_committee_secret(committee_file.read_bytes())
+        else:
+            self._keys = KeyHolderContext.generate(params)
+            if committee_file is not None:
+                committee_file.parent.mkdir(parents=True, exist_ok=True)
+                committee_file.write_bytes(self._keys.export_secret_for_committee())
+                committee_file.chmod(0o600)
+        self.public_context = self._keys.public()
+        self._aggregator = CkksAggregator(self.public_context)
+        self._fields: list[str] = []
+
+    def check(self, protocol: Any, parties: Sequence[Any]) -> None:
+        _refuse_individual_fields(protocol, "ckks")
+        if getattr(protocol, "server_opens_aggregates", False):
+            raise LayerSetupError(
+                f"secure_aggregation=ckks cannot run {protocol.name}: its server computes on the aggregate in the "
+                "clear, and under CKKS the server cannot decrypt. Use secure_aggregation=masking, which reveals "
+                "only the sum to the server."
+            )
+        self._fields = aggregatable_fields(protocol)
+
+    def outbound(self, msg: Message, party: Any) -> Message:
+        for name in self._fields:
+            if name in msg.payload and msg.receiver == AGGREGATOR:
+                msg = self._keys.seal(msg.tensor(name), field=name).attach(msg, name)
+        return msg
+
+    def inbound(self, msg: Message, party: Any) -> Message:
+        return open_sealed_fields(msg, self._keys)
+
+    def wrap_aggregator(self, aggregator: Any, rnd: int) -> Any:
+        return self._aggregator
+
+
+class MaskingLayer(Layer):
+    name = "masking"
+
+    def __init__(self, *, run_id: str, threshold_fraction: float) -> None:
+        self.run_id = run_id
+        self.threshold_fraction = threshold_fraction
+        self._sim: SecAggSimulation | None = None
+        self._fields: list[str] = []
+
+    def check(self, protocol: Any, parties: Sequence[Any]) -> None:
+        _refuse_individual_fields(protocol, "masking")
+        self._fields = aggregatable_fields(protocol)
+
+    def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
+        n = len(sampled)
+        # SecAgg needs a strict majority threshold (t > n/2) for its dropout-robustness argument.
+        threshold = min(n, max(n // 2 + 1, int(round(self.threshold_fraction * n))))
+        session = MaskingSession(run_id=self.run_id, round=rnd, participant_ids=list(sampled), threshold=threshold)
+        self._sim = SecAggSimulation.setup(session)
+
+    def outbound(self, msg: Message, party: Any) -> Message:
+        if msg.receiver != AGGREGATOR or self._sim is None:
+            return msg
+        client = self._sim.clients[party.id]
+        weight = msg.meta.get("aggregation_weight")
+        for name in self._fields:
+            if name in msg.payload:
+                sealed: SealedTensor = client.mask_input(msg.tensor(name), field=name, weight=weight)
+                msg = sealed.attach(msg, name)
+        return msg
+
+    def wrap_aggregator(self, aggregator: Any, rnd: int) -> Any:
+        assert self._sim is not None, "start_round was not called"
+        return self._sim.aggregator
+
+    def drop(self, *participant_ids: str) -> None:
+        """Participants that shared keys but will not answer the unmasking request."""
+        if self._sim is not None:
+            self._sim.drop(*participant_ids)
