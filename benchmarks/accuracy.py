@@ -214,6 +214,23 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(results: list[dict[str, Any]], out_name: str, command: str) -> None:
+    rows = aggregate(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # Keep the cells of earlier invocations that this one did not recompute.
+    previous = RESULTS / f"{out_name}.json"
+    if previous.exists():
+        fresh = {_cell(r) for r in rows}
+        rows = [r for r in json.loads(previous.read_text()) if _cell(r) not in fresh] + rows
+    previous.write_text(json.dumps(rows, indent=2) + "\n")
+    write_markdown(rows, RESULTS / f"{out_name}.md", command)
+    plot_rounds(results, RESULTS / f"{out_name}_rounds.png")
+
+
+def _cell(row: dict[str, Any]) -> tuple[str, str, str, str]:
+    return (row["setting"], row["protocol"], row["variant"], row["epsilon"])
+
+
 def main(argv: list[str] | None = None) -> int:
     from securefl.protocols import PROTOCOLS
 
@@ -250,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    results = []
+    results: list[dict[str, Any]] = []
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs) as pool, tqdm(total=len(tasks), unit="run", desc="accuracy benchmark") as bar:
         for res in pool.imap_unordered(_one_run, tasks):
@@ -259,19 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(f"{setting} {row.protocol}/{row.variant} ε={eps} s{seed}: "
                                 f"{res['summary']['mean_accuracy']:.3f}")
             bar.update(1)
-
-    rows = aggregate(results)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    # Keep the cells of earlier invocations that this one did not recompute.
-    previous = RESULTS / f"{args.out_name}.json"
-    if previous.exists():
-        key = lambda r: (r["setting"], r["protocol"], r["variant"], r["epsilon"])  # noqa: E731
-        fresh = {key(r) for r in rows}
-        rows = [r for r in json.loads(previous.read_text()) if key(r) not in fresh] + rows
-    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (RESULTS / f"{args.out_name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    write_markdown(rows, RESULTS / f"{args.out_name}.md", command.strip())
-    plot_rounds(results, RESULTS / f"{args.out_name}_rounds.png")
+            # Rewrite the tables after every finished run: a stopped benchmark keeps what it measured.
+            write_results(results, args.out_name, command.strip())
     print((RESULTS / f"{args.out_name}.md").read_text())
     return 0
 

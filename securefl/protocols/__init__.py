@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from securefl.protocols.base import Field, Protocol, ProtocolConfig, ProtocolSetupError, Schema
 from securefl.protocols.fedavg import FedAvg
+from securefl.protocols.fedgen import FedGen
+from securefl.protocols.fedh2l import FedH2L
 from securefl.protocols.fedmd import FedMD
+from securefl.protocols.fml import FML
+from securefl.protocols.heterofl import HeteroFL
 from securefl.protocols.local_only import LocalOnly
 from securefl.protocols.pooled import Pooled
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (FedMD, LocalOnly, Pooled, FedAvg)}
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (FedMD, LocalOnly, Pooled, FedAvg, FML, FedH2L, FedGen, HeteroFL)}
 
 
 def get_protocol(name: str) -> type[Protocol]:

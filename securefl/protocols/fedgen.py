@@ -1,0 +1,547 @@
+"""FedGen: data-free knowledge distillation through a generator of latent features.
+
+Zhu, Hong & Zhou, "Data-Free Knowledge Distillation for Heterogeneous
+Federated Learning", ICML 2021, arXiv:2105.10056 (reference code:
+``zhuangdizhu/FedGen``: ``servers/serverpFedGen.py``, ``users/userpFedGen.py``,
+``trainmodel/generator.py``, ``utils/model_config.py``).
+
+Every user's classifier is a feature extractor g_k followed by a linear head
+h (``ZooModel(extractor, head)``; all zoo models end in ``LATENT_DIM = 32``
+features, so extractors may differ while heads are interchangeable). FedGen
+learns, without any data, a conditional generator G(ε, y) of latent features
+(:mod:`securefl.models.generator`) that the users' heads agree to classify as
+y: it distils the ensemble's knowledge of p(y | z) into G, and G hands that
+knowledge back to every user as an inductive bias. Per round, as in the paper
+(Algorithm 1) and its reference code:
+
+1. the server selects users (the runtime's ``run.participation``; the
+   reference selects 10 of 20) and broadcasts the shared parameters (the
+   averaged head) and G;
+2. each user loads the head and trains its model for ``local_steps`` = 20
+   *steps* of batch 32 (the reference's ``--local_epochs 20`` counts steps:
+   its loop draws one batch per "epoch"), plain SGD with lr 0.01 (decayed
+   0.99 per round, the reference's user scheduler), on
+
+       CE(f(x), y) + α_t · (B_gen / B) · CE(h(G(ε, ŷ)), ŷ) + β_t · KL(p_h(G(ε, y)) ‖ p_f(x)),
+
+   where ŷ is drawn uniformly from the available labels (B_gen = 32 of them),
+   α_t = β_t = max(1e-4, 10 · 0.98^t) with t the zero-based round, and no
+   regulariser in the first round (G is still untrained). The first two
+   terms are the paper's user objective; the third, a KL from the head's
+   posterior on a generated feature of the *same* label to the model's
+   posterior on the real record, is in the reference code only
+   (``generative_beta``); ``generative_beta: 0`` gives the paper's form, and
+   ``generative_alpha: 0`` with it gives plain head averaging (FedAvg).
+   ŷ's "available labels" are those the broadcast label histogram shows (all
+   classes while none is known; the reference uses the union of all users'
+   labels). Training goes through ``party.trainer.fit(steps=...)``, which
+   reshuffles every pass (the reference's loader was first unshuffled, its
+   issue #7; after the authors' fix they report FedAvg 90.7 ± 1.2 against
+   FedGen 95.7 ± 0.2 on MNIST) and cycles, so a user with fewer records than
+   a batch trains without crashing (the reference's ``drop_last=True``
+   loader raises ``StopIteration`` there);
+3. the server trains G for 50 Adam steps (lr 3e-4 decayed 0.98 per round,
+   weight decay 1e-2, batch 32) on
+
+       L_G = Σ_u mean_i w_{y_i,u} · CE(h_u(G(ε_i, y_i)), y_i) + η · L_div,
+       w_{y,u} = cnt_u(y) / Σ_u' cnt_u'(y),   η = 1,
+
+   with y_i uniform over the labels some selected user holds, and L_div the
+   reference's diversity loss (:func:`securefl.models.generator.diversity_loss`).
+   cnt_u(y) is the user's label histogram; the reference counts the labels
+   of the batches it drew this round, plus one (nearly proportional, since
+   20 steps cycle over the silo). Its adversarial "student" term
+   (``ensemble_beta``) is 0 for MNIST and is not implemented;
+4. the server averages the heads, weighted by sample counts.
+
+Two modes (``fedgen.mode``):
+
+- ``reference``: step 3 as above. The server needs every selected user's
+  head and label counts *individually and in the clear*; the uplink declares
+  them ``aggregatable=False``, so a secure-aggregation layer must refuse this
+  mode before round 1 (:attr:`FedGen.secure_aggregation_note` says why). Plaintext only.
+- ``private`` (the default; the spec requires it): no individual head ever
+  reaches the server. The server broadcasts G; each user computes a local
+  generator update against its *own* head: ``generator_steps`` Adam steps
+  (same lr, decay and weight decay as the server's) on its share of L_G,
+
+       L_u = mean_i ω_u(y_i) · CE(h_u(G(ε_i, y_i)), y_i) + η · L_div,
+       ω_u(y) = |S| · w_{y,u} = cnt_u(y) / max(m(y), cnt_u(y) / |S|),
+
+  where m(y) is the server's broadcast estimate of the *mean* label
+  histogram of the sampled users, so that mean_u L_u = L_G (the cap keeps a
+  user's share w ≤ 1 when m is stale or DP-noised). It sends Δθ_G; the
+  server applies θ_G ← θ_G + mean_u Δθ_G,u. *Mean, not sum*: with one SGD
+  step per user, mean_u Δ_u is exactly one step on L_G (the |S| is folded
+  into ω), while with the local Adam steps each Δ_u has the size of a whole
+  local optimisation, so a sum would grow with the number of users. The
+  number sampled is public, so a secure aggregator computes the mean as its
+  sum divided by |S|. The heads are averaged unweighted here (``head_aggregation:
+  auto``; the reference weights by sample counts): a masking layer pre-weights a
+  whole message with one weight, and the generator update and histogram must
+  be plain means. Label counts go up as an aggregatable histogram (a DP
+  layer noises it with sensitivity 1 per record); the server keeps m as the
+  running average of the per-round mean histograms (an unbiased estimate of
+  the population's mean histogram; exact under full participation), which
+  is one round stale by construction. ``label_counts: none`` sends no counts
+  at all and weights users uniformly (ω = 1, ŷ uniform over all classes),
+  as it does in round 1 before any histogram is known. Every uplink field
+  (shared head, generator update, histogram) is aggregatable, and the
+  server reads the replies only through the aggregator. It does compute on
+  the (mean) aggregates in the clear (``server_opens_aggregates``): fine
+  under masking, refused under CKKS.
+
+Where privacy attaches (the layers do it; this file only declares fields):
+DP-SGD in the users' local training (the generated-feature terms use no
+private record); participant-level clip-and-noise of ``generator_update``
+(and of ``shared``); a Gaussian histogram for ``label_counts``. Caveat for
+record-level DP: with ``label_counts: histogram`` the local generator update
+reads the user's *raw* counts through ω_u, so it is not pure post-processing
+of the DP-trained head; with ``label_counts: none`` it is.
+
+What is shared: with heterogeneous extractors only the head and G cross the
+wire (``share: head``, always available). With identical models the
+reference averages whole models; ``share: full`` does that and is refused
+for mixed architectures.
+
+Evaluation (``accuracy``): the reference evaluates, at the start of each
+round, the global model each user has just received. The heterogeneous
+analogue reported here is the user's own extractor (as it left its last
+local training) with the current averaged head. ``local_accuracy`` is the
+user's model with its own locally trained head (the personalised one). Both
+are on the global balanced test set, not per-user test splits as in the
+reference.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field as PydField
+from torch import nn
+
+from securefl.models.generator import ConditionalGenerator, diversity_loss
+from securefl.protocols.base import (
+    Field,
+    Protocol,
+    ProtocolConfig,
+    ProtocolSetupError,
+    Schema,
+    flat_parameters,
+    load_flat_parameters,
+    only_message,
+)
+from securefl.runtime.aggregator import PlainAggregator
+from securefl.runtime.message import Message
+from securefl.runtime.party import FederationContext, Party, derive_seed
+from securefl.runtime.training import (
+    BatchLoss,
+    accuracy,
+    cross_entropy_loss,
+    kl_distillation,
+    make_optimizer,
+)
+
+
+class FedGenConfig(ProtocolConfig):
+    mode: Literal["private", "reference"] = PydField(
+        "private", description="private: users send generator updates; reference: server trains G on clear heads")
+    label_counts: Literal["histogram", "none"] = PydField(
+        "histogram", description="release label histograms for w_{y,u}, or nothing (uniform weights)")
+    share: Literal["head", "full"] = PydField("head", description="head only, or whole models (identical models)")
+    head_aggregation: Literal["auto", "weighted_mean", "mean"] = PydField(
+        "auto", description="auto: weighted by sample counts in reference mode (as the reference), unweighted in "
+                            "private mode (so every uplink field is a plain mean, which masking supports)")
+    # ----- users' local training (reference: userpFedGen.train) -----
+    local_steps: int = PydField(20, ge=1, description="local SGD steps (the reference's 'local_epochs')")
+    batch_size: int = PydField(32, ge=1)
+    lr: float = PydField(0.01, gt=0, description="users' SGD learning rate (no momentum)")
+    lr_decay: float = PydField(0.99, gt=0, le=1, description="per-round decay of the users' lr")
+    gen_batch_size: int = PydField(32, ge=1, description="generated samples per user step")
+    generative_alpha: float = PydField(10.0, ge=0, description="α_0 of the generated-CE term (0: off)")
+    generative_beta: float = PydField(10.0, ge=0, description="β_0 of the reference's latent-KL term (0: paper)")
+    generative_decay: float = PydField(0.98, gt=0, le=1, description="α_t = max(floor, α_0 · decay^t)")
+    generative_floor: float = PydField(1e-4, ge=0)
+    # ----- the generator (reference: GENERATORCONFIGS['mnist'], RUNCONFIGS['mnist']) -----
+    noise_dim: int = PydField(32, ge=1)
+    hidden_dim: int = PydField(256, ge=1)
+    generator_output: Literal["linear", "relu"] = PydField(
+        "linear", description="linear (reference) or relu (match the zoo's non-negative features)")
+    generator_steps: int = PydField(50, ge=0, description="Adam steps of G per round (server, or each user)")
+    generator_batch_size: int = PydField(32, ge=2, description="labels per generator step (BatchNorm needs 2)")
+    generator_lr: float = PydField(3e-4, gt=0)
+    generator_weight_decay: float = PydField(1e-2, ge=0)
+    generator_lr_decay: float = PydField(0.98, gt=0, le=1, description="per-round decay of G's lr")
+    diversity_weight: float = PydField(1.0, ge=0, description="η, the weight of L_div")
+
+
+def regularizer_weight(t: int, initial: float, decay: float = 0.98, floor: float = 1e-4) -> float:
+    """α_t = max(floor, initial · decay^t), the reference's ``exp_lr_scheduler`` (t: zero-based round)."""
+    return max(floor, initial * decay**t)
+
+
+def label_weights(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w_{y,u} = cnt_u(y) / Σ_u' cnt_u'(y) from a (users × classes) count matrix.
+
+    Returns the (classes × users) weights, zero for labels no user holds, and
+    the labels some user holds (the ones G is trained on; the reference's
+    ``qualified_labels``).
+    """
+    counts = counts.float().clamp_min(0)
+    totals = counts.sum(dim=0)
+    weights = torch.where(totals > 0, counts / totals.clamp_min(1e-12), torch.zeros_like(counts)).T
+    return weights.contiguous(), torch.nonzero(totals > 0).flatten()
+
+
+def teacher_loss(heads: Sequence[nn.Module], features: torch.Tensor, labels: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """Σ_u mean_i w_{y_i,u} · CE(h_u(features_i), y_i); ``weights`` is (classes × users)."""
+    total = features.new_zeros(())
+    for u, head in enumerate(heads):
+        ce = F.cross_entropy(head(features), labels, reduction="none")
+        total = total + (weights[labels, u] * ce).mean()
+    return total
+
+
+def _head_of(model: nn.Module) -> nn.Module:
+    # A DP trainer may hand the closure a wrapped model (Opacus keeps the original as ``_module``);
+    # calling the wrapped submodule still runs the wrapper's hooks.
+    return cast(nn.Module, getattr(model, "_module", model).head)
+
+
+def _uplink_schema(config: FedGenConfig) -> Schema:
+    if config.mode == "reference":
+        fields = {"shared": Field(aggregatable=False, description=(
+            "the user's head (or model) in the clear: the server trains G against each one individually"))}
+        if config.label_counts == "histogram":
+            fields["label_counts"] = Field(aggregatable=False, description="the user's label counts, used individually")
+        return Schema("fedgen_reference_update", **fields)
+    fields = {
+        "shared": Field(aggregatable=True, description="the trained head (or model), flattened; only averaged"),
+        "generator_update": Field(aggregatable=True, description="Δθ_G against the user's own head; only averaged"),
+    }
+    if config.label_counts == "histogram":
+        fields["label_counts"] = Field(aggregatable=True, description="label histogram, sensitivity 1 per record")
+    return Schema("fedgen_update", **fields)
+
+
+class FedGen(Protocol):
+    name = "fedgen"
+    summary = "shared heads plus a generator of latent features that regularises every user (data-free KD)"
+    paper = "Zhu, Hong & Zhou, ICML 2021, arXiv:2105.10056"
+    Config = FedGenConfig
+    # The class-level schema is the default config's (private mode, histogram); an instance
+    # declares the one of its own config (see ``__init__``), which is what the runtime checks.
+    uplink = _uplink_schema(FedGenConfig.model_validate({}))
+    downlink = Schema(
+        "fedgen_broadcast",
+        shared=Field(aggregatable=False, private=False, description="the averaged head (or model)"),
+        generator=Field(aggregatable=False, private=False, description="θ_G, parameters and BN statistics"),
+        label_prior=Field(aggregatable=False, private=False,
+                          description="running mean label histogram (zeros while unknown)"),
+    )
+
+    # The server applies the mean generator update and keeps the averaged head and label prior:
+    # fine under masking (it learns only the means), refused under CKKS (it could not decrypt them).
+    server_opens_aggregates = True
+
+    config: FedGenConfig
+
+    def __init__(self, config: FedGenConfig, ctx: FederationContext) -> None:
+        super().__init__(config, ctx)
+        self.uplink = _uplink_schema(config)  # type: ignore[misc]
+        self.classes = torch.as_tensor(sorted(ctx.split.private_classes), dtype=torch.long)
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(ctx.seed, "init", "fedgen-generator"))
+            self.generator = self._new_generator()
+        # The reference keeps one Adam for G across rounds (lr decayed by an ExponentialLR).
+        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr,
+                                              weight_decay=config.generator_weight_decay)
+        self.generator_rounds = 0
+        self.global_shared: nn.Module | None = None
+        self.label_prior = torch.zeros(ctx.num_classes)
+        self.prior_rounds = 0
+
+    @property
+    def secure_aggregation_note(self) -> str:
+        """Why this configuration cannot run under secure aggregation ("" when it can).
+
+        The declaration itself is the uplink schema: in reference mode the head
+        and the label counts are private fields that are not aggregatable, which
+        a secure-aggregation layer refuses before round 1; this note says why.
+        """
+        if self.config.mode == "reference":
+            return ("fedgen mode 'reference' trains the generator on the server against every user's head "
+                    "and label counts individually, so they must arrive in the clear; use fedgen.mode=private")
+        return ""
+
+    @property
+    def head_weighting(self) -> Literal["weighted_mean", "mean"]:
+        if self.config.head_aggregation != "auto":
+            return self.config.head_aggregation
+        return "weighted_mean" if self.config.mode == "reference" else "mean"
+
+    # ----- set-up ----------------------------------------------------------------------
+    def _new_generator(self) -> ConditionalGenerator:
+        cfg = self.config
+        return ConditionalGenerator(self.ctx.num_classes, noise_dim=cfg.noise_dim, hidden_dim=cfg.hidden_dim,
+                                    output_activation=cfg.generator_output)
+
+    def _generator_from(self, flat: torch.Tensor) -> ConditionalGenerator:
+        # A user's own copy of the broadcast G; the architecture is public, so it never needs seeding.
+        generator = self._new_generator()
+        load_flat_parameters(generator, flat)
+        return generator
+
+    def validate_participants(self, parties: Sequence[Party]) -> None:
+        models = sorted({p.model_name for p in parties})
+        if self.config.share == "full" and len(models) != 1:
+            raise ProtocolSetupError(
+                f"fedgen.share=full averages whole models and needs every participant to use the same model; "
+                f"participants use {', '.join(models)}. Use fedgen.share=head for heterogeneous models."
+            )
+
+    def setup_party(self, party: Party) -> None:
+        cfg, ctx = self.config, self.ctx
+        model = ctx.build_model(party.model_name, purpose=party.id)
+        head = getattr(model, "head", None)
+        if not isinstance(head, nn.Linear) or head.in_features != self.generator.latent_dim:
+            raise ProtocolSetupError(
+                f"fedgen needs every model to end in a linear head on {self.generator.latent_dim} latent features; "
+                f"{party.id}'s model {party.model_name!r} does not"
+            )
+        party.model = model
+        if self.global_shared is None:
+            # Round 1 broadcasts this initial head (or model) to everyone, as the reference does.
+            init = ctx.build_model(party.model_name, purpose="fedgen-global")
+            self.global_shared = init if cfg.share == "full" else _head_of(init)
+        # Plain SGD without momentum, the reference's pFedIBOptimizer.
+        party.state["private_opt"] = make_optimizer(model, kind="sgd", lr=cfg.lr)
+
+    def _shared_part(self, model: nn.Module) -> nn.Module:
+        return model if self.config.share == "full" else _head_of(model)
+
+    # ----- step 1: broadcast ------------------------------------------------------------
+    def open_round(self, rnd: int, sampled: Sequence[str]) -> Message:
+        assert self.global_shared is not None
+        msg = self.broadcast(rnd, shared=flat_parameters(self.global_shared), generator=flat_parameters(self.generator),
+                             label_prior=self.label_prior.clone())
+        # Users scale their share of L_G by |S| (public: the runtime's sample size).
+        return msg.with_meta(num_sampled=len(sampled))
+
+    # ----- step 2: local training (and, in private mode, the local generator update) ---
+    def available_labels(self, prior: torch.Tensor) -> torch.Tensor:
+        """Labels ŷ is drawn from: those the label histogram shows, or every class while it is unknown."""
+        if self.config.label_counts == "none" or not bool((prior[self.classes] > 0).any()):
+            return self.classes
+        return self.classes[prior[self.classes] > 0]
+
+    def user_loss(self, generator: ConditionalGenerator, available: torch.Tensor, rnd: int) -> BatchLoss:
+        """The user's per-batch loss at round ``rnd`` (plain CE in round 1, before G is trained)."""
+        cfg = self.config
+        if rnd <= 1:
+            return cross_entropy_loss
+        t = rnd - 1  # the reference's zero-based glob_iter
+        # A zero initial weight switches its term off (the reference's floor would keep 1e-4 of it).
+        alpha = regularizer_weight(t, cfg.generative_alpha, cfg.generative_decay, cfg.generative_floor) \
+            if cfg.generative_alpha > 0 else 0.0
+        beta = regularizer_weight(t, cfg.generative_beta, cfg.generative_decay, cfg.generative_floor) \
+            if cfg.generative_beta > 0 else 0.0
+        # The reference balances the generated batch against the real one by their nominal sizes.
+        gen_ratio = cfg.gen_batch_size / cfg.batch_size
+        generator.eval()  # users only sample from G (running BN statistics); it is never trained here
+
+        def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits = model(x)
+            head = _head_of(model)
+            total = F.cross_entropy(logits, y)
+            if beta > 0:
+                with torch.no_grad():
+                    target = head(generator(y)[0])  # the head's posterior on a feature of the same label
+                total = total + beta * kl_distillation(logits, target)
+            if alpha > 0:
+                y_hat = available[torch.randint(len(available), (cfg.gen_batch_size,))]
+                with torch.no_grad():
+                    z_hat, _ = generator(y_hat)
+                total = total + gen_ratio * alpha * F.cross_entropy(head(z_hat), y_hat)
+            return total
+
+        return loss
+
+    def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message:
+        cfg = self.config
+        model = party.model
+        assert model is not None
+        down = only_message(inbox, "fedgen_broadcast")
+        load_flat_parameters(self._shared_part(model), down.tensor("shared"))
+        generator_flat = down.tensor("generator")
+        prior = down.tensor("label_prior")
+        generator = self._generator_from(generator_flat)
+
+        opt = party.state["private_opt"]
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * cfg.lr_decay ** (rnd - 1)
+        party.trainer.fit(model, opt, party.train.x, party.train.y, batch_size=cfg.batch_size,
+                          steps=cfg.local_steps, batch_loss=self.user_loss(generator, self.available_labels(prior), rnd),
+                          max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
+
+        counts = party.train.label_counts(self.ctx.num_classes).float()
+        payload: dict[str, torch.Tensor] = {"shared": flat_parameters(self._shared_part(model))}
+        if cfg.label_counts == "histogram":
+            payload["label_counts"] = counts
+        if cfg.mode == "private":
+            n_sampled = int(down.meta.get("num_sampled", 1))
+            updated = self.local_generator_update(generator, _head_of(model), counts, prior, n_sampled, rnd)
+            payload["generator_update"] = flat_parameters(updated) - generator_flat
+        msg = self.reply(party, rnd, **payload)
+        if self.head_weighting == "weighted_mean":
+            # Sample counts are then public metadata, as in FedAvg (they set the head weights).
+            msg = msg.with_meta(num_samples=party.num_samples)
+        return msg
+
+    def private_label_weights(self, counts: torch.Tensor, prior: torch.Tensor,
+                              n_sampled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ω_u(y) = |S| · w_{y,u} for every class, and the labels to train G on.
+
+        With the histogram known, ω_u(y) = cnt_u(y) / max(m(y), cnt_u(y)/|S|);
+        without it (``label_counts: none``, or round 1), ω = 1: uniform weights.
+        """
+        if self.config.label_counts == "none" or not bool((prior[self.classes] > 0).any()):
+            return torch.ones(self.ctx.num_classes), self.classes
+        denominator = torch.maximum(prior, counts / max(n_sampled, 1))
+        omega = torch.where(counts > 0, counts / denominator.clamp_min(1e-12), torch.zeros_like(counts))
+        return omega, self.available_labels(prior)
+
+    def local_generator_update(self, generator: ConditionalGenerator, head: nn.Module, counts: torch.Tensor,
+                               prior: torch.Tensor, n_sampled: int, rnd: int) -> ConditionalGenerator:
+        """Private mode: a copy of G after ``generator_steps`` Adam steps on this user's share L_u of L_G.
+
+        Touches no private record: only the user's own head and label counts.
+        """
+        cfg = self.config
+        local = copy.deepcopy(generator)
+        frozen_head = copy.deepcopy(head).requires_grad_(False)
+        omega, labels = self.private_label_weights(counts, prior, n_sampled)
+        opt = torch.optim.Adam(local.parameters(), lr=cfg.generator_lr * cfg.generator_lr_decay ** (rnd - 1),
+                               weight_decay=cfg.generator_weight_decay)
+        local.train()
+        for _ in range(cfg.generator_steps):
+            y = labels[torch.randint(len(labels), (cfg.generator_batch_size,))]
+            z, eps = local(y)
+            ce = F.cross_entropy(frozen_head(z), y, reduction="none")
+            loss = (omega[y] * ce).mean() + cfg.diversity_weight * diversity_loss(eps, z)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return local
+
+    # ----- steps 3-4: the server ---------------------------------------------------------
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
+        cfg = self.config
+        assert self.global_shared is not None
+        if cfg.mode == "reference":
+            self._train_generator_on_heads(replies)
+        else:
+            # The server only ever sees the mean update, never one user's head.
+            delta = aggregator.mean(replies, "generator_update")
+            load_flat_parameters(self.generator, flat_parameters(self.generator) + delta)
+            self.generator_rounds += 1
+        if cfg.label_counts == "histogram":
+            self._update_label_prior(aggregator.mean(replies, "label_counts"))
+        if self.head_weighting == "weighted_mean":
+            shared = aggregator.weighted_mean(replies, "shared", [float(r.meta["num_samples"]) for r in replies])
+        else:
+            shared = aggregator.mean(replies, "shared")
+        load_flat_parameters(self.global_shared, shared)
+        return None
+
+    def _train_generator_on_heads(self, replies: Sequence[Message]) -> None:
+        """Reference mode: 50 Adam steps on L_G against every selected user's head (in the clear)."""
+        cfg = self.config
+        heads = [self._head_from(r.tensor("shared")) for r in replies]
+        if cfg.label_counts == "histogram":
+            weights, qualified = label_weights(torch.stack([r.tensor("label_counts") for r in replies]))
+        else:
+            weights = torch.full((self.ctx.num_classes, len(replies)), 1.0 / len(replies))
+            qualified = self.available_labels(self.label_prior)
+        self.train_generator(heads, weights, qualified)
+
+    def train_generator(self, heads: Sequence[nn.Module], weights: torch.Tensor, labels: torch.Tensor) -> None:
+        """``generator_steps`` Adam steps on L_G = teacher_loss + η · L_div, y uniform over ``labels``."""
+        cfg = self.config
+        for group in self.generator_opt.param_groups:
+            group["lr"] = cfg.generator_lr * cfg.generator_lr_decay**self.generator_rounds
+        self.generator.train()
+        for _ in range(cfg.generator_steps):
+            y = labels[torch.randint(len(labels), (cfg.generator_batch_size,))]
+            z, eps = self.generator(y)
+            loss = teacher_loss(heads, z, y, weights) + cfg.diversity_weight * diversity_loss(eps, z)
+            self.generator_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.generator_opt.step()
+        self.generator_rounds += 1
+
+    def _head_from(self, flat: torch.Tensor) -> nn.Module:
+        assert self.global_shared is not None
+        shared = copy.deepcopy(self.global_shared)
+        load_flat_parameters(shared, flat)
+        head = _head_of(shared) if self.config.share == "full" else shared
+        return head.requires_grad_(False)
+
+    def _update_label_prior(self, mean_histogram: torch.Tensor) -> None:
+        # Clamping is post-processing of a (possibly DP-noised) histogram: counts are never negative.
+        m = mean_histogram.float().clamp_min(0)
+        self.label_prior = (self.label_prior * self.prior_rounds + m) / (self.prior_rounds + 1)
+        self.prior_rounds += 1
+
+    # ----- evaluation ------------------------------------------------------------------
+    def _global_model_of(self, party: Party) -> nn.Module:
+        assert party.model is not None and self.global_shared is not None
+        if self.config.share == "full":
+            return self.global_shared
+        return nn.Sequential(cast(nn.Module, party.model.extractor), self.global_shared)
+
+    def evaluate(self, party: Party) -> dict[str, float]:
+        ctx = self.ctx
+        assert party.model is not None
+        return {
+            "accuracy": accuracy(self._global_model_of(party), ctx.test_x, ctx.test_y, classes=ctx.eval_classes),
+            "local_accuracy": accuracy(party.model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes),
+        }
+
+    def evaluate_server(self) -> dict[str, float]:
+        """How often the averaged head classifies G(ε, y) as y (a diagnostic of G)."""
+        assert self.global_shared is not None
+        head = _head_of(self.global_shared) if self.config.share == "full" else self.global_shared
+        labels = self.classes.repeat_interleave(32)
+        eps = self.generator.sample_noise(len(labels), generator=self.ctx.generator("fedgen-eval-noise"))
+        self.generator.eval()
+        with torch.no_grad():
+            logits = head(self.generator(labels, eps)[0])
+        pred = self.classes[logits[:, self.classes].argmax(dim=1)]
+        return {"generator_accuracy": float((pred == labels).float().mean())}
+
+    # ----- checkpointing ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        assert self.global_shared is not None
+        return {
+            "generator": self.generator.state_dict(),
+            "generator_opt": self.generator_opt.state_dict(),
+            "generator_rounds": self.generator_rounds,
+            "global_shared": self.global_shared.state_dict(),
+            "label_prior": self.label_prior.clone(),
+            "prior_rounds": self.prior_rounds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.global_shared is not None
+        self.generator.load_state_dict(state["generator"])
+        self.generator_opt.load_state_dict(state["generator_opt"])
+        self.generator_rounds = int(state["generator_rounds"])
+        self.global_shared.load_state_dict(state["global_shared"])
+        self.label_prior = state["label_prior"].clone()
+        self.prior_rounds = int(state["prior_rounds"])

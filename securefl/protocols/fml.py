@@ -1,0 +1,309 @@
+"""FML: Federated Mutual Learning.
+
+Shen, Zhang, Jia, Zhang, Huang, Zhou, Kuang, Wu, Wu, "Federated Mutual
+Learning", arXiv:2006.16765 (reference code: ZJU-DAI/Federated-Mutual-Learning).
+
+Each client holds two models. Its **local** model has an architecture of the
+client's own choosing, is trained only on the client's private data and never
+leaves the client: it is the *personalized* model. Its **meme** model has one
+architecture common to every client: it is the *generalized* model, the only
+thing that is shared, averaged by the server as in FedAvg.
+
+The procedure, as in the paper:
+
+1. The global meme is initialised, and every client starts from it (here all
+   memes are initialised from one shared seed, so round 1 needs no download).
+2. Each round, every selected client *forks* the global meme (its copy is
+   the latest merge; ``open_round`` sends the latest merge to a selected
+   client that sat out and so holds an older one; the reference also
+   re-initialises the meme's optimizer at the fork), then trains both of its
+   models for E local epochs by **deep mutual learning**: on every minibatch
+   (x, y) of its private data, with logits z_l of the local model and z_m of
+   the meme, p = softmax(z) at temperature T = 1,
+
+       L_local = α·CE(z_l, y) + (1−α)·KL(p_m ‖ p_l)
+       L_meme  = β·CE(z_m, y) + (1−β)·KL(p_l ‖ p_m)
+
+   with α = β = 0.5, where each KL's target distribution is detached (it is a
+   fixed teacher for this step), and each model is stepped by its own
+   optimizer on the *same* minibatch.
+3. Each client uploads its meme's parameters (and float buffers).
+4. The server *merges*: the new global meme is the mean of the uploaded
+   memes (uniform as in the reference; sample-count weighting is an option),
+   and sends it back to the clients, which load it as their meme. The server
+   only forwards the merge and never reads it, so the merge can run under
+   secure aggregation, CKKS included.
+
+Evaluation reports both models: ``accuracy`` is the local (personalized)
+model, the paper's headline; ``meme_accuracy`` is the client's copy of the
+meme, which after a round is the global meme.
+
+Known traps of the code in circulation, avoided here:
+
+- the reference's main script has ``fork``/``merge`` commented out, so its
+  clients never federate; here they do (a test checks that the memes are
+  identical across clients after a round);
+- library copies (e.g. PFLlib's ``clientfml``) compute the KL with
+  ``nn.KLDivLoss()``, i.e. reduction ``'mean'``, which divides by B·C instead
+  of B and so weakens the mutual term C-fold; they also leave the teacher
+  attached, so the local loss leaks gradient into the meme. Here the KL is
+  :func:`~securefl.runtime.training.kl_distillation` (``batchmean``, teacher
+  detached);
+- the reference's merge sums and divides every ``state_dict`` entry, integer
+  counters (BatchNorm's ``num_batches_tracked``) included; here only
+  parameters and float buffers travel and are averaged, and a client's
+  integer buffers are never overwritten.
+
+How the two updates go through one private-training loop
+--------------------------------------------------------
+Every step on private data goes through ``party.trainer.fit`` so that a
+DP-SGD trainer can be injected without touching this file. FML steps *two*
+models per minibatch, so the client's local model and meme are wrapped in one
+module, :class:`MutualPair`, whose forward returns both logits, and the
+per-batch loss is ``L_local + L_meme``. Because each KL's teacher is
+detached, the gradient of that sum with respect to the local parameters is
+exactly ∇L_local and with respect to the meme's parameters exactly ∇L_meme:
+one backward pass gives the paper's two separate updates, with no gradient
+crossing between the models. The "two optimizers" are the two models'
+parameters in one torch optimizer; SGD (and Adam) keep per-parameter state, so
+this steps each model exactly as its own optimizer would. (Only
+``training.max_grad_norm`` differs: it clips the pair's joint norm.)
+
+This choice matters for privacy. Under record-level DP the meme's per-record
+loss uses the local model's prediction as its teacher, so if the local model
+were trained outside DP-SGD, its data-dependent outputs would feed every
+record's meme gradient and the meme's release would no longer be
+post-processing of DP steps. Passing the pair through one trainer makes every
+step that touches private data a DP-SGD step (per-record clipping over both
+models' gradients, noise on both), as the privacy model requires; everything
+shared afterwards is post-processing. The price is that the local model is
+trained with noise too. A participant-level mechanism (clip and noise the
+meme delta) needs no such coupling and works with the plain trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field as PydField
+from pydantic import field_validator
+from torch import nn
+
+from securefl.models.zoo import MODEL_ZOO, UnknownModel
+from securefl.protocols.base import (
+    Downlink,
+    Field,
+    Protocol,
+    ProtocolConfig,
+    ProtocolSetupError,
+    Schema,
+    flat_parameters,
+    load_flat_parameters,
+    only_message,
+)
+from securefl.runtime.aggregator import PlainAggregator
+from securefl.runtime.message import Message
+from securefl.runtime.party import Party
+from securefl.runtime.training import accuracy, kl_distillation, make_optimizer
+
+
+class FMLConfig(ProtocolConfig):
+    """The ``fml:`` section. Defaults are the reference's (Args.py, Node.init_optimizer).
+
+    The number of local epochs E is ``training.local_epochs`` (the reference
+    uses E = 5); rounds and clients are ``run.rounds`` and ``participants``.
+    """
+
+    meme_model: str = PydField("cnn_s", description="zoo architecture of the shared meme model (same for all)")
+    alpha: float = PydField(0.5, ge=0, le=1, description="local model's weight on CE; 1-alpha on KL(p_meme||p_local)")
+    beta: float = PydField(0.5, ge=0, le=1, description="meme's weight on CE; 1-beta on KL(p_local||p_meme)")
+    weighting: Literal["uniform", "samples"] = PydField(
+        "uniform", description="merge weights: uniform (the reference) or by training-sample count")
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = PydField(0.01, gt=0, le=10)
+    momentum: float = PydField(0.9, ge=0, lt=1, description="SGD momentum (ignored by adam)")
+    weight_decay: float = PydField(5e-4, ge=0)
+    batch_size: int = PydField(128, ge=1)
+    reset_meme_optimizer: bool = PydField(
+        True, description="clear the meme's optimizer state at each fork, as the reference does")
+
+    @field_validator("meme_model")
+    @classmethod
+    def _meme_model_exists(cls, value: str) -> str:
+        if value not in MODEL_ZOO:
+            raise ValueError(f"unknown model; allowed: {', '.join(MODEL_ZOO)}")
+        return value
+
+
+class MutualPair(nn.Module):
+    """A client's two models seen as one module, so one training loop steps both.
+
+    It owns no parameters of its own: ``local`` and ``meme`` are the client's
+    models themselves, so stepping the pair steps them in place.
+    """
+
+    def __init__(self, local: nn.Module, meme: nn.Module) -> None:
+        super().__init__()
+        self.local = local
+        self.meme = meme
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.local(x), self.meme(x)
+
+
+def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torch.Tensor, *,
+                  alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's two objectives on one minibatch, at temperature T = 1.
+
+    Returns ``(L_local, L_meme)`` with
+    ``L_local = α·CE(z_l, y) + (1−α)·KL(p_m ‖ p_l)`` and
+    ``L_meme = β·CE(z_m, y) + (1−β)·KL(p_l ‖ p_m)``. Each KL is ``batchmean``
+    and its teacher is detached (inside :func:`kl_distillation`), so
+    ``L_local`` has no gradient path into the meme and ``L_meme`` none into
+    the local model.
+    """
+    loss_local = alpha * F.cross_entropy(local_logits, y) + (1 - alpha) * kl_distillation(local_logits, meme_logits)
+    loss_meme = beta * F.cross_entropy(meme_logits, y) + (1 - beta) * kl_distillation(meme_logits, local_logits)
+    return loss_local, loss_meme
+
+
+class FML(Protocol):
+    name = "fml"
+    summary = "private local model + shared meme, deep mutual learning per batch, meme averaged as in FedAvg"
+    paper = "Shen et al. 2020, arXiv:2006.16765"
+    Config = FMLConfig
+    uplink = Schema("meme", meme=Field(aggregatable=True, description="the meme's parameters and float buffers"))
+    downlink = Schema("global_meme", meme=Field(aggregatable=True, private=False,
+                                                description="the merge: mean of the uploaded memes"))
+    # The fork of a client that sat out rounds: the latest merge again, under its own kind so that it
+    # is not taken for a replay of the round's merge message.
+    fork = Schema("meme_fork", meme=Field(aggregatable=True, private=False, description="the latest merge"))
+    # The server only forwards the merge; it never reads it (so CKKS, where it cannot, works too).
+    server_opens_aggregates = False
+
+    config: FMLConfig
+
+    def __init__(self, config: FMLConfig, ctx) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, ctx)
+        # The latest merge exactly as the aggregator returned it (a tensor, or a sealed value the server
+        # cannot read), the round that produced it (0: none yet, everyone holds the shared
+        # initialisation) and the version each client holds. Under partial participation a client that
+        # sat out must fork the latest merge before it trains. All of this is public to the server.
+        self.latest: Any = None
+        self.version = 0
+        self.holds: dict[str, int] = {}
+        self._sampled: list[str] = []
+
+    # ----- checks and set-up ---------------------------------------------------------------
+    def validate_participants(self, parties: Sequence[Party]) -> None:
+        try:
+            self._build_meme()
+        except UnknownModel as exc:
+            raise ProtocolSetupError(f"fml.meme_model = {self.config.meme_model!r}: {exc}") from None
+
+    def _build_meme(self) -> nn.Module:
+        # One purpose for every copy: all memes start as the same global initialisation, as if the
+        # server had sent its initial model (the paper's first fork) - without the download.
+        return self.ctx.build_model(self.config.meme_model, purpose="fml-meme")
+
+    def setup_party(self, party: Party) -> None:
+        cfg = self.config
+        party.model = self.ctx.build_model(party.model_name, purpose=party.id)  # the local model
+        party.state["meme"] = self._build_meme()
+        # The local model's and the meme's optimizers, as one torch optimizer over the pair
+        # (see the module docstring); the meme's share of its state is cleared at each fork.
+        party.state["optimizer"] = make_optimizer(self.pair(party), kind=cfg.optimizer, lr=cfg.lr,
+                                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    @staticmethod
+    def pair(party: Party) -> MutualPair:
+        assert party.model is not None
+        return MutualPair(party.model, party.state["meme"])
+
+    # ----- one round ---------------------------------------------------------------------------
+    def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:
+        """Fork: send the latest merge to the selected clients whose copy is out of date."""
+        self._sampled = list(sampled)
+        stale = [pid for pid in sampled if self.holds.get(pid, 0) != self.version]
+        if not stale:
+            return None
+        msg = self.broadcast(rnd, meme=self.latest).model_copy(update={"kind": self.fork.kind})
+        for pid in stale:
+            self.holds[pid] = self.version
+        return {pid: msg for pid in stale}
+
+    def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message:
+        cfg = self.config
+        meme: nn.Module = party.state["meme"]
+        forks = [m for m in inbox if m.kind == self.fork.kind]
+        if len(forks) > 1:
+            raise RuntimeError(f"expected at most one {self.fork.kind!r} message in the inbox, found {len(forks)}")
+        if forks:
+            load_flat_parameters(meme, forks[0].tensor("meme"))
+        optimizer: torch.optim.Optimizer = party.state["optimizer"]
+        if cfg.reset_meme_optimizer:
+            # The reference builds a fresh optimizer for the meme at every fork: momentum gathered on
+            # the client's previous meme does not belong to the newly merged one. The local model's
+            # optimizer state is kept across rounds.
+            for p in meme.parameters():
+                optimizer.state.pop(p, None)
+
+        alpha, beta = cfg.alpha, cfg.beta
+
+        def batch_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            # Both models see the same minibatch; detached teachers make the sum's gradient the two
+            # separate updates (module docstring).
+            local_logits, meme_logits = model(xb)
+            loss_local, loss_meme = mutual_losses(local_logits, meme_logits, yb, alpha=alpha, beta=beta)
+            return loss_local + loss_meme
+
+        party.trainer.fit(self.pair(party), optimizer, party.train.x, party.train.y,
+                          batch_size=cfg.batch_size, epochs=self.ctx.training.local_epochs,
+                          batch_loss=batch_loss, max_grad_norm=self.ctx.training.max_grad_norm,
+                          payload="mutual_training")
+        msg = self.reply(party, rnd, meme=flat_parameters(meme))
+        if cfg.weighting == "samples":
+            # Sample counts become public metadata only when they set the weights; a masking layer
+            # pre-weights the input with the declared aggregation weight.
+            msg = msg.with_meta(num_samples=party.num_samples, aggregation_weight=float(party.num_samples))
+        return msg
+
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
+        """Merge: the mean of the uploaded memes (uniform, or weighted by sample counts)."""
+        if self.config.weighting == "samples":
+            merged = aggregator.weighted_mean(replies, "meme", [float(r.meta["num_samples"]) for r in replies])
+        else:
+            merged = aggregator.mean(replies, "meme")
+        self.latest, self.version = merged, rnd
+        # The runtime delivers the merge to every selected client.
+        for pid in {*self._sampled, *(r.sender for r in replies)}:
+            self.holds[pid] = rnd
+        return self.broadcast(rnd, meme=merged)
+
+    def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
+        # Only parameters and float buffers travel, so integer buffers are never averaged or overwritten.
+        load_flat_parameters(party.state["meme"], only_message(inbox, self.downlink.kind).tensor("meme"))  # type: ignore[union-attr]
+
+    # ----- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, party: Party) -> dict[str, float]:
+        """``accuracy``: the local, personalized model (the headline); ``meme_accuracy``: the client's meme.
+
+        A client that took part in the latest round holds the latest merge, so its ``meme_accuracy`` is
+        the global meme's; the server itself never reads the merge.
+        """
+        assert party.model is not None
+        x, y, classes = self.ctx.test_x, self.ctx.test_y, self.ctx.eval_classes
+        return {"accuracy": accuracy(party.model, x, y, classes=classes),
+                "meme_accuracy": accuracy(party.state["meme"], x, y, classes=classes)}
+
+    # ----- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"latest": self.latest, "version": self.version, "holds": dict(self.holds)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.latest = state["latest"]
+        self.version = int(state["version"])
+        self.holds = dict(state["holds"])

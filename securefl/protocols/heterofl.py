@@ -1,0 +1,588 @@
+"""HeteroFL: width-scaled subnetworks of one global model.
+
+Diao, Ding & Tarokh, "HeteroFL: Computation and Communication Efficient
+Federated Learning for Heterogeneous Clients", ICLR 2021 (reference code:
+``HeteroFL-Computation-and-Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients``,
+``src/fed.py`` and ``src/train_classifier_fed.py``).
+
+The server holds one global model. Clients differ in computation and
+communication capacity, so client m trains a *sub-model* of rate
+r_m in {1, 1/2, 1/4, 1/8, 1/16} (levels a-e): the global architecture with
+every hidden width h replaced by ceil(r_m h) (``securefl/models/heterofl.py``).
+Rates are assigned
+
+- ``fixed``: by the proportions of the reference's notation ("a2-b8": 20 % of
+  the clients at level a, 80 % at level b), each client keeping its level for
+  the whole run (the assignment is a seeded permutation of the clients);
+- ``dynamic``: re-drawn for every client every round from those proportions
+  (seeded by the round, so every run draws the same rates).
+
+The global model has the width of the largest level in the proportions (the
+reference's ``global_model_rate``: "e1" trains a 1/16-width model), and every
+Scaler divides by r_m / r_global. Each round:
+
+1. **Down.** Every sampled client receives, for every parameter, the top-left
+   slice ``W[:ceil(r out), :ceil(r in)]`` of the global one (biases and norm
+   parameters likewise). The first layer's input channels and the
+   classifier's outputs are never sliced.
+2. **Local training.** The client trains its sub-model for 5 epochs (batch 10,
+   SGD with momentum 0.9 and weight decay 5e-4, gradient norm clipped at 1;
+   the reference's defaults, fresh optimizer every round as in the
+   reference), with static batch norm (batch statistics only), the Scaler,
+   and the cross-entropy masked to the classes present in its data (its
+   *label split*). The learning rate follows the reference's MultiStepLR over
+   global rounds: ``lr * lr_decay ** #{milestones < round}``.
+3. **Up.** The trained slice, zero-padded to global coordinates as one flat
+   vector, with the classifier rows (weights and biases) of the classes
+   absent from the client's data set to 0. The client's rate and label split
+   travel as public metadata.
+4. **Aggregate.** Every parameter *element* is the average over the clients
+   whose slice covers it (count weighting, not sample weighting); for
+   classifier rows a client counts only for the classes in its label split;
+   elements no client covered keep their value. The server obtains the sum
+   through ``aggregator.sum`` (so secure aggregation can replace it) and
+   computes the per-element counts itself from the public metadata:
+   ``new = where(count > 0, sum / count, old)``.
+5. **sBN statistics, federated.** With ``norm: bn`` the evaluation models need
+   batch-norm statistics. The reference computes them by running the global
+   model over the pooled training set; here the clients send per-channel sums
+   (sum x, sum x^2, n), which are aggregated with ``aggregator.sum``: sums,
+   which secure aggregation could carry (but see below). The statistics are computed layer by layer: the query for
+   norm layer l runs the model in evaluation mode with layers < l already
+   using their federated statistics, so every layer's mean and (population)
+   variance are exactly those of its input over the union of the clients'
+   training data in the network that is evaluated (the reference's cumulative
+   average of per-batch statistics depends on how the pooled data is
+   batched). The global model and the sub-model of every level in use get
+   their own statistics. ``norm: gn`` (GroupNorm, for DP-SGD, since Opacus
+   rejects batch norm) needs none.
+
+Evaluation: the global model on the test set (``global_accuracy``) and every
+client's sub-model at its rate on the test set (``accuracy``), plus
+``local_accuracy``: the sub-model restricted to the client's classes on the
+test records of those classes (the reference's "Local" metric, which uses the
+label-split mask at test time).
+
+Where the sBN query runs: the runtime's round has a single uplink, before
+aggregation, but the statistics must be those of the *aggregated* model. The
+query therefore runs inside ``server_step``, right after aggregation, as
+extra exchanges of declared message kinds (``sbn_query`` down, ``sbn_sums``
+up; :meth:`client_sbn_sums` is the client's side), summed through the same
+``aggregator``. In this in-process form the ``sbn_sums`` replies do not pass
+through the runtime's transport or the clients' layers, so secure
+aggregation (pairwise masking) works with ``norm: gn`` only; with ``norm:
+bn`` the query stops with an error saying so. Routing it through the layers
+needs a post-aggregation query phase in the runtime.
+
+Secure aggregation: the server divides the aggregated sum by the public
+counts and keeps the global model, so it reads the sum
+(``server_opens_aggregates``): pairwise masking applies, CKKS is refused
+before round 1.
+
+Participants' ``model`` names are ignored: every HeteroFL client's model is a
+slice of the one global model, chosen by ``heterofl.model`` (``conv`` or
+``mlp``) and ``heterofl.hidden_sizes``; the heterogeneity is in width, set by
+``heterofl.proportions``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field as PydField
+from pydantic import field_validator
+from torch import nn
+
+from securefl.models.heterofl import (
+    LEVEL_RATES,
+    HeteroFLModel,
+    build_heterofl_model,
+    masked_cross_entropy,
+)
+from securefl.protocols.base import (
+    Downlink,
+    Field,
+    Protocol,
+    ProtocolConfig,
+    ProtocolSetupError,
+    Schema,
+    flat_parameters,
+    load_flat_parameters,
+    only_message,
+)
+from securefl.runtime.aggregator import PlainAggregator
+from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
+from securefl.runtime.party import FederationContext, Party, derive_seed
+from securefl.runtime.training import accuracy, make_optimizer, predict_logits
+
+_PROPORTIONS = re.compile(r"^[a-e][1-9][0-9]*(-[a-e][1-9][0-9]*)*$")
+
+PositiveInt = Annotated[int, PydField(ge=1)]
+
+
+def parse_proportions(text: str) -> list[tuple[float, int]]:
+    """``"a2-b8"`` -> ``[(1.0, 2), (0.5, 8)]``: (model rate, share) per level."""
+    if not _PROPORTIONS.match(text):
+        raise ValueError("expected levels a-e each followed by a positive integer share, joined by '-', "
+                         "e.g. 'a1-b1-c1-d1-e1' or 'a2-b8'")
+    parts = [(p[0], int(p[1:])) for p in text.split("-")]
+    letters = [letter for letter, _ in parts]
+    if len(set(letters)) != len(letters):
+        raise ValueError("each level may appear only once")
+    return [(LEVEL_RATES[letter], share) for letter, share in parts]
+
+
+class HeteroFLConfig(ProtocolConfig):
+    """HeteroFL settings; defaults are the reference's (MNIST, conv)."""
+
+    model: Literal["conv", "mlp"] = PydField("conv", description="width-scalable family of the global model")
+    hidden_sizes: list[PositiveInt] | None = PydField(
+        None, min_length=1, description="full-width hidden sizes (None: conv 64-128-256-512, mlp 256-128)")
+    norm: Literal["bn", "gn"] = PydField("bn", description="static batch norm, or GroupNorm (for DP-SGD)")
+    scale: bool = PydField(True, description="use the Scaler (the reference's ablation switch)")
+    mask: bool = PydField(True, description="mask the cross-entropy to the client's classes")
+    mode: Literal["fixed", "dynamic"] = PydField("fixed", description="rates fixed per client or re-drawn per round")
+    proportions: str = PydField("a1-b1-c1-d1-e1", description="shares of clients per level, e.g. 'a2-b8'")
+    local_epochs: int = PydField(5, ge=1)
+    batch_size: int = PydField(10, ge=1)
+    lr: float = PydField(1e-2, gt=0, le=10)
+    momentum: float = PydField(0.9, ge=0, lt=1)
+    weight_decay: float = PydField(5e-4, ge=0)
+    max_grad_norm: float | None = PydField(1.0, gt=0)
+    milestones: list[PositiveInt] = PydField(default_factory=list,
+                                             description="MultiStepLR: rounds after which the lr decays")
+    lr_decay: float = PydField(0.1, gt=0, le=1, description="MultiStepLR factor")
+    sbn_clients: Literal["all", "sampled"] = PydField(
+        "all", description="whose training data the sBN statistics are summed over")
+
+    @field_validator("proportions")
+    @classmethod
+    def _valid_proportions(cls, value: str) -> str:
+        parse_proportions(value)
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("milestones must be strictly increasing")
+        return value
+
+
+class UplinkKinds(Schema):
+    """Several uplink message kinds declared together.
+
+    ``kind`` is the per-round kind; ``fields`` is the union of all kinds'
+    fields, so everything a client may release is declared in one place.
+    """
+
+    def __init__(self, main: Schema, *extra: Schema) -> None:
+        fields: dict[str, Field] = {}
+        for schema in (main, *extra):
+            fields.update(schema.fields)
+        super().__init__(main.kind, **fields)
+        self.kinds = {schema.kind: schema for schema in (main, *extra)}
+
+    def __repr__(self) -> str:
+        return f"UplinkKinds({', '.join(map(repr, self.kinds.values()))})"
+
+    def check(self, msg: Message) -> None:
+        schema = self.kinds.get(msg.kind)
+        if schema is None:
+            raise ValueError(f"expected one of the message kinds {sorted(self.kinds)}, got {msg.kind!r}")
+        schema.check(msg)
+
+
+def region(shape: Sequence[int]) -> tuple[slice, ...]:
+    """The top-left block of a tensor: ``W[:shape[0], :shape[1], ...]``."""
+    return tuple(slice(0, n) for n in shape)
+
+
+class ParamLayout:
+    """Where each parameter of the global model lives in the flat, zero-padded vector.
+
+    The layout is a function of the public architecture only, so clients and
+    server agree on it without exchanging anything.
+    """
+
+    CLASSIFIER = ("classifier.weight", "classifier.bias")
+
+    def __init__(self, global_model: HeteroFLModel) -> None:
+        self.shapes = {name: tuple(p.shape) for name, p in global_model.named_parameters()}
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = offset
+            offset += math.prod(shape)
+        self.numel = offset
+
+    def _view(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        start = self.offsets[name]
+        return flat[start:start + math.prod(self.shapes[name])].view(self.shapes[name])
+
+    def flatten(self, model: nn.Module) -> torch.Tensor:
+        """The parameters of a global-width model as one vector."""
+        return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+
+    def load(self, model: nn.Module, flat: torch.Tensor) -> None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(self._view(flat, name))
+
+    def slice(self, global_model: nn.Module, sub_shapes: dict[str, tuple[int, ...]]) -> torch.Tensor:
+        """Step 1: the top-left slice of every global parameter, flattened in sub-model order."""
+        params = dict(global_model.named_parameters())
+        return torch.cat([params[name].detach()[region(shape)].reshape(-1) for name, shape in sub_shapes.items()])
+
+    def pad(self, sub_model: nn.Module) -> torch.Tensor:
+        """Step 3: a sub-model's parameters, zero-padded to global coordinates."""
+        flat = torch.zeros(self.numel)
+        for name, p in sub_model.named_parameters():
+            self._view(flat, name)[region(p.shape)] = p.detach().float()
+        return flat
+
+    def coverage(self, sub_shapes: dict[str, tuple[int, ...]], classes: torch.Tensor) -> torch.Tensor:
+        """1 where a client at these sub-shapes with these classes counts, else 0.
+
+        Used by the client to zero what it must not send (absent classes'
+        classifier rows) and by the server to count the clients per element;
+        both sides compute it from public facts (rate and label split).
+        """
+        flat = torch.zeros(self.numel)
+        for name, shape in sub_shapes.items():
+            self._view(flat, name)[region(shape)] = 1.0
+        absent = torch.ones(self.shapes[self.CLASSIFIER[0]][0], dtype=torch.bool)
+        absent[classes] = False
+        for name in self.CLASSIFIER:
+            self._view(flat, name)[absent] = 0.0
+        return flat
+
+
+def fixed_rates(levels: Sequence[tuple[float, int]], n_clients: int, generator: torch.Generator) -> list[float]:
+    """Fixed mode: shares of clients per level, then a seeded permutation of the clients.
+
+    The reference gives ``num_users // sum(shares)`` blocks per share and the
+    remainder to the last level, which with few clients (5 clients, "a2-b8")
+    puts everyone at the last level; largest-remainder rounding keeps the
+    proportions as close as the client count allows.
+    """
+    total = sum(share for _, share in levels)
+    quotas = [n_clients * share / total for _, share in levels]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(levels)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[:n_clients - sum(counts)]:
+        counts[i] += 1
+    rates = [rate for (rate, _), count in zip(levels, counts, strict=True) for _ in range(count)]
+    order = torch.randperm(n_clients, generator=generator).tolist()
+    return [rates[i] for i in order]
+
+
+def dynamic_rates(levels: Sequence[tuple[float, int]], n_clients: int, generator: torch.Generator) -> list[float]:
+    """Dynamic mode: every client's level drawn from the proportions (reference ``make_model_rate``)."""
+    shares = torch.tensor([float(share) for _, share in levels])
+    picks = torch.multinomial(shares / shares.sum(), n_clients, replacement=True, generator=generator)
+    return [levels[i][0] for i in picks.tolist()]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the activations the sBN query needs are captured."""
+
+
+@torch.no_grad()
+def channel_sums(model: HeteroFLModel, layer: str, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+    """Per-channel (sum x, sum x^2, n) of the input of norm layer ``layer``, in evaluation mode.
+
+    Evaluation mode: Scalers are the identity and earlier norm layers use
+    their (already federated) statistics, as in the evaluated network.
+    Returns one vector ``[sum x (C), sum x^2 (C), n (C)]``.
+    """
+    module = dict(model.named_modules())[layer]
+    captured: list[torch.Tensor] = []
+
+    def capture(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        captured.append(inputs[0])
+        raise _StopForward  # nothing after this layer is needed
+
+    channels = module.num_features  # type: ignore[union-attr]
+    s1 = torch.zeros(channels, dtype=torch.float64)
+    s2 = torch.zeros(channels, dtype=torch.float64)
+    count = 0
+    handle = module.register_forward_pre_hook(capture)
+    model.eval()
+    try:
+        for start in range(0, len(x), batch_size):
+            captured.clear()
+            try:
+                model(x[start:start + batch_size])
+            except _StopForward:
+                pass
+            act = captured[0].double().transpose(0, 1).reshape(channels, -1)
+            s1 += act.sum(dim=1)
+            s2 += (act * act).sum(dim=1)
+            count += act.shape[1]
+    finally:
+        handle.remove()
+    return torch.cat([s1, s2, torch.full((channels,), float(count), dtype=torch.float64)])
+
+
+def moments_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mean and population variance from aggregated (sum x, sum x^2, n); None when n = 0."""
+    s1, s2, n = sums.double().view(3, -1)
+    if float(n.min()) <= 0:
+        return None
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp(min=0.0)
+    return mean.float(), var.float()
+
+
+class HeteroFL(Protocol):
+    name = "heterofl"
+    summary = "width-scaled slices of one global model, averaged element-wise over the clients covering them"
+    paper = "Diao, Ding & Tarokh, ICLR 2021"
+    Config = HeteroFLConfig
+    # The server divides the aggregated sum by public counts and keeps the global model:
+    # it reads the sum (fine under masking, where the server learns the sum by design).
+    server_opens_aggregates = True
+    uplink = UplinkKinds(
+        Schema("padded_slice", padded_update=Field(
+            aggregatable=True, description="trained slice zero-padded to global coordinates; absent classes' "
+                                           "classifier rows are 0")),
+        Schema("sbn_sums", sbn_sums=Field(
+            aggregatable=True, description="per-channel (sum x, sum x^2, n) of one norm layer's input")),
+    )
+    downlink = Schema("submodel", weights=Field(aggregatable=False, private=False,
+                                                description="top-left slice of every global parameter"))
+    sbn_query = Schema("sbn_query", state=Field(aggregatable=False, private=False,
+                                                description="sub-model parameters and the statistics so far"))
+
+    config: HeteroFLConfig
+
+    def __init__(self, config: HeteroFLConfig, ctx: FederationContext) -> None:
+        super().__init__(config, ctx)
+        if config.model == "conv" and len(ctx.input_shape) != 3:
+            raise ProtocolSetupError(
+                f"heterofl.model = 'conv' needs image inputs; this dataset has shape {ctx.input_shape}. "
+                "Use heterofl.model: mlp")
+        self.levels = parse_proportions(config.proportions)
+        # The reference's global_model_rate: the global model is as wide as the widest level used.
+        self.global_rate = max(rate for rate, _ in self.levels)
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(ctx.seed, "init", "heterofl-global"))
+            self.global_model = self._build(self.global_rate)
+        self.layout = ParamLayout(self.global_model)
+        self.level_stats: dict[float, dict[str, torch.Tensor]] = {}
+        self.completed_round = 0
+        self._parties: dict[str, Party] = {}
+        self._fixed: dict[str, float] | None = None
+        self._shapes: dict[float, dict[str, tuple[int, ...]]] = {}
+        self._scratch: dict[float, HeteroFLModel] = {}
+        self._eval_models: dict[float, HeteroFLModel] = {}
+
+    # ----- models ------------------------------------------------------------------------
+    def _build(self, rate: float) -> HeteroFLModel:
+        cfg = self.config
+        return build_heterofl_model(cfg.model, self.ctx.input_shape, self.ctx.num_classes, hidden=cfg.hidden_sizes,
+                                    rate=rate, global_rate=self.global_rate, norm=cfg.norm, scale=cfg.scale)
+
+    def _blank(self, rate: float) -> HeteroFLModel:
+        """A model of ``rate`` whose weights are about to be overwritten (built without touching the RNG)."""
+        with torch.random.fork_rng():
+            return self._build(rate)
+
+    def sub_shapes(self, rate: float) -> dict[str, tuple[int, ...]]:
+        if rate not in self._shapes:
+            self._shapes[rate] = {name: tuple(p.shape) for name, p in self._blank(rate).named_parameters()}
+        return self._shapes[rate]
+
+    def submodel(self, rate: float) -> HeteroFLModel:
+        """The global model's rate-``rate`` slice, with that level's federated sBN statistics if known."""
+        model = self._blank(rate)
+        load_params(model, self.layout.slice(self.global_model, self.sub_shapes(rate)))
+        stats = self.level_stats.get(rate)
+        if stats:
+            model.load_state_dict(stats, strict=False)
+        return model
+
+    # ----- rates -------------------------------------------------------------------------
+    def rate_of(self, party_id: str, rnd: int) -> float:
+        """Client ``party_id``'s model rate in round ``rnd``."""
+        ids = sorted(self._parties, key=lambda pid: self._parties[pid].index)
+        if self.config.mode == "fixed":
+            if self._fixed is None:
+                rates = fixed_rates(self.levels, len(ids), self.ctx.generator("heterofl-levels"))
+                self._fixed = dict(zip(ids, rates, strict=True))
+            return self._fixed[party_id]
+        rates = dynamic_rates(self.levels, len(ids), self.ctx.generator("heterofl-rates", rnd))
+        return dict(zip(ids, rates, strict=True))[party_id]
+
+    def learning_rate(self, rnd: int) -> float:
+        """MultiStepLR over global rounds: round t trains at lr * decay^#{milestones < t}."""
+        passed = sum(1 for m in self.config.milestones if m < rnd)
+        return self.config.lr * self.config.lr_decay ** passed
+
+    @staticmethod
+    def label_split(party: Party) -> torch.Tensor:
+        """The classes present in a client's training data (public metadata in HeteroFL)."""
+        return torch.unique(party.train.y)
+
+    # ----- lifecycle ---------------------------------------------------------------------
+    def setup_party(self, party: Party) -> None:
+        # A client holds no model between rounds: it receives its slice every round and,
+        # as in the reference, trains it with a fresh optimizer.
+        party.model = None
+        # The server keeps a handle on every client for the in-round sBN query (step 5).
+        self._parties[party.id] = party
+        self._fixed = None  # the fixed assignment is drawn once every client is known
+
+    # ----- step 1: distribute slices --------------------------------------------------------
+    def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:
+        out: dict[str, Message | list[Message]] = {}
+        for pid in sampled:
+            rate = self.rate_of(pid, rnd)
+            out[pid] = Message(sender=AGGREGATOR, receiver=pid, run_id=self.ctx.run_id, round=rnd,
+                               kind=self.downlink.kind,
+                               payload={"weights": self.layout.slice(self.global_model, self.sub_shapes(rate))},
+                               meta={"rate": rate})
+        return out
+
+    # ----- steps 2-3: local training, padded slice up ---------------------------------------
+    def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message:
+        cfg = self.config
+        down = only_message(inbox, self.downlink.kind)
+        rate = float(down.meta["rate"])
+        model = self._blank(rate)
+        load_params(model, down.tensor("weights"))
+        classes = self.label_split(party)
+        mask = classes if cfg.mask else None
+        optimizer = make_optimizer(model, kind="sgd", lr=self.learning_rate(rnd), momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        party.trainer.fit(model, optimizer, party.train.x, party.train.y, batch_size=cfg.batch_size,
+                          epochs=cfg.local_epochs, max_grad_norm=cfg.max_grad_norm, payload="local_training",
+                          batch_loss=lambda m, xb, yb: masked_cross_entropy(m(xb), yb, mask))
+        # Zero what the client does not vouch for: classifier rows of classes it never saw.
+        padded = self.layout.pad(model) * self.layout.coverage(self.sub_shapes(rate), classes)
+        return self.reply(party, rnd, padded_update=padded).with_meta(rate=rate, label_split=classes.tolist())
+
+    # ----- step 4: element-wise count-weighted average -------------------------------------
+    def counts(self, replies: Sequence[Message], rnd: int) -> torch.Tensor:
+        """Per-element client counts, from public metadata only (rates the server assigned, label splits)."""
+        count = torch.zeros(self.layout.numel)
+        for reply in replies:
+            rate = self.rate_of(reply.sender, rnd)
+            if float(reply.meta.get("rate", -1)) != rate:
+                raise ValueError(f"reply from {reply.sender!r} claims rate {reply.meta.get('rate')}; "
+                                 f"it was assigned {rate} in round {rnd}")
+            classes = torch.as_tensor(reply.meta["label_split"], dtype=torch.long)
+            if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.ctx.num_classes):
+                raise ValueError(f"reply from {reply.sender!r}: label split {classes.tolist()} outside the classes")
+            count += self.layout.coverage(self.sub_shapes(rate), classes)
+        return count
+
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
+        total = aggregator.sum(replies, "padded_update")
+        count = self.counts(replies, rnd)
+        old = self.layout.flatten(self.global_model)
+        self.layout.load(self.global_model, torch.where(count > 0, total / count.clamp(min=1.0), old))
+        self.completed_round = rnd
+        self._eval_models.clear()
+        if self.config.norm == "bn":
+            self._federated_sbn_statistics(rnd, replies, aggregator)
+        return None
+
+    # ----- step 5: federated sBN statistics ------------------------------------------------
+    def _federated_sbn_statistics(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
+        if self.config.sbn_clients == "all":
+            clients = sorted(self._parties.values(), key=lambda p: p.index)
+        else:
+            clients = [self._parties[r.sender] for r in replies]
+        # Statistics for the global model and for every level a client is evaluated at.
+        levels = {self.global_rate} | {self.rate_of(pid, rnd) for pid in self._parties}
+        self.level_stats = {}
+        for rate in sorted(levels, reverse=True):
+            model = self.submodel(rate)
+            for layer, norm in model.static_norms():
+                query = Message(sender=AGGREGATOR, receiver=BROADCAST, run_id=self.ctx.run_id, round=rnd,
+                                kind=self.sbn_query.kind, payload={"state": flat_parameters(model)},
+                                meta={"rate": rate, "layer": layer})
+                answers = [self.client_sbn_sums(p, query) for p in clients]
+                try:
+                    sums = aggregator.sum(answers, "sbn_sums")
+                except Exception as exc:
+                    # The query's replies are made here, in server_step, so they never pass the
+                    # clients' outbound layers (sealing, masking): a secure aggregator cannot sum them.
+                    raise RuntimeError(
+                        "heterofl with norm: bn runs its sBN statistics query inside server_step, outside the "
+                        "runtime's layers, so a secure aggregator cannot sum its replies; use heterofl.norm: gn "
+                        f"with secure aggregation ({type(exc).__name__}: {exc})") from exc
+                moments = moments_from_sums(torch.as_tensor(sums))
+                if moments is not None:  # no data at all: keep the defaults
+                    assert norm.running_mean is not None and norm.running_var is not None
+                    norm.running_mean.copy_(moments[0])
+                    norm.running_var.copy_(moments[1])
+            self.level_stats[rate] = {k: v.clone() for k, v in model.state_dict().items()
+                                      if k.endswith(("running_mean", "running_var"))}
+        self.global_model.load_state_dict(self.level_stats[self.global_rate], strict=False)
+
+    def client_sbn_sums(self, party: Party, query: Message) -> Message:
+        """Client side of the sBN query: per-channel sums of one norm layer's input over its training data."""
+        rate, layer = float(query.meta["rate"]), str(query.meta["layer"])
+        if rate not in self._scratch:
+            self._scratch[rate] = self._blank(rate)
+        model = self._scratch[rate]
+        load_flat_parameters(model, query.tensor("state"))
+        sums = channel_sums(model, layer, party.train.x)
+        return Message(sender=party.id, receiver=AGGREGATOR, run_id=self.ctx.run_id, round=query.round,
+                       kind="sbn_sums", payload={"sbn_sums": sums}, meta={"rate": rate, "layer": layer})
+
+    # ----- evaluation --------------------------------------------------------------------
+    def _eval_model(self, rate: float) -> HeteroFLModel:
+        if rate == self.global_rate:
+            return self.global_model
+        if rate not in self._eval_models:
+            self._eval_models[rate] = self.submodel(rate)
+        return self._eval_models[rate]
+
+    def evaluate(self, party: Party) -> dict[str, float]:
+        """The client's sub-model at its rate (in the round just finished) on the test set."""
+        ctx = self.ctx
+        rate = self.rate_of(party.id, self.completed_round)
+        model = self._eval_model(rate)
+        metrics = {"accuracy": accuracy(model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes), "rate": rate}
+        classes = self.label_split(party)
+        local = torch.isin(ctx.test_y, classes)
+        if bool(local.any()):
+            logits = predict_logits(model, ctx.test_x[local])
+            pred = classes[logits[:, classes].argmax(dim=1)]
+            metrics["local_accuracy"] = float((pred == ctx.test_y[local]).float().mean())
+        return metrics
+
+    def evaluate_server(self) -> dict[str, float]:
+        ctx = self.ctx
+        return {"global_accuracy": accuracy(self.global_model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)}
+
+    # ----- checkpointing -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"global_model": self.global_model.state_dict(), "level_stats": self.level_stats,
+                "completed_round": self.completed_round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_model.load_state_dict(state["global_model"])
+        self.level_stats = state["level_stats"]
+        self.completed_round = int(state["completed_round"])
+        self._eval_models.clear()
+
+
+def load_params(model: nn.Module, flat: torch.Tensor) -> None:
+    """Load a flat vector into a model's parameters (buffers untouched), in ``named_parameters`` order."""
+    expected = sum(p.numel() for p in model.parameters())
+    if flat.numel() != expected:
+        raise ValueError(f"flat parameter vector has {flat.numel()} values; the model needs {expected}")
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
