@@ -48,18 +48,22 @@ class Row:
     homogeneous: bool = False  # FedAvg: every participant gets the first model
 
 
+# Per-protocol settings sized for 2 CPU cores: one local epoch per round at batch 64 (the
+# papers' heavier schedules, e.g. HeteroFL's 5 epochs at batch 10, would take days here).
+_ONE_EPOCH = {"local_epochs": 1, "batch_size": 64}
 ROWS: list[Row] = [
     Row("local_only", "-"),
     Row("pooled", "-"),
     Row("fedavg", "homogeneous cnn_s", homogeneous=True),
     Row("fedmd", "-"),
-    Row("fedh2l", "plain", {"fedh2l": {"alignment": "none"}}),
-    Row("fedh2l", "meta-aligned", {"fedh2l": {"alignment": "meta"}}),
-    Row("fedh2l", "pcgrad-aligned", {"fedh2l": {"alignment": "pcgrad"}}),
-    Row("fml", "local"),  # FML reports local (headline) and meme accuracy from the same runs
+    Row("fedh2l", "plain", {"fedh2l": {"alignment": "none", "seed_size": 2000}}),
+    Row("fedh2l", "meta-aligned", {"fedh2l": {"alignment": "meta", "seed_size": 2000}}),
+    Row("fedh2l", "pcgrad-aligned", {"fedh2l": {"alignment": "pcgrad", "seed_size": 2000}}),
+    Row("fml", "local", {"fml": {"batch_size": 64, "meme_model": "cnn_s"}}),  # also reports the meme
     Row("fedgen", "private", {"fedgen": {"mode": "private"}}),
     Row("fedgen", "reference", {"fedgen": {"mode": "reference"}}),
-    Row("heterofl", "a-e mix"),
+    Row("heterofl", "a-e mix", {"heterofl": {**_ONE_EPOCH, "hidden_sizes": [32, 64, 128], "norm": "gn",
+                                             "proportions": "a1-b1-c1-d1-e1"}}),
 ]
 A2_ROWS = ["local_only", "pooled", "fedmd", "fedh2l"]
 
@@ -90,9 +94,9 @@ def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None) -
     }
 
 
-def run_dir(setting: str, row: Row, epsilon: str, seed: int) -> Path:
+def run_dir(setting: str, row: Row, epsilon: str, seed: int, quick: bool) -> Path:
     name = f"{row.protocol}-{row.variant}".replace(" ", "_").replace("/", "_")
-    return RESULTS / "runs" / setting / name / f"eps-{epsilon}" / f"seed{seed}"
+    return RESULTS / ("runs_quick" if quick else "runs") / setting / name / f"eps-{epsilon}" / f"seed{seed}"
 
 
 def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any]:
@@ -104,7 +108,7 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
     from securefl.runtime.federation import CHECKPOINT, Federation
 
     setting, row, epsilon, seed, quick, data_dir = task
-    out = run_dir(setting, row, epsilon, seed)
+    out = run_dir(setting, row, epsilon, seed, quick)
     if (out / "summary.json").exists():
         return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True}
     raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir), row.overrides)
@@ -181,7 +185,7 @@ def _eps_key(eps: str) -> tuple[int, float]:
     return (1, -float(eps))
 
 
-def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
+def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +197,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
         setting, row, epsilon, seed = res["task"]
         if epsilon != "inf" or setting != "A1":
             continue
-        metrics_path = run_dir(setting, row, epsilon, seed) / "metrics.jsonl"
+        metrics_path = run_dir(setting, row, epsilon, seed, quick) / "metrics.jsonl"
         if not metrics_path.exists():
             continue
         series = [json.loads(line)["mean_accuracy"] for line in metrics_path.read_text().splitlines()]
@@ -214,7 +218,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(results: list[dict[str, Any]], out_name: str, command: str) -> None:
+def write_results(results: list[dict[str, Any]], out_name: str, command: str, *, quick: bool) -> None:
     rows = aggregate(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Keep the cells of earlier invocations that this one did not recompute.
@@ -224,7 +228,7 @@ def write_results(results: list[dict[str, Any]], out_name: str, command: str) ->
         rows = [r for r in json.loads(previous.read_text()) if _cell(r) not in fresh] + rows
     previous.write_text(json.dumps(rows, indent=2) + "\n")
     write_markdown(rows, RESULTS / f"{out_name}.md", command)
-    plot_rounds(results, RESULTS / f"{out_name}_rounds.png")
+    plot_rounds(results, RESULTS / f"{out_name}_rounds.png", quick=quick)
 
 
 def _cell(row: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{res['summary']['mean_accuracy']:.3f}")
             bar.update(1)
             # Rewrite the tables after every finished run: a stopped benchmark keeps what it measured.
-            write_results(results, args.out_name, command.strip())
+            write_results(results, args.out_name, command.strip(), quick=args.quick)
     print((RESULTS / f"{args.out_name}.md").read_text())
     return 0
 

@@ -19,8 +19,10 @@ from securefl.protocols import PROTOCOLS, ProtocolSetupError
 
 USAGE_ERROR = 2
 from securefl.layers.base import LayerSetupError  # noqa: E402
+from securefl.privacy.errors import CalibrationError, LedgerCorrupt, LedgerMismatch, PolicyError  # noqa: E402
 
-BAD_INPUT = (ConfigError, DataError, UnknownModel, ProtocolSetupError, LayerSetupError)
+BAD_INPUT = (ConfigError, DataError, UnknownModel, ProtocolSetupError, LayerSetupError, PolicyError, CalibrationError,
+             LedgerCorrupt, LedgerMismatch)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     compare.add_argument("--data-dir")
     compare.add_argument("--quiet", action="store_true")
+
+    audit = sub.add_parser("audit", help="verify a run's privacy ledgers and recompute every ε independently")
+    audit.add_argument("run_dir")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
 
     sub.add_parser("protocols", help="list the registered protocols")
     sub.add_parser("models", help="list the model zoo")
@@ -78,12 +84,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
         rows.append(summary)
         print(f"  {name:<12} mean {summary['mean_accuracy']:.4f}", file=sys.stderr)
     base = rows[-1]["mean_accuracy"] if len(rows) > 1 else None
-    print(f"\n{'protocol':<12} {'mean acc':>9} {'min':>7} {'max':>7}" + ("  vs " + rows[-1]["protocol"] if base is not None else ""))
+    versus = f"  vs {rows[-1]['protocol']}" if base is not None else ""
+    print(f"\n{'protocol':<12} {'mean acc':>9} {'min':>7} {'max':>7}{versus}")
     for r in rows:
         delta = f"  {100 * (r['mean_accuracy'] - base):+.1f} pts" if base is not None else ""
         print(f"{r['protocol']:<12} {r['mean_accuracy']:>9.4f} {r['min_accuracy']:>7.4f} {r['max_accuracy']:>7.4f}{delta}")
     (Path(args.out) / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Exit 0 only if every chain and signature verifies and every ε is within its target and re-computes."""
+    from securefl.privacy.audit import audit_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "ledgers").is_dir():
+        raise ConfigError(f"{run_dir}: no ledgers/ directory; was the run private (privacy.unit record or participant)?")
+    report = audit_run(run_dir)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format_table())
+    return 0 if report.ok else 1
 
 
 def cmd_protocols(_: argparse.Namespace) -> int:
@@ -100,7 +119,8 @@ def cmd_models(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "protocols": cmd_protocols, "models": cmd_models}
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "audit": cmd_audit, "protocols": cmd_protocols,
+            "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,6 +97,11 @@ _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class ParticipantConfig(Section):
     id: str
     model: str
+    # The participant's own ε target (overrides privacy.target_epsilon for this participant).
+    target_epsilon: float | None = PydField(None, gt=0)
+    delta: float | None = PydField(None, gt=0, lt=1)
+    # A policy file the data owner controls; the stricter of it and the experiment binds.
+    policy_file: str | None = None
 
     @field_validator("id")
     @classmethod
@@ -114,6 +119,22 @@ class ParticipantConfig(Section):
         return value
 
 
+class PrivacyConfig(Section):
+    """Differential privacy: which unit, what target, how to account."""
+
+    unit: Literal["none", "record", "participant"] = PydField(
+        "none", description="record: DP-SGD on all private training; participant: clip+noise every shared payload")
+    target_epsilon: float | None = PydField(None, gt=0, description="default ε target of every participant")
+    delta: float = PydField(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld", "prv"] = "rdp"
+    max_grad_norm: float = PydField(1.0, gt=0, description="DP-SGD per-example clipping bound (record level)")
+    clip_norm: float = PydField(1.0, gt=0, description="L2 bound of each shared payload (participant level)")
+    noise: Literal["local", "distributed"] = PydField(
+        "local", description="participant level: full noise at each participant, or shares summed under secure aggregation")
+    min_contributors: float = PydField(
+        0.67, gt=0, le=1, description="distributed noise: fraction of a round's participants whose shares must reach the sum")
+
+
 class MaskingConfig(Section):
     threshold_fraction: float = PydField(
         0.67, gt=0.5, le=1, description="Shamir threshold t as a fraction of the round's participants (t > n/2)")
@@ -125,6 +146,7 @@ class _ExperimentBase(Section):
     ckks: CkksParams = PydField(default_factory=CkksParams)
     masking: MaskingConfig = PydField(default_factory=MaskingConfig)
     signing: bool = PydField(True, description="sign every message (Ed25519) and verify on receipt")
+    privacy: PrivacyConfig = PydField(default_factory=PrivacyConfig)
     run: RunConfig = PydField(default_factory=RunConfig)
     data: DataConfig = PydField(default_factory=DataConfig)
     training: TrainingConfig = PydField(default_factory=TrainingConfig)
@@ -154,6 +176,24 @@ class _ExperimentBase(Section):
                 f"data.partition.assignment has {len(partition.assignment)} lists for "
                 f"{len(self.participants)} participants"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_targets(self) -> _ExperimentBase:
+        privacy = self.privacy
+        if privacy.unit == "none":
+            targeted = [i for i, p in enumerate(self.participants) if p.target_epsilon is not None]
+            if privacy.target_epsilon is not None or targeted:
+                raise ValueError("privacy.unit is 'none' but ε targets are set; choose privacy.unit: record or participant")
+            return self
+        missing = [i for i, p in enumerate(self.participants) if p.target_epsilon is None and p.policy_file is None]
+        if privacy.target_epsilon is None and missing:
+            raise ValueError(
+                f"participants.{missing[0]}.target_epsilon: required when privacy.unit is {privacy.unit!r} "
+                "(or set privacy.target_epsilon for everyone, or a policy_file)")
+        if privacy.noise == "distributed" and self.secure_aggregation == "none":
+            raise ValueError("privacy.noise = 'distributed' needs secure_aggregation (ckks or masking): without it "
+                             "the server sees each participant's share, which carries only part of the noise")
         return self
 
     def protocol_config(self) -> BaseModel:

@@ -18,13 +18,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol: Protocol) -> dict[str, Any]:
+def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol: Protocol, *,
+                 privacy: Any = None, stopped: dict[str, str] | None = None) -> dict[str, Any]:
     metrics = read_metrics(run_dir)
     final = metrics[-1]
+    stopped = stopped or {}
     participants = [
         {"id": p.id, "model": p.model_name, "train_records": p.num_samples,
          "final_accuracy": final["participants"][p.id]["accuracy"],
-         **{k: v for k, v in final["participants"][p.id].items() if k != "accuracy"}}
+         **{k: v for k, v in final["participants"][p.id].items() if k != "accuracy"},
+         "stopped_early": p.id in stopped,
+         **({"stopped_reason": stopped[p.id]} if p.id in stopped else {}),
+         **(privacy.summary(p.id) if privacy is not None else {})}
         for p in parties
     ]
     accs = [p["final_accuracy"] for p in participants]
@@ -37,12 +42,44 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
         "min_accuracy": float(np.min(accs)),
         "max_accuracy": float(np.max(accs)),
         "server": final.get("server", {}),
+        "privacy_unit": config.privacy.unit,
+        "secure_aggregation": config.secure_aggregation,
+        "notes": protocol.run_notes(),
         "participants": participants,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_accuracy(metrics, run_dir / "accuracy.png", title=f"{config.protocol} on {config.data.dataset}")
+    if privacy is not None:
+        plot_privacy(privacy, run_dir / "privacy.png")
     (run_dir / "report.md").write_text(_markdown(summary, protocol, metrics))
     return summary
+
+
+def plot_privacy(privacy: Any, path: Path) -> None:
+    """ε spent over rounds per participant, each against its own target (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from securefl.privacy.ledger import read_ledger
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (pid, pp) in enumerate(privacy.participants.items()):
+        history = read_ledger(privacy.ledger_path(pid)).spend_history()
+        color = f"C{i % 10}"
+        if history:
+            rounds = [h["round"] for h in history]
+            ax.step(rounds, [h["epsilon_after"] for h in history], where="post", color=color, label=pid)
+        ax.axhline(pp.target_epsilon, color=color, ls="--", lw=0.8)
+    ax.set_xlabel("round (0 = before round 1)")
+    ax.set_ylabel(f"ε spent ({privacy.unit}-level, {privacy.accountant})")
+    ax.set_title("Privacy spent per participant (dashed: each one's budget)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_accuracy(metrics: list[dict[str, Any]], path: Path, *, title: str) -> None:
@@ -82,6 +119,15 @@ def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[st
     for p in summary["participants"]:
         lines.append(f"| {p['id']} | {p['model']} | {p['train_records']} | {p['final_accuracy']:.4f} | "
                      f"{first[p['id']]['accuracy']:.4f} |")
+    lines += [f"- {k.capitalize()}: {v}" for k, v in summary["notes"].items()]
+    if summary["privacy_unit"] != "none":
+        lines += ["", f"## Privacy ({summary['privacy_unit']}-level DP, secure aggregation: "
+                      f"{summary['secure_aggregation']})", "",
+                  "| participant | ε spent | target | δ | σ | stopped early | budget |", "|---|---|---|---|---|---|---|"]
+        for p in summary["participants"]:
+            lines.append(f"| {p['id']} | {p['epsilon']:.3f} | {p['target_epsilon']:g} | {p['delta']:g} | "
+                         f"{p['noise_multiplier']:.3f} | {'yes' if p['stopped_early'] else 'no'} | {p['budget_note']} |")
+        lines += ["", "Verify with `securefl audit RUN_DIR`.", "", "![privacy spent](privacy.png)"]
     if summary["server"]:
         lines += ["", "Server-side models: " + ", ".join(f"{k} = {v:.4f}" for k, v in summary["server"].items())]
     lines += ["", "![accuracy over rounds](accuracy.png)", ""]

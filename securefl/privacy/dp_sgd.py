@@ -25,6 +25,7 @@ accounting to hold.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -33,10 +34,10 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from securefl.privacy.events import PrivacyEvent
-from securefl.runtime.training import BatchLoss, TrainStats, cross_entropy_loss
+from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
+from securefl.runtime.training import BatchLoss, TrainStats, cross_entropy_loss, fit_public
 
-Commit = Callable[[PrivacyEvent], None]
+Commit = Callable[[AnyEvent], None]
 
 
 class DPSGDTrainer:
@@ -98,7 +99,10 @@ class DPSGDTrainer:
                 else:
                     idx = torch.as_tensor(indices, dtype=torch.long)
                     loss = batch_loss(gsm, x[idx], y[idx])
-                    loss.backward()
+                    with warnings.catch_warnings():
+                        # Opacus's hooks warn on every backward of a model whose inputs need no gradient.
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
                     dp_opt.step()
                     total += float(loss.detach()) * len(idx)
                     seen += len(idx)
@@ -108,6 +112,14 @@ class DPSGDTrainer:
             # Remove the per-sample hooks so public steps and evaluation run on the bare model.
             gsm._close()
         return TrainStats(done, seen, total / max(seen, 1))
+
+    def fit_public(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+                   batch_size: int, epochs: int, batch_loss: BatchLoss = cross_entropy_loss,
+                   payload: str = "public_training") -> TrainStats:
+        """Train on public data: no noise, no cost, and the ledger says so explicitly."""
+        self.commit(PublicDataEvent(payload=payload, unit="record",
+                                    reason="trained on public inputs and released aggregates only"))
+        return fit_public(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, batch_loss=batch_loss)
 
     def _noise_only_step(self, dp_opt: DPOptimizer, expected_batch: float) -> None:
         """An empty Poisson batch: the released update is pure noise, exactly as DPOptimizer would add."""

@@ -133,11 +133,25 @@ class Protocol(ABC):
     def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
         """Apply what the server sent back (e.g. FedMD's digest and revisit)."""
 
+    # ----- privacy planning ------------------------------------------------------------
+    def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
+        """Every training call on private data the run will make: (batch size, epochs, steps).
+
+        Record-level DP calibrates each participant's noise from this plan before
+        round 1; if a run ends up training more, the ledger refuses the excess.
+        """
+        t = self.ctx.training
+        return [(t.batch_size, self.ctx.rounds * t.local_epochs, None)]
+
     # ----- evaluation ------------------------------------------------------------------
     def evaluate(self, party: Party) -> dict[str, float]:
         """Test metrics of one participant. ``accuracy`` is the headline number."""
         assert party.model is not None
         return {"accuracy": accuracy(party.model, self.ctx.test_x, self.ctx.test_y, classes=self.ctx.eval_classes)}
+
+    def run_notes(self) -> dict[str, str]:
+        """Facts the run report must state (e.g. FedH2L's seed-set privacy assumption)."""
+        return {}
 
     def evaluate_server(self) -> dict[str, float]:
         """Metrics of server-side models (e.g. a global model); empty when there is none."""

@@ -305,6 +305,9 @@ class FedGen(Protocol):
                 f"participants use {', '.join(models)}. Use fedgen.share=head for heterogeneous models."
             )
 
+    def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
+        return [(self.config.batch_size, None, self.ctx.rounds * self.config.local_steps)]
+
     def setup_party(self, party: Party) -> None:
         cfg, ctx = self.config, self.ctx
         model = ctx.build_model(party.model_name, purpose=party.id)

@@ -108,6 +108,11 @@ class FedMD(Protocol):
                 max_epochs=cfg.transfer_max_epochs, patience=cfg.transfer_patience)
         self._train_private_with_early_stopping(party, max_epochs=cfg.transfer_max_epochs)
 
+    def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
+        cfg = self.config
+        return [(self.ctx.training.batch_size, cfg.transfer_max_epochs, None),
+                (cfg.revisit_batch_size, self.ctx.rounds * cfg.revisit_epochs, None)]
+
     # ----- steps 1-2: alignment subset and logits ---------------------------------------
     def alignment_indices(self, rnd: int) -> torch.Tensor:
         """X_a for round ``rnd``: the same draw at every party, from the round number alone."""

@@ -209,6 +209,9 @@ class FML(Protocol):
         # server had sent its initial model (the paper's first fork) - without the download.
         return self.ctx.build_model(self.config.meme_model, purpose="fml-meme")
 
+    def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
+        return [(self.config.batch_size, self.ctx.rounds * self.ctx.training.local_epochs, None)]
+
     def setup_party(self, party: Party) -> None:
         cfg = self.config
         party.model = self.ctx.build_model(party.model_name, purpose=party.id)  # the local model

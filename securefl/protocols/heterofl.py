@@ -430,6 +430,9 @@ class HeteroFL(Protocol):
         return torch.unique(party.train.y)
 
     # ----- lifecycle ---------------------------------------------------------------------
+    def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
+        return [(self.config.batch_size, self.ctx.rounds * self.config.local_epochs, None)]
+
     def setup_party(self, party: Party) -> None:
         # A client holds no model between rounds: it receives its slice every round and,
         # as in the reference, trains it with a fresh optimizer.

@@ -60,6 +60,10 @@ class LocalOnly(Protocol):
             model.load_state_dict(party.state["best_model"])
         return None
 
+    def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
+        t = self.ctx.training
+        return [(t.batch_size, self.config.max_epochs_first + self.ctx.rounds * t.local_epochs, None)]
+
     def _train(self, party: Party, *, epochs: int) -> None:
         assert party.model is not None
         party.trainer.fit(party.model, party.state["private_opt"], party.train.x, party.train.y,

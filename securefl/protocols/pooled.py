@@ -48,6 +48,9 @@ class Pooled(Protocol):
         self._train_views.append(party.train)
         self._val_views.append(party.val)
 
+    def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
+        return []  # the centralised upper bound trains outside every participant: nothing to protect per owner
+
     def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
         arch = party.model_name
         if self._trained_in_round.get(arch) == rnd:

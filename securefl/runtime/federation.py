@@ -12,12 +12,13 @@ uninterrupted run would have done; no RNG state needs saving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,13 @@ from securefl.data.partition import (
     stratified_sample,
     train_val_split,
 )
-from securefl.protocols import Protocol, get_protocol
 from securefl.layers.base import Layer, Rejected
+from securefl.protocols import Protocol, get_protocol
 from securefl.protocols.base import Downlink
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
 from securefl.runtime.party import DataView, FederationContext, Party, derive_seed
+from securefl.runtime.privacy import PrivacyRuntime
 from securefl.runtime.transport import InProcessTransport, Transport
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -145,13 +147,18 @@ class Federation:
         self.aggregator = PlainAggregator()
         # Refuse impossible set-ups before any training.
         self.protocol.validate_participants(self.parties)
-        self.layers: list[Layer] = self._build_layers()
-        for layer in self.layers:
-            layer.check(self.protocol, self.parties)
         self._rejected: list[dict[str, str]] = []
+        self.stopped: dict[str, str] = {}
+        self._current_round = 0
+        self._keys: dict[str, Any] = {}
         for party in self.parties:
             with _seeded(derive_seed(seed, "setup", party.id)):
                 self.protocol.setup_party(party)
+        # One ledger per data owner for the whole run, owned here and never re-created mid-run.
+        self.privacy = PrivacyRuntime.build(self) if config.privacy.unit != "none" else None
+        self.layers: list[Layer] = self._build_layers()
+        for layer in self.layers:
+            layer.check(self.protocol, self.parties)
 
     # ----- set-up ------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:
@@ -197,6 +204,8 @@ class Federation:
         cfg = self.config
         key_dir = self.out / "keys"
         layers: list[Layer] = []
+        if self.privacy is not None and self.privacy.layer is not None:
+            layers.append(self.privacy.layer)
         if cfg.secure_aggregation == "ckks":
             from securefl.layers.secure_aggregation import CkksLayer
 
@@ -206,13 +215,19 @@ class Federation:
 
             layers.append(MaskingLayer(run_id=self.run_id, threshold_fraction=cfg.masking.threshold_fraction))
         if cfg.signing:
-            from securefl.crypto.keystore import load_or_create_party_keys
             from securefl.layers.signing import SigningLayer
 
             ids = [p.id for p in self.parties] + [AGGREGATOR]
-            layers.append(SigningLayer(run_id=self.run_id,
-                                       keys={pid: load_or_create_party_keys(key_dir, pid) for pid in ids}))
+            layers.append(SigningLayer(run_id=self.run_id, keys={pid: self.party_keys(pid) for pid in ids}))
         return layers
+
+    def party_keys(self, party_id: str) -> Any:
+        """A party's Ed25519 keys (messages and ledger seal), from its key directory."""
+        if party_id not in self._keys:
+            from securefl.crypto.keystore import load_or_create_party_keys
+
+            self._keys[party_id] = load_or_create_party_keys(self.out / "keys", party_id)
+        return self._keys[party_id]
 
     def _view(self, idx: np.ndarray) -> DataView:
         return DataView(self.dataset.x_train, self.dataset.y_train, torch.as_tensor(idx, dtype=torch.long))
@@ -228,6 +243,7 @@ class Federation:
             training=self.config.training, public=self._view(self.split.public),
             public_val=self._view(self.split.public_val), public_labelled=data.public_labelled,
             test_x=self.dataset.x_test[test_mask], test_y=self.dataset.y_test[test_mask], eval_classes=eval_classes,
+            rounds=self.config.run.rounds,
         )
 
     # ----- the run -----------------------------------------------------------------------
@@ -236,7 +252,7 @@ class Federation:
         start_round = self._restore() if (self.out / CHECKPOINT).exists() else None
         if start_round is None:
             for party in self.parties:
-                with _seeded(derive_seed(cfg.run.seed, "prepare", party.id)):
+                with _seeded(derive_seed(cfg.run.seed, "prepare", party.id)), self._budget_guard(party.id):
                     self.protocol.prepare_party(party)
             self._log(self._evaluate(0, sampled=[], elapsed=0.0))
             self._checkpoint(0)
@@ -247,7 +263,10 @@ class Federation:
         try:
             for rnd in range(start_round, cfg.run.rounds + 1):
                 t0 = time.perf_counter()
+                self._current_round = rnd
                 sampled = self.sample(rnd)
+                if not sampled:
+                    break  # every participant has spent its budget
                 self._round(rnd, sampled, bar)
                 if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
                     record = self._evaluate(rnd, sampled, time.perf_counter() - t0)
@@ -257,20 +276,29 @@ class Federation:
                 self._checkpoint(rnd)
                 if self.on_round_end is not None:
                     self.on_round_end(rnd)
+            if self.privacy is not None:
+                self.privacy.seal_all()
+            from securefl.report import write_report
+
+            return write_report(self.out, self.config, self.parties, self.protocol, privacy=self.privacy,
+                                stopped=self.stopped)
         finally:
             bar.close()
-        from securefl.report import write_report
-
-        return write_report(self.out, self.config, self.parties, self.protocol)
+            if self.privacy is not None:
+                self.privacy.close_all()
 
     def sample(self, rnd: int) -> list[str]:
         """Participants of round ``rnd``: a seeded uniform sample of the configured fraction."""
-        ids = [p.id for p in self.parties]
-        n = self._n_sampled()
+        # A participant that has spent its budget stops contributing; the run goes on without it.
+        ids = [p.id for p in self.parties if p.id not in self.stopped]
+        n = min(self._n_sampled(), len(ids))
         if n == len(ids):
             return ids
         rng = np.random.default_rng(derive_seed(self.config.run.seed, "sample", rnd))
         return [ids[i] for i in sorted(rng.choice(len(ids), size=n, replace=False))]
+
+    def sampled_per_round(self) -> int:
+        return self._n_sampled()
 
     def _n_sampled(self) -> int:
         return max(1, int(round(self.config.run.participation * len(self.parties))))
@@ -285,16 +313,19 @@ class Federation:
         for pid in sampled:
             party = by_id[pid]
             inbox = self._receive(party)
-            with _seeded(derive_seed(seed, "client_step", rnd, pid)):
+            with _seeded(derive_seed(seed, "client_step", rnd, pid)), self._budget_guard(pid):
                 replies = self.protocol.client_step(party, inbox, rnd)
-            for reply in _as_list(replies):
-                # Messages to the aggregator are checked against the declared uplink; peer-to-peer
-                # messages (decentralised protocols) go straight to the peer's inbox.
-                if reply.receiver == AGGREGATOR and self.protocol.uplink is not None:
-                    self.protocol.uplink.check(reply)
-                for layer in self.layers:
-                    reply = layer.outbound(reply, party)
-                outgoing.append(reply)
+                sealed = []
+                for reply in _as_list(replies):
+                    # Messages to the aggregator are checked against the declared uplink; peer-to-peer
+                    # messages (decentralised protocols) go straight to the peer's inbox.
+                    if reply.receiver == AGGREGATOR and self.protocol.uplink is not None:
+                        self.protocol.uplink.check(reply)
+                    for layer in self.layers:
+                        reply = layer.outbound(reply, party)
+                    sealed.append(reply)
+                # Only once every release of this step is booked does anything leave the participant.
+                outgoing.extend(sealed)
             bar.update(1)
         # Sampled parties step concurrently in a deployment: send only after all have stepped, so a
         # peer-to-peer message never lands in a later peer's client_step inbox instead of its client_update.
@@ -316,8 +347,8 @@ class Federation:
         self._deliver(downlink, sampled)
         for pid in sampled:
             inbox = self._receive(by_id[pid])
-            if inbox:
-                with _seeded(derive_seed(seed, "client_update", rnd, pid)):
+            if inbox and pid not in self.stopped:
+                with _seeded(derive_seed(seed, "client_update", rnd, pid)), self._budget_guard(pid):
                     self.protocol.client_update(by_id[pid], inbox, rnd)
 
     def _receive(self, party: Party) -> list[Message]:
@@ -331,6 +362,16 @@ class Federation:
             except Rejected as rejection:
                 self._reject(rejection, receiver=party.id)
         return accepted
+
+    @contextlib.contextmanager
+    def _budget_guard(self, party_id: str) -> Iterator[None]:
+        """A refused release (budget exhausted) stops that participant; the run goes on without it."""
+        from securefl.privacy.errors import BudgetExceeded
+
+        try:
+            yield
+        except BudgetExceeded as exc:
+            self.stopped[party_id] = f"round {self._current_round}: {exc}"
 
     def _reject(self, rejection: Rejected, *, receiver: str) -> None:
         self._rejected.append({"sender": rejection.sender, "receiver": receiver, "reason": rejection.reason})
@@ -384,6 +425,7 @@ class Federation:
             "run_id": self.run_id,
             "metrics_lines": self._metrics_lines(),
             "protocol": self.protocol.state_dict(),
+            "stopped": dict(self.stopped),
             "parties": {p.id: self.protocol.party_state(p) for p in self.parties},
         }
         path = self.out / CHECKPOINT
@@ -402,6 +444,7 @@ class Federation:
             raise RunDirError(f"{path}: checkpoint is corrupt or truncated ({type(exc).__name__}); "
                               "refusing to start over silently") from None
         self.protocol.load_state_dict(state["protocol"])
+        self.stopped = dict(state.get("stopped", {}))
         for party in self.parties:
             self.protocol.load_party_state(party, state["parties"][party.id])
         # Drop metrics lines written after the checkpoint (a round that was cut short).

@@ -86,6 +86,7 @@ class FederationContext:
     test_y: torch.Tensor
     # Output units the evaluation is restricted to (A2: the private classes), or None for all.
     eval_classes: torch.Tensor | None
+    rounds: int = 1
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,154 @@
+"""The runtime's side of privacy: ledgers, budgets, calibration, and the DP trainer or layer.
+
+Built once per run (and again, identically, on resume) by :class:`Federation`:
+
+1. each participant's binding budget is the stricter of its own policy file
+   and the experiment's target (``resolve_budget``), and the report says which
+   one bound;
+2. its ``Ledger`` (``RUN_DIR/ledgers/<id>.jsonl``) is opened, or re-opened and
+   verified on resume: one ledger per data owner for the whole run, so ε can
+   never silently reset;
+3. its noise multiplier is calibrated before round 1 from its own target,
+   δ and planned releases, with the same accountant that reports;
+4. record level: its trainer becomes DP-SGD, committing every training call
+   to its ledger before the first step; participant level: a
+   :class:`ParticipantDPLayer` clips and noises every private payload it
+   shares, committing before the message leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from securefl.privacy.budget import ExperimentTarget, PrivacyPolicy, resolve_budget
+from securefl.privacy.calibration import calibrate_noise_multiplier
+from securefl.privacy.dp_sgd import DPSGDTrainer
+from securefl.privacy.errors import PolicyError
+from securefl.privacy.events import AnyEvent
+from securefl.privacy.ledger import Ledger
+
+if TYPE_CHECKING:
+    from securefl.layers.privacy import ParticipantDPLayer
+    from securefl.runtime.federation import Federation
+
+
+@dataclass
+class ParticipantPrivacy:
+    participant: str
+    unit: str
+    target_epsilon: float
+    delta: float
+    budget_note: str
+    noise_multiplier: float
+    planned_steps: int
+    sample_rate: float
+    ledger: Ledger
+
+
+@dataclass
+class PrivacyRuntime:
+    unit: str
+    accountant: str
+    participants: dict[str, ParticipantPrivacy] = field(default_factory=dict)
+    layer: ParticipantDPLayer | None = None
+    fed: Any = None
+
+    @classmethod
+    def build(cls, fed: Federation) -> PrivacyRuntime:
+        cfg = fed.config.privacy
+        runtime = cls(unit=cfg.unit, accountant=cfg.accountant, fed=fed)
+        for party, pcfg in zip(fed.parties, fed.config.participants, strict=True):
+            runtime.participants[party.id] = runtime._set_up(fed, party, pcfg)
+        if cfg.unit == "record":
+            for party in fed.parties:
+                runtime._inject_dp_sgd(party)
+        else:
+            from securefl.layers.privacy import ParticipantDPLayer
+
+            runtime.layer = ParticipantDPLayer(
+                noise_multipliers={pid: p.noise_multiplier for pid, p in runtime.participants.items()},
+                clip_norm=cfg.clip_norm, mode=cfg.noise, commit=runtime.commit,
+                generator=lambda pid, rnd: fed.ctx.generator("participant-dp-noise", pid, rnd),
+                min_contributors=cfg.min_contributors)
+        return runtime
+
+    # ----- set-up ----------------------------------------------------------------------------
+    def _set_up(self, fed: Federation, party: Any, pcfg: Any) -> ParticipantPrivacy:
+        cfg = fed.config.privacy
+        policy = None
+        if pcfg.policy_file:
+            policy = PrivacyPolicy.from_file(pcfg.policy_file)
+        target = pcfg.target_epsilon or cfg.target_epsilon or (policy.max_epsilon if policy else None)
+        if target is None:
+            raise PolicyError(f"participant {party.id!r}: no ε target (set target_epsilon or a policy_file)")
+        experiment = ExperimentTarget(target_epsilon=target, delta=pcfg.delta or cfg.delta, unit=cfg.unit)
+        budget, note = resolve_budget(policy, experiment, participant=party.id)
+        ledger = Ledger.open(fed.out / "ledgers" / f"{party.id}.jsonl", participant=party.id,
+                             max_epsilon=budget.max_epsilon, delta=budget.delta,
+                             signing_key=fed.party_keys(party.id).private_key, accountant=cfg.accountant)
+        sigma, steps, rate = self._calibrate(fed, party, budget.max_epsilon, budget.delta)
+        return ParticipantPrivacy(participant=party.id, unit=cfg.unit, target_epsilon=budget.max_epsilon,
+                                  delta=budget.delta, budget_note=note, noise_multiplier=sigma,
+                                  planned_steps=steps, sample_rate=rate, ledger=ledger)
+
+    def _calibrate(self, fed: Federation, party: Any, target: float, delta: float) -> tuple[float, int, float]:
+        cfg = fed.config.privacy
+        if cfg.unit == "record":
+            # Every planned DP-SGD call, composed at the largest sampling rate among them: an upper
+            # bound (ε grows with q), so the run ends at or under the target.
+            n = max(party.num_samples, 1)
+            plan = fed.protocol.private_training_plan(party)
+            steps = sum(DPSGDTrainer.steps_for(n, batch_size=b, epochs=e, steps=s) for b, e, s in plan)
+            rate = max(min(1.0, b / n) for b, _, _ in plan)
+            sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=rate, steps=steps,
+                                               accountant=cfg.accountant)
+            return sigma, steps, rate
+        releases = fed.config.run.rounds
+        sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=1.0, steps=1,
+                                           releases=releases, accountant=cfg.accountant, unit="participant",
+                                           relation="replace_one", sensitivity=2 * cfg.clip_norm)
+        if cfg.noise == "distributed":
+            # The ledger books the worst case of only t of n shares reaching the sum.
+            n = fed.sampled_per_round()
+            sigma /= math.sqrt(max(1, math.ceil(cfg.min_contributors * n)) / n)
+        return sigma, releases, 1.0
+
+    def _inject_dp_sgd(self, party: Any) -> None:
+        pp = self.participants[party.id]
+        party.trainer = DPSGDTrainer(noise_multiplier=pp.noise_multiplier,
+                                     max_grad_norm=self.fed.config.privacy.max_grad_norm,
+                                     commit=lambda event, pid=party.id: self.commit(pid, event))
+
+    # ----- during the run ------------------------------------------------------------------
+    def commit(self, participant: str, event: AnyEvent) -> None:
+        """Check-then-commit on the participant's own ledger (raises BudgetExceeded)."""
+        self.participants[participant].ledger.commit(event, round=self.fed._current_round)
+
+    def seal_all(self) -> None:
+        for pid, pp in self.participants.items():
+            pp.ledger.seal(self.fed.party_keys(pid).private_key)
+
+    def close_all(self) -> None:
+        """Release the ledger files (e.g. after a failed run in this process); nothing is lost: every
+        commit was already on disk."""
+        for pp in self.participants.values():
+            if not pp.ledger.closed:
+                pp.ledger.close()
+
+    def summary(self, participant: str) -> dict[str, Any]:
+        pp = self.participants[participant]
+        return {
+            "unit": pp.unit,
+            "epsilon": pp.ledger.epsilon(pp.unit) if pp.ledger.events else 0.0,
+            "delta": pp.delta,
+            "target_epsilon": pp.target_epsilon,
+            "noise_multiplier": pp.noise_multiplier,
+            "accountant": self.accountant,
+            "budget_note": pp.budget_note,
+        }
+
+    def ledger_path(self, participant: str) -> Path:
+        return self.fed.out / "ledgers" / f"{participant}.jsonl"
