@@ -35,7 +35,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
-from securefl.runtime.training import BatchLoss, TrainStats, cross_entropy_loss, fit_public
+from securefl.runtime.training import BatchLoss, PublicLoss, TrainStats, cross_entropy_loss, fit_public
 
 Commit = Callable[[AnyEvent], None]
 
@@ -66,7 +66,7 @@ class DPSGDTrainer:
     def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
             batch_size: int, epochs: int | None = None, steps: int | None = None,
             batch_loss: BatchLoss = cross_entropy_loss, max_grad_norm: float | None = None,
-            payload: str = "private_training") -> TrainStats:
+            payload: str = "private_training", public_loss: PublicLoss | None = None) -> TrainStats:
         # ``max_grad_norm`` of the plain trainer is an optimisation knob; here clipping is the
         # privacy mechanism, so the trainer's own bound always applies.
         del max_grad_norm
@@ -95,7 +95,7 @@ class DPSGDTrainer:
             for indices in sampler:
                 dp_opt.zero_grad(set_to_none=True)
                 if len(indices) == 0:
-                    self._noise_only_step(dp_opt, expected_batch)
+                    self._noise_only_step(dp_opt, expected_batch, gsm, model, public_loss)
                 else:
                     idx = torch.as_tensor(indices, dtype=torch.long)
                     loss = batch_loss(gsm, x[idx], y[idx])
@@ -103,7 +103,9 @@ class DPSGDTrainer:
                         # Opacus's hooks warn on every backward of a model whose inputs need no gradient.
                         warnings.filterwarnings("ignore", message="Full backward hook is firing")
                         loss.backward()
-                    dp_opt.step()
+                    if dp_opt.pre_step():  # clip per example, sum, add noise, scale: p.grad is now private
+                        self._add_public_gradient(gsm, model, public_loss)
+                        dp_opt.original_optimizer.step()
                     total += float(loss.detach()) * len(idx)
                     seen += len(idx)
                 done += 1
@@ -121,11 +123,33 @@ class DPSGDTrainer:
                                     reason="trained on public inputs and released aggregates only"))
         return fit_public(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, batch_loss=batch_loss)
 
-    def _noise_only_step(self, dp_opt: DPOptimizer, expected_batch: float) -> None:
+    def _noise_only_step(self, dp_opt: DPOptimizer, expected_batch: float, gsm: GradSampleModule, model: nn.Module,
+                         public_loss: PublicLoss | None) -> None:
         """An empty Poisson batch: the released update is pure noise, exactly as DPOptimizer would add."""
         std = self.noise_multiplier * self.max_grad_norm
         for group in dp_opt.original_optimizer.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
                     p.grad = torch.normal(0.0, std, size=p.shape) / expected_batch
+        self._add_public_gradient(gsm, model, public_loss)
         dp_opt.original_optimizer.step()
+
+    @staticmethod
+    def _add_public_gradient(gsm: GradSampleModule, model: nn.Module, public_loss: PublicLoss | None) -> None:
+        """Add the gradient of a public-data term after clipping and noise: post-processing, no cost.
+
+        The per-sample hooks are off meanwhile, so the public forward pass never mixes into
+        the per-record gradients.
+        """
+        if public_loss is None:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        gsm.disable_hooks()
+        try:
+            grads = torch.autograd.grad(public_loss(model), params, allow_unused=True)
+        finally:
+            gsm.enable_hooks()
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                if g is not None:
+                    p.grad = g.clone() if p.grad is None else p.grad + g

@@ -149,6 +149,10 @@ class Protocol(ABC):
         assert party.model is not None
         return {"accuracy": accuracy(party.model, self.ctx.test_x, self.ctx.test_y, classes=self.ctx.eval_classes)}
 
+    def record_level_dp_refusal(self) -> str | None:
+        """Why this configuration cannot run under record-level DP-SGD (None: it can)."""
+        return None
+
     def run_notes(self) -> dict[str, str]:
         """Facts the run report must state (e.g. FedH2L's seed-set privacy assumption)."""
         return {}

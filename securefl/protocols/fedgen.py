@@ -116,7 +116,7 @@ reference.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
 import torch
@@ -344,18 +344,18 @@ class FedGen(Protocol):
         return self.classes[prior[self.classes] > 0]
 
     def user_loss(self, generator: ConditionalGenerator, available: torch.Tensor, rnd: int) -> BatchLoss:
-        """The user's per-batch loss at round ``rnd`` (plain CE in round 1, before G is trained)."""
+        """The user's per-batch loss on private records at round ``rnd`` (plain CE in round 1).
+
+        CE(f(x), y) + β_t·KL(p_h(G(y)) ‖ p_f(x)); the α_t term on generated features has no
+        private input and is :meth:`generated_loss`, handed to the trainer separately.
+        """
         cfg = self.config
         if rnd <= 1:
             return cross_entropy_loss
         t = rnd - 1  # the reference's zero-based glob_iter
         # A zero initial weight switches its term off (the reference's floor would keep 1e-4 of it).
-        alpha = regularizer_weight(t, cfg.generative_alpha, cfg.generative_decay, cfg.generative_floor) \
-            if cfg.generative_alpha > 0 else 0.0
         beta = regularizer_weight(t, cfg.generative_beta, cfg.generative_decay, cfg.generative_floor) \
             if cfg.generative_beta > 0 else 0.0
-        # The reference balances the generated batch against the real one by their nominal sizes.
-        gen_ratio = cfg.gen_batch_size / cfg.batch_size
         generator.eval()  # users only sample from G (running BN statistics); it is never trained here
 
         def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -366,12 +366,30 @@ class FedGen(Protocol):
                 with torch.no_grad():
                     target = head(generator(y)[0])  # the head's posterior on a feature of the same label
                 total = total + beta * kl_distillation(logits, target)
-            if alpha > 0:
-                y_hat = available[torch.randint(len(available), (cfg.gen_batch_size,))]
-                with torch.no_grad():
-                    z_hat, _ = generator(y_hat)
-                total = total + gen_ratio * alpha * F.cross_entropy(head(z_hat), y_hat)
             return total
+
+        return loss
+
+    def generated_loss(self, generator: ConditionalGenerator, available: torch.Tensor,
+                       rnd: int) -> Callable[[nn.Module], torch.Tensor] | None:
+        """α_t · CE(h(G(ŷ)), ŷ): the head on *generated* features, a term with no private input.
+
+        Handed to the trainer as a public term, so a DP trainer adds its gradient after
+        clipping and noising the private one.
+        """
+        cfg = self.config
+        if rnd <= 1 or cfg.generative_alpha <= 0:
+            return None
+        alpha = regularizer_weight(rnd - 1, cfg.generative_alpha, cfg.generative_decay, cfg.generative_floor)
+        # The reference balances the generated batch against the real one by their nominal sizes.
+        gen_ratio = cfg.gen_batch_size / cfg.batch_size
+        generator.eval()
+
+        def loss(model: nn.Module) -> torch.Tensor:
+            y_hat = available[torch.randint(len(available), (cfg.gen_batch_size,))]
+            with torch.no_grad():
+                z_hat, _ = generator(y_hat)
+            return gen_ratio * alpha * F.cross_entropy(_head_of(model)(z_hat), y_hat)
 
         return loss
 
@@ -390,6 +408,7 @@ class FedGen(Protocol):
             group["lr"] = cfg.lr * cfg.lr_decay ** (rnd - 1)
         party.trainer.fit(model, opt, party.train.x, party.train.y, batch_size=cfg.batch_size,
                           steps=cfg.local_steps, batch_loss=self.user_loss(generator, self.available_labels(prior), rnd),
+                          public_loss=self.generated_loss(generator, self.available_labels(prior), rnd),
                           max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
 
         counts = party.train.label_counts(self.ctx.num_classes).float()

@@ -83,7 +83,7 @@ are not compatible with per-sample clipping as written.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -338,7 +338,7 @@ class FedH2L(Protocol):
         party.trainer.fit(party.model, party.state["opt"], party.train.x, party.train.y,
                           batch_size=self.ctx.training.batch_size, epochs=self.ctx.training.local_epochs,
                           batch_loss=self.local_objective(teachers), max_grad_norm=self.ctx.training.max_grad_norm,
-                          payload="fedh2l_local")
+                          payload="fedh2l_local", public_loss=self.public_objective(teachers))
 
     def received_posteriors(self, party: Party, inbox: Sequence[Message], rnd: int) -> torch.Tensor | None:
         """The round's fixed teachers, (m, |S|, C), or None when no posterior of a neighbour arrived."""
@@ -384,11 +384,11 @@ class FedH2L(Protocol):
 
         def batch_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             loss_loc = F.cross_entropy(model(xb), yb)
-            if teachers is None:
+            if teachers is None or cfg.alignment == "none":
+                # Plain mutual distillation: the seed-set term is handed to the trainer separately
+                # (public_objective), so a DP trainer clips and noises only the private CE.
                 return loss_loc
             loss_dist = self.distillation_term(model, x_seed, teachers)
-            if cfg.alignment == "none":
-                return loss_loc + loss_dist
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             params = [p for _, p in named]
             g_loc = _flat_grad(loss_loc, params)
@@ -401,6 +401,19 @@ class FedH2L(Protocol):
             return surrogate_loss(params, direction, loss_loc + loss_dist + cfg.meta_weight * loss_prime)
 
         return batch_loss
+
+    def public_objective(self, teachers: torch.Tensor | None) -> Callable[[nn.Module], torch.Tensor] | None:
+        """The seed-set distillation term of plain mutual distillation (public inputs only)."""
+        if teachers is None or self.config.alignment != "none":
+            return None
+        x_seed = self.seed_x()
+        return lambda model: self.distillation_term(model, x_seed, teachers)
+
+    def record_level_dp_refusal(self) -> str | None:
+        if self.config.alignment != "none":
+            return (f"fedh2l.alignment = {self.config.alignment!r} combines the local and distillation gradients "
+                    "per step, which per-example clipping cannot do soundly; use alignment: none under record-level DP")
+        return None
 
     def distillation_term(self, model: nn.Module, x_seed: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
         """lambda T^2 mean_j KL(p_j || p_i) on a fresh random minibatch of S (torch's runtime-seeded RNG)."""

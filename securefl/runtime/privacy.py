@@ -60,6 +60,11 @@ class PrivacyRuntime:
     def build(cls, fed: Federation) -> PrivacyRuntime:
         cfg = fed.config.privacy
         runtime = cls(unit=cfg.unit, accountant=cfg.accountant, fed=fed)
+        refusal = fed.protocol.record_level_dp_refusal() if cfg.unit == "record" else None
+        if refusal:
+            from securefl.protocols.base import ProtocolSetupError
+
+            raise ProtocolSetupError(f"privacy.unit = 'record': {refusal}")
         for party, pcfg in zip(fed.parties, fed.config.participants, strict=True):
             runtime.participants[party.id] = runtime._set_up(fed, party, pcfg)
         if cfg.unit == "record":

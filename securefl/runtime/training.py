@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# A term computed on public or synthetic inputs only (FedH2L's seed-set distillation, FedGen's
+# generated features). It is passed separately because DP-SGD must clip and noise only the
+# per-record private gradient; the public term's gradient is added afterwards at no privacy cost.
+PublicLoss = Callable[[nn.Module], torch.Tensor]
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -56,14 +60,16 @@ class PlainTrainer:
     def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
             batch_size: int, epochs: int | None = None, steps: int | None = None,
             batch_loss: BatchLoss = cross_entropy_loss, max_grad_norm: float | None = None,
-            payload: str = "private_training") -> TrainStats:
+            payload: str = "private_training", public_loss: PublicLoss | None = None) -> TrainStats:
         """Train for ``epochs`` passes or exactly ``steps`` minibatches (FedGen counts steps).
+
+        Each step minimises ``batch_loss`` on a private minibatch plus ``public_loss`` (if given).
 
         ``payload`` names the step for the privacy ledger of a DP trainer; the
         plain trainer records nothing.
         """
         return _run_minibatches(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, steps=steps,
-                                batch_loss=batch_loss, max_grad_norm=max_grad_norm)
+                                batch_loss=batch_loss, max_grad_norm=max_grad_norm, public_loss=public_loss)
 
     def fit_public(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                    batch_size: int, epochs: int, batch_loss: BatchLoss = cross_entropy_loss,
@@ -81,7 +87,7 @@ def fit_public(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                      batch_size: int, epochs: int | None, steps: int | None, batch_loss: BatchLoss,
-                     max_grad_norm: float | None) -> TrainStats:
+                     max_grad_norm: float | None, public_loss: PublicLoss | None = None) -> TrainStats:
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs or steps")
     n = len(x)
@@ -104,6 +110,8 @@ def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torc
             break
         optimizer.zero_grad(set_to_none=True)
         loss = batch_loss(model, x[idx], y[idx])
+        if public_loss is not None:
+            loss = loss + public_loss(model)
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

@@ -118,9 +118,12 @@ def test_user_loss_is_plain_ce_in_round_one_and_the_full_regulariser_after(tmp_p
     generator = proto._new_generator()
     available = proto.classes
     assert proto.user_loss(generator, available, 1) is cross_entropy_loss
+    assert proto.generated_loss(generator, available, 1) is None
     model, x, y = party.model, party.train.x[:32], party.train.y[:32]
     torch.manual_seed(7)
-    got = proto.user_loss(generator, available, 3)(model, x, y)
+    # The private part and the generated-feature part (handed to the trainer separately, so that a
+    # DP trainer clips only the former) together make the reference's user loss.
+    got = proto.user_loss(generator, available, 3)(model, x, y) + proto.generated_loss(generator, available, 3)(model)
     # By hand, with the same random draws: round 3 is t = 2, so α = β = 10 · 0.98².
     torch.manual_seed(7)
     weight = 10 * 0.98**2

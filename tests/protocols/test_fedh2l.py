@@ -119,6 +119,9 @@ def _closure_gradient(fed: Federation, party_index: int, teachers: torch.Tensor,
     xb, yb = party.train.x[:16], party.train.y[:16]
     torch.manual_seed(5)
     loss = fed.protocol.local_objective(teachers)(model, xb, yb)
+    public = fed.protocol.public_objective(teachers)  # plain mode: the seed-set term is passed separately
+    if public is not None:
+        loss = loss + public(model)
     model.zero_grad()
     loss.backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters()]), float(loss.detach())
@@ -249,7 +252,10 @@ def test_plain_objective_is_ce_plus_distillation_on_a_seed_minibatch(tmp_path: P
     teachers = torch.stack([m.tensor("posteriors") for m in _first_round(fed)[party.id]])
     xb, yb = party.train.x[:16], party.train.y[:16]
     torch.manual_seed(9)
-    got = fed.protocol.local_objective(teachers)(party.model, xb, yb)
+    private = fed.protocol.local_objective(teachers)(party.model, xb, yb)
+    got = private + fed.protocol.public_objective(teachers)(party.model)
+    # The private part alone is the CE: DP-SGD clips and noises only that, the seed-set term is public.
+    torch.testing.assert_close(private, F.cross_entropy(party.model(xb), yb))
     torch.manual_seed(9)
     pick = torch.randperm(100)[:32]
     z_seed = party.model(fed.protocol.seed_x()[pick])

@@ -1,0 +1,85 @@
+"""The DP-SGD trainer: Poisson sampling, write-ahead commit, clipping, and public terms left unclipped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from securefl.privacy.dp_sgd import DPSGDTrainer
+from securefl.privacy.errors import BudgetExceeded
+from securefl.privacy.events import PrivacyEvent, PublicDataEvent
+
+
+def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def test_one_event_per_call_committed_before_training_with_poisson_rate() -> None:
+    events: list = []
+    model = nn.Linear(5, 3)
+    trainer = DPSGDTrainer(noise_multiplier=1.3, max_grad_norm=0.7, commit=events.append)
+    x, y = _data(64)
+    stats = trainer.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, batch_size=16, epochs=2,
+                        payload="revisit")
+    (event,) = events
+    assert isinstance(event, PrivacyEvent)
+    assert event.sample_rate == pytest.approx(16 / 64) and event.steps == 8 == stats.steps
+    assert event.noise_multiplier == 1.3 and event.sensitivity == 0.7 and event.payload == "revisit"
+
+
+def test_a_refused_commit_trains_nothing() -> None:
+    model = nn.Linear(5, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def refuse(event):  # type: ignore[no-untyped-def]
+        raise BudgetExceeded("over budget", participant="p0", unit="record", epsilon_would_be=9.0, budget=8.0, delta=1e-5)
+
+    trainer = DPSGDTrainer(noise_multiplier=1.0, max_grad_norm=1.0, commit=refuse)
+    x, y = _data()
+    with pytest.raises(BudgetExceeded):
+        trainer.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, batch_size=16, epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_private_gradients_are_clipped_and_public_terms_are_not() -> None:
+    x, y = _data(32)
+    big = 1000.0
+
+    def private_loss(model, xb, yb):  # type: ignore[no-untyped-def]
+        return big * model(xb).sum() / len(xb)  # per-example gradient far above the clip bound
+
+    def one_step(public: bool) -> float:
+        model = nn.Linear(5, 3, bias=False)
+        with torch.no_grad():
+            model.weight.zero_()
+        trainer = DPSGDTrainer(noise_multiplier=1e-6, max_grad_norm=1.0, commit=lambda e: None)
+        torch.manual_seed(0)
+        trainer.fit(model, torch.optim.SGD(model.parameters(), lr=1.0), x, y, batch_size=32, steps=1,
+                    batch_loss=(lambda m, xb, yb: 0 * m(xb).sum()) if public else private_loss,
+                    public_loss=(lambda m: big * m.weight.sum()) if public else None)
+        return float(model.weight.detach().abs().max())
+
+    # Clipped to norm 1 per example: the private step moves the weights by at most ~1.
+    assert one_step(public=False) <= 1.01
+    # The public term is added after clipping and noise, untouched: the step is the full 1000.
+    assert one_step(public=True) == pytest.approx(big, rel=1e-3)
+
+
+def test_public_steps_are_logged_as_spending_nothing() -> None:
+    events: list = []
+    model = nn.Linear(5, 3)
+    x, y = _data()
+    DPSGDTrainer(noise_multiplier=1.0, max_grad_norm=1.0, commit=events.append).fit_public(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, batch_size=16, epochs=1, payload="digest")
+    assert len(events) == 1 and isinstance(events[0], PublicDataEvent) and events[0].payload == "digest"
+
+
+def test_model_is_left_without_opacus_hooks() -> None:
+    model = nn.Linear(5, 3)
+    x, y = _data()
+    DPSGDTrainer(noise_multiplier=1.0, max_grad_norm=1.0, commit=lambda e: None).fit(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, batch_size=16, epochs=1)
+    model(x).sum().backward()
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
