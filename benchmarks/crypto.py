@@ -261,8 +261,121 @@ def b2_masking_vs_ckks(bench: Bench) -> list[Row]:
     ]
 
 
-#: Every measurement, run in order. B3 (one FedMD round) is added here by the runtime's owner.
-MEASUREMENTS: list[Callable[[Bench], list[Row]]] = [b1_ckks_vs_raw, b2_masking_vs_ckks]
+# -- B3: one FedMD round on Fashion-MNIST, K = 10 ---------------------------------------------------------
+def _fedmd_federation(out: Path, **changes: object):  # type: ignore[no-untyped-def]
+    """A FedMD federation on Fashion-MNIST, pre-trained for one epoch (step 0 is not part of a round)."""
+    from securefl.config import deep_merge, parse_config
+    from securefl.runtime.federation import Federation
+
+    raw = {
+        "protocol": "fedmd",
+        "run": {"seed": 0, "rounds": 100},
+        "data": {"dataset": "fashion_mnist", "max_train_records": 20_000, "public_size": 5000,
+                 "partition": {"kind": "dirichlet", "alpha": 0.5}},
+        "training": {"batch_size": 64},
+        "participants": [{"id": f"p{i}", "model": m} for i, m in enumerate(
+            ["cnn_s", "mlp_m", "resnet_s", "mlp_l", "deepcnn_s", "mlp_s", "cnn_s", "resnet_s", "mlp_m", "deepcnn_s"])],
+        "fedmd": {"alignment_size": 5000, "transfer_max_epochs": 1, "revisit_epochs": 1, "revisit_batch_size": 64},
+    }
+    fed = Federation(parse_config(deep_merge(raw, dict(changes))), out, progress=False)
+    for party in fed.parties:
+        fed.protocol.prepare_party(party)
+    return fed
+
+
+def _time_round(fed, rnd: int) -> float:  # type: ignore[no-untyped-def]
+    sampled = fed.sample(rnd)
+    fed._current_round = rnd
+    start = time.perf_counter()
+    fed._round(rnd, sampled, tqdm(disable=True))
+    return time.perf_counter() - start
+
+
+def b3_fedmd_round(bench: Bench) -> list[Row]:
+    """Plain vs CKKS vs masking vs DP-SGD, one FedMD round each, alternated; then DP-SGD vs raw Opacus."""
+    import tempfile
+
+    from securefl.data.datasets import DataError, load_fashion_mnist
+
+    try:
+        load_fashion_mnist()
+    except DataError as exc:
+        print(f"B3 skipped: {exc}", file=sys.stderr)
+        return []
+    repeats = min(bench.repeats, 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        feds = {
+            "plain": _fedmd_federation(Path(tmp) / "plain"),
+            "ckks": _fedmd_federation(Path(tmp) / "ckks", secure_aggregation="ckks"),
+            "masking": _fedmd_federation(Path(tmp) / "masking", secure_aggregation="masking"),
+            "dp_sgd": _fedmd_federation(Path(tmp) / "dp", privacy={"unit": "record", "target_epsilon": 8.0}),
+        }
+        times: dict[str, list[float]] = {k: [] for k in feds}
+        for rep in range(repeats):
+            names = list(feds) if rep % 2 == 0 else list(reversed(feds))
+            for name in names:
+                times[name].append(_time_round(feds[name], rep + 1))
+            bench.tick(f"B3 rep {rep + 1}")
+        for fed in feds.values():
+            if fed.privacy is not None:
+                fed.privacy.close_all()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    opacus_ratio, t_ours, t_raw = _dp_trainer_vs_raw_opacus(repeats)
+    return [
+        Row("B3 FedMD round, CKKS / plain (K=10, Fashion-MNIST)", med["ckks"] / med["plain"], 1.10, "lower", "ratio"),
+        Row("B3 FedMD round, masking / plain", med["masking"] / med["plain"], None, "lower", "ratio"),
+        Row("B3 FedMD round, DP-SGD / plain", med["dp_sgd"] / med["plain"], None, "lower", "ratio"),
+        Row("B3 FedMD round time, plain", med["plain"], None, "lower", "s"),
+        Row("B3 securefl DP-SGD trainer / raw Opacus (one epoch, 6,000 images)", opacus_ratio, 1.15, "lower", "ratio"),
+        Row("B3 raw Opacus epoch time", t_raw, None, "lower", "s"),
+        Row("B3 securefl DP-SGD epoch time", t_ours, None, "lower", "s"),
+    ]
+
+
+def _dp_trainer_vs_raw_opacus(repeats: int) -> tuple[float, float, float]:
+    """Same model, data, batch, σ and clip: our trainer against Opacus's own make_private loop."""
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from securefl.data.datasets import load_fashion_mnist
+    from securefl.models.zoo import build_model
+    from securefl.privacy.dp_sgd import DPSGDTrainer
+
+    data = load_fashion_mnist()
+    x, y = data.x_train[:6000], data.y_train[:6000]
+
+    def ours() -> None:
+        torch.manual_seed(0)
+        model = build_model("cnn_s", (1, 28, 28), 10)
+        DPSGDTrainer(noise_multiplier=1.0, max_grad_norm=1.0, commit=lambda e: None).fit(
+            model, torch.optim.SGD(model.parameters(), lr=0.05), x, y, batch_size=64, epochs=1)
+
+    def raw() -> None:
+        torch.manual_seed(0)
+        model = build_model("cnn_s", (1, 28, 28), 10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, optimizer, loader = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(x, y), batch_size=64),
+                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True)
+            for xb, yb in loader:
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                optimizer.step()
+
+    t_ours, t_raw = [], []
+    for rep in range(repeats):
+        for name in (("ours", "raw") if rep % 2 == 0 else ("raw", "ours")):
+            dt, _ = _timed(ours if name == "ours" else raw)
+            (t_ours if name == "ours" else t_raw).append(dt)
+    return statistics.median(t_ours) / statistics.median(t_raw), statistics.median(t_ours), statistics.median(t_raw)
+
+
+#: Every measurement, run in order.
+MEASUREMENTS: list[Callable[[Bench], list[Row]]] = [b1_ckks_vs_raw, b2_masking_vs_ckks, b3_fedmd_round]
 
 
 # -- output ------------------------------------------------------------------------------------------------
@@ -276,7 +389,7 @@ def _fmt(value: float | None) -> str:
 
 def markdown(rows: list[Row], command: str) -> str:
     lines = [
-        "# Crypto benchmarks (B1, B2)",
+        "# Cost of the protections (B1, B2, B3)",
         "",
         f"Made by `{command}` on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
         f"{platform.machine()} with {os.cpu_count()} cores, Python {platform.python_version()}, "
