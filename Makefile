@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow test-all lint bench clean
+.PHONY: demo test test-slow test-all bench-smoke lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # exit 5 = no slow tests selected
 
 test-all: test test-slow
+
+# Every protocol for 2 rounds on real Fashion-MNIST (6,000 records, one seed): catches a protocol broken on real data.
+bench-smoke: $(STAMP)
+	$(BIN)/python benchmarks/accuracy.py --quick --setting A1 --jobs 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check securefl tests benchmarks

@@ -113,6 +113,9 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
         return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True}
     raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir), row.overrides)
     raw["protocol"] = row.protocol
+    if quick and "fedh2l" in raw:
+        # The quick smoke's public set is smaller than the full run's seed set.
+        raw["fedh2l"]["seed_size"] = min(raw["fedh2l"].get("seed_size") or 0, raw["data"]["public_size"]) or None
     if row.homogeneous:
         raw["participants"] = [{"id": p["id"], "model": A1_MODELS[0]} for p in raw["participants"]]
     config = parse_config(raw, f"{setting}/{row.protocol}/{row.variant}")
