@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 from torch import nn
 
 LATENT_DIM = 32  # shared by all zoo models so FedGen's heads are interchangeable
@@ -147,6 +149,16 @@ MODEL_ZOO: dict[str, ModelSpec] = {
 
 class UnknownModel(ValueError):
     pass
+
+
+def check_model_name(value: str) -> str:
+    """Pydantic validator: a config field naming a zoo model."""
+    if value not in MODEL_ZOO:
+        raise ValueError(f"unknown model; allowed: {', '.join(MODEL_ZOO)}")
+    return value
+
+
+ModelName = Annotated[str, AfterValidator(check_model_name)]
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *,

@@ -89,10 +89,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field as PydField
-from pydantic import field_validator
 from torch import nn
 
-from securefl.models.zoo import MODEL_ZOO, UnknownModel
+from securefl.models.zoo import ModelName, UnknownModel
 from securefl.protocols.base import (
     Downlink,
     Field,
@@ -117,7 +116,7 @@ class FMLConfig(ProtocolConfig):
     uses E = 5); rounds and clients are ``run.rounds`` and ``participants``.
     """
 
-    meme_model: str = PydField("cnn_s", description="zoo architecture of the shared meme model (same for all)")
+    meme_model: ModelName = PydField("cnn_s", description="zoo architecture of the shared meme model (same for all)")
     alpha: float = PydField(0.5, ge=0, le=1, description="local model's weight on CE; 1-alpha on KL(p_meme||p_local)")
     beta: float = PydField(0.5, ge=0, le=1, description="meme's weight on CE; 1-beta on KL(p_local||p_meme)")
     weighting: Literal["uniform", "samples"] = PydField(
@@ -130,12 +129,6 @@ class FMLConfig(ProtocolConfig):
     reset_meme_optimizer: bool = PydField(
         True, description="clear the meme's optimizer state at each fork, as the reference does")
 
-    @field_validator("meme_model")
-    @classmethod
-    def _meme_model_exists(cls, value: str) -> str:
-        if value not in MODEL_ZOO:
-            raise ValueError(f"unknown model; allowed: {', '.join(MODEL_ZOO)}")
-        return value
 
 
 class MutualPair(nn.Module):
