@@ -24,9 +24,10 @@ accounting to hold.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -38,6 +39,14 @@ from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
 from securefl.runtime.training import BatchLoss, PublicLoss, TrainStats, cross_entropy_loss, fit_public
 
 Commit = Callable[[AnyEvent], None]
+
+
+@contextlib.contextmanager
+def _quiet_hooks() -> Iterator[None]:
+    """Opacus's backward hooks make torch warn on every backward of a model whose inputs need no gradient."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
 
 
 class DPSGDTrainer:
@@ -99,9 +108,7 @@ class DPSGDTrainer:
                 else:
                     idx = torch.as_tensor(indices, dtype=torch.long)
                     loss = batch_loss(gsm, x[idx], y[idx])
-                    with warnings.catch_warnings():
-                        # Opacus's hooks warn on every backward of a model whose inputs need no gradient.
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    with _quiet_hooks():
                         loss.backward()
                     if dp_opt.pre_step():  # clip per example, sum, add noise, scale: p.grad is now private
                         self._add_public_gradient(gsm, model, public_loss)
@@ -146,7 +153,8 @@ class DPSGDTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         gsm.disable_hooks()
         try:
-            grads = torch.autograd.grad(public_loss(model), params, allow_unused=True)
+            with _quiet_hooks():
+                grads = torch.autograd.grad(public_loss(model), params, allow_unused=True)
         finally:
             gsm.enable_hooks()
         with torch.no_grad():

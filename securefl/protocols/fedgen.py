@@ -297,6 +297,13 @@ class FedGen(Protocol):
         load_flat_parameters(generator, flat)
         return generator
 
+    def record_level_dp_refusal(self) -> str | None:
+        if self.config.label_counts == "histogram":
+            # DP-SGD protects the model; the raw label counts would leave beside it unprotected.
+            return ("fedgen.label_counts = 'histogram' releases each user's raw label counts, which DP-SGD does not "
+                    "cover; use label_counts: none (uniform weights) under record-level DP")
+        return None
+
     def validate_participants(self, parties: Sequence[Party]) -> None:
         models = sorted({p.model_name for p in parties})
         if self.config.share == "full" and len(models) != 1:

@@ -163,3 +163,20 @@ def test_each_participant_keeps_one_ledger_object_for_the_whole_run(tmp_path: Pa
         (_ for _ in ()).throw(AssertionError("ledger replaced")) for pid, pp in fed.privacy.participants.items()
         if pp.ledger is not ledgers[pid]]
     fed.run()
+
+
+def test_record_level_dp_refuses_what_it_cannot_cover_before_round_one(tmp_path: Path) -> None:
+    from securefl.protocols import ProtocolSetupError
+
+    targets = [{"id": f"p{i}", "model": "mlp_s", "target_epsilon": 8.0} for i in range(3)]
+    with pytest.raises(ProtocolSetupError, match="label_counts"):
+        Federation(tiny_config(protocol="fedgen", privacy={"unit": "record"}, participants=targets),
+                   tmp_path / "a", progress=False)
+    with pytest.raises(ProtocolSetupError, match="alignment"):
+        Federation(tiny_config(protocol="fedh2l", privacy={"unit": "record"}, participants=targets,
+                               fedh2l={"alignment": "pcgrad"}), tmp_path / "b", progress=False)
+    # With the uncovered parts switched off, both run and stay within budget.
+    for proto, extra in (("fedgen", {"fedgen": {"label_counts": "none"}}), ("fedh2l", {})):
+        summary = Federation(tiny_config(protocol=proto, privacy={"unit": "record"}, participants=targets,
+                                         run={"rounds": 1}, **extra), tmp_path / proto, progress=False).run()
+        assert all(p["epsilon"] <= 8.0 for p in summary["participants"])
