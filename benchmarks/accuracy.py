@@ -57,14 +57,15 @@ ROWS: list[Row] = [
     Row("fedavg", "homogeneous cnn_s", homogeneous=True),
     Row("fedmd", "-"),
     Row("fedh2l", "plain", {"fedh2l": {"alignment": "none", "seed_size": 2000}}),
-    Row("fedh2l", "meta-aligned", {"fedh2l": {"alignment": "meta", "seed_size": 2000}}),
-    Row("fedh2l", "pcgrad-aligned", {"fedh2l": {"alignment": "pcgrad", "seed_size": 2000}}),
     Row("fml", "local", {"fml": {"batch_size": 64, "meme_model": "cnn_s"}}),  # also reports the meme
     Row("fedgen", "private", {"fedgen": {"mode": "private"}}),
     Row("fedgen", "reference", {"fedgen": {"mode": "reference"}}),
     Row("heterofl", "a-e mix", {"heterofl": {**_ONE_EPOCH, "hidden_sizes": [32, 64, 128], "norm": "gn",
                                              "proportions": "a1-b1-c1-d1-e1"}}),
+    Row("fedh2l", "meta-aligned", {"fedh2l": {"alignment": "meta", "seed_size": 2000}}),
+    Row("fedh2l", "pcgrad-aligned", {"fedh2l": {"alignment": "pcgrad", "seed_size": 2000}}),
 ]
+MIXED_TARGETS = (1.0, 4.0, 8.0)
 A2_ROWS = ["local_only", "pooled", "fedmd", "fedh2l"]
 
 
@@ -105,6 +106,7 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
 
     torch.set_num_threads(1)
     from securefl.config import deep_merge, parse_config
+    from securefl.protocols import ProtocolSetupError
     from securefl.runtime.federation import CHECKPOINT, Federation
 
     setting, row, epsilon, seed, quick, data_dir = task
@@ -113,6 +115,11 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
         return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True}
     raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir), row.overrides)
     raw["protocol"] = row.protocol
+    if epsilon != "inf":
+        raw = deep_merge(raw, {"privacy": {"unit": "record", "delta": 1e-5}})
+        for i, participant in enumerate(raw["participants"]):
+            # Mixed budgets: the owners' targets cycle through {1, 4, 8}.
+            participant["target_epsilon"] = float(epsilon) if epsilon != "mixed" else MIXED_TARGETS[i % 3]
     if quick and "fedh2l" in raw:
         # The quick smoke's public set is smaller than the full run's seed set.
         raw["fedh2l"]["seed_size"] = min(raw["fedh2l"].get("seed_size") or 0, raw["data"]["public_size"]) or None
@@ -120,7 +127,12 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
         raw["participants"] = [{"id": p["id"], "model": A1_MODELS[0]} for p in raw["participants"]]
     config = parse_config(raw, f"{setting}/{row.protocol}/{row.variant}")
     t0 = time.perf_counter()
-    summary = Federation(config, out, resume=(out / CHECKPOINT).exists(), progress=False).run()
+    try:
+        fed = Federation(config, out, resume=(out / CHECKPOINT).exists(), progress=False)
+    except ProtocolSetupError as exc:
+        # e.g. pooled under DP, or FedGen's raw label counts under record-level DP: reported, not run.
+        return {"task": task[:4], "refused": str(exc), "reused": False}
+    summary = fed.run()
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {"task": task[:4], "summary": summary, "reused": False}
@@ -132,6 +144,8 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     cells: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for res in results:
         setting, row, epsilon, _ = res["task"]
+        if "refused" in res:
+            continue
         cells.setdefault((setting, row.protocol, row.variant, epsilon), []).append(res["summary"])
     rows = []
     for (setting, protocol, variant, epsilon), summaries in cells.items():
@@ -178,6 +192,13 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, command: str) -> None
             lines.append(f"| {protocol} | {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     path.write_text("\n".join(lines))
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def _eps_key(eps: str) -> tuple[int, float]:
@@ -267,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             if setting == "A2" and (row.protocol not in A2_ROWS or row.variant not in ("-", "plain")):
                 continue
             for eps in args.epsilons:
-                if eps != "inf":
-                    raise SystemExit("DP columns need the privacy layer (not wired yet); use --epsilons inf")
+                if eps not in ("inf", "mixed") and not _is_positive_number(eps):
+                    parser.error(f"--epsilons: {eps!r} is not inf, mixed or a positive number")
                 for seed in args.seeds:
                     tasks.append((setting, row, eps, seed, args.quick, args.data_dir))
 
@@ -281,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         for res in pool.imap_unordered(_one_run, tasks):
             results.append(res)
             setting, row, eps, seed = res["task"]
-            bar.set_postfix_str(f"{setting} {row.protocol}/{row.variant} ε={eps} s{seed}: "
-                                f"{res['summary']['mean_accuracy']:.3f}")
+            outcome = f"refused ({res['refused'][:60]})" if "refused" in res else f"{res['summary']['mean_accuracy']:.3f}"
+            bar.set_postfix_str(f"{setting} {row.protocol}/{row.variant} ε={eps} s{seed}: {outcome}")
             bar.update(1)
             # Rewrite the tables after every finished run: a stopped benchmark keeps what it measured.
             write_results(results, args.out_name, command.strip(), quick=args.quick)

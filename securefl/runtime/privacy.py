@@ -106,6 +106,11 @@ class PrivacyRuntime:
             # bound (ε grows with q), so the run ends at or under the target.
             n = max(party.num_samples, 1)
             plan = fed.protocol.private_training_plan(party)
+            if not plan:
+                from securefl.protocols.base import ProtocolSetupError
+
+                raise ProtocolSetupError(f"privacy.unit = 'record': {fed.protocol.name} does no training at the "
+                                         "participants, so there is nothing for per-participant DP-SGD to protect")
             steps = sum(DPSGDTrainer.steps_for(n, batch_size=b, epochs=e, steps=s) for b, e, s in plan)
             rate = max(min(1.0, b / n) for b, _, _ in plan)
             sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=rate, steps=steps,

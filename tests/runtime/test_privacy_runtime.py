@@ -180,3 +180,10 @@ def test_record_level_dp_refuses_what_it_cannot_cover_before_round_one(tmp_path:
         summary = Federation(tiny_config(protocol=proto, privacy={"unit": "record"}, participants=targets,
                                          run={"rounds": 1}, **extra), tmp_path / proto, progress=False).run()
         assert all(p["epsilon"] <= 8.0 for p in summary["participants"])
+
+
+def test_pooled_baseline_is_refused_under_record_level_dp(tmp_path: Path) -> None:
+    from securefl.protocols import ProtocolSetupError
+
+    with pytest.raises(ProtocolSetupError, match="nothing for per-participant DP-SGD"):
+        Federation(tiny_config(protocol="pooled", **RECORD), tmp_path / "run", progress=False)
