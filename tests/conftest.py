@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from securefl.config import deep_merge, parse_config
+
+# The test models are tiny: one intra-op thread is as fast as two on a quiet machine, and much
+# faster when other processes share the cores (thread oversubscription made some files 40x slower).
+torch.set_num_threads(1)
 
 TINY: dict[str, Any] = {
     "protocol": "fedmd",
