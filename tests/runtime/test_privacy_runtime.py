@@ -159,10 +159,17 @@ def test_distributed_noise_requires_secure_aggregation_and_runs_under_masking(tm
 def test_each_participant_keeps_one_ledger_object_for_the_whole_run(tmp_path: Path) -> None:
     fed = Federation(tiny_config(**RECORD), tmp_path / "run", progress=False)
     ledgers = {pid: pp.ledger for pid, pp in fed.privacy.participants.items()}
-    fed.on_round_end = lambda rnd: [  # type: ignore[assignment]
-        (_ for _ in ()).throw(AssertionError("ledger replaced")) for pid, pp in fed.privacy.participants.items()
-        if pp.ledger is not ledgers[pid]]
+    replaced: list[tuple[int, str]] = []
+
+    def check(rnd: int) -> None:
+        replaced.extend((rnd, pid) for pid, pp in fed.privacy.participants.items() if pp.ledger is not ledgers[pid])
+
+    fed.on_round_end = check
     fed.run()
+    assert replaced == []
+    # ...and the one ledger saw every round's spend.
+    rounds = {e["round"] for e in ledgers["p0"].entries if e["kind"] == "release"}
+    assert {0, 1, 2} <= rounds
 
 
 def test_record_level_dp_refuses_what_it_cannot_cover_before_round_one(tmp_path: Path) -> None:
