@@ -111,6 +111,7 @@ def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[st
         f"- Dataset: {summary['dataset']}; rounds: {summary['rounds']}; seed: {summary['seed']}",
         f"- Mean test accuracy: **{summary['mean_accuracy']:.4f}** "
         f"(min {summary['min_accuracy']:.4f}, max {summary['max_accuracy']:.4f})",
+        *[f"- {k.capitalize()}: {v}" for k, v in summary["notes"].items()],
         "",
         "| participant | model | train records | final accuracy | after pre-training |",
         "|---|---|---|---|---|",
@@ -119,7 +120,6 @@ def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[st
     for p in summary["participants"]:
         lines.append(f"| {p['id']} | {p['model']} | {p['train_records']} | {p['final_accuracy']:.4f} | "
                      f"{first[p['id']]['accuracy']:.4f} |")
-    lines += [f"- {k.capitalize()}: {v}" for k, v in summary["notes"].items()]
     if summary["privacy_unit"] != "none":
         lines += ["", f"## Privacy ({summary['privacy_unit']}-level DP, secure aggregation: "
                       f"{summary['secure_aggregation']})", "",
