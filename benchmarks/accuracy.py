@@ -235,11 +235,9 @@ def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool) -> No
     ax.set_xlabel("round (0 = after local pre-training)")
     ax.set_ylabel("mean test accuracy over participants")
     ax.set_title("Fashion-MNIST, setting A1, ε = ∞")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from securefl.report import finish_figure
+
+    finish_figure(fig, ax, path)
 
 
 def write_results(results: list[dict[str, Any]], out_name: str, command: str, *, quick: bool) -> None:

@@ -75,8 +75,15 @@ def plot_privacy(privacy: Any, path: Path) -> None:
     ax.set_xlabel("round (0 = before round 1)")
     ax.set_ylabel(f"ε spent ({privacy.unit}-level, {privacy.accountant})")
     ax.set_title("Privacy spent per participant (dashed: each one's budget)")
+    finish_figure(fig, ax, path)
+
+
+def finish_figure(fig: Any, ax: Any, path: Path, *, legend_loc: str = "best") -> None:
+    """The house style every securefl plot ends with: grid, compact legend, saved and closed."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc=legend_loc)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -96,11 +103,7 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: Path, *, title: str) -> N
     ax.set_xlabel("round (0 = after local pre-training)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, ax, path, legend_loc="lower right")
 
 
 def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[str, Any]]) -> str:

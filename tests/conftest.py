@@ -46,9 +46,6 @@ def metrics_without_time(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-deep_update = deep_merge  # kept for the protocol contract tests
-
-
 @pytest.fixture
 def make_config():
     return tiny_config

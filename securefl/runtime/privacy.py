@@ -91,7 +91,7 @@ class PrivacyRuntime:
             raise PolicyError(f"participant {party.id!r}: no ε target (set target_epsilon or a policy_file)")
         experiment = ExperimentTarget(target_epsilon=target, delta=pcfg.delta or cfg.delta, unit=cfg.unit)
         budget, note = resolve_budget(policy, experiment, participant=party.id)
-        ledger = Ledger.open(fed.out / "ledgers" / f"{party.id}.jsonl", participant=party.id,
+        ledger = Ledger.open(ledger_path(fed.out, party.id), participant=party.id,
                              max_epsilon=budget.max_epsilon, delta=budget.delta,
                              signing_key=fed.party_keys(party.id).private_key, accountant=cfg.accountant)
         sigma, steps, rate = self._calibrate(fed, party, budget.max_epsilon, budget.delta)
@@ -161,4 +161,9 @@ class PrivacyRuntime:
         }
 
     def ledger_path(self, participant: str) -> Path:
-        return self.fed.out / "ledgers" / f"{participant}.jsonl"
+        return ledger_path(self.fed.out, participant)
+
+
+def ledger_path(run_dir: Path, participant: str) -> Path:
+    """Where a participant's ledger lives in a run directory (the audit reads the same place)."""
+    return run_dir / "ledgers" / f"{participant}.jsonl"

@@ -13,12 +13,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from securefl.config import deep_merge
 from securefl.protocols import get_protocol
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.federation import Federation
 from securefl.runtime.message import Message
 from securefl.runtime.transport import InProcessTransport
-from tests.conftest import deep_update, metrics_without_time, tiny_config
+from tests.conftest import metrics_without_time, tiny_config
 
 FORBIDDEN_IMPORTS = {"opacus", "tenseal", "cryptography", "flwr", "securefl.privacy", "securefl.crypto",
                      "securefl.layers"}
@@ -57,7 +58,7 @@ class ProtocolContract:
     shares_nothing: ClassVar[bool] = False  # baselines such as local-only send no messages
 
     def config(self, **changes: Any) -> Any:
-        return tiny_config(**deep_update({"protocol": self.protocol, **self.overrides}, changes))
+        return tiny_config(**deep_merge({"protocol": self.protocol, **self.overrides}, changes))
 
     def test_runs_and_writes_the_run_directory(self, tmp_path: Path) -> None:
         summary = Federation(self.config(), tmp_path / "run", progress=False).run()

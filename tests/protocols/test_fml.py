@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from securefl.config import ConfigError, load_config
+from securefl.config import ConfigError, deep_merge, load_config
 from securefl.protocols import ProtocolSetupError
 from securefl.protocols.base import flat_parameters
 from securefl.protocols.fml import FML, mutual_losses
 from securefl.runtime.federation import Federation
 from securefl.runtime.message import Message
 from securefl.runtime.training import PlainTrainer, accuracy, make_optimizer
-from tests.conftest import deep_update, metrics_without_time, tiny_config
+from tests.conftest import metrics_without_time, tiny_config
 from tests.protocols.contract import ProtocolContract, RecordingTransport
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ class TestFMLContract(ProtocolContract):
 
 
 def _fed(tmp_path: Path, **changes: Any) -> Federation:
-    return Federation(tiny_config(**deep_update({"protocol": "fml"}, changes)), tmp_path / "run", progress=False)
+    return Federation(tiny_config(**deep_merge({"protocol": "fml"}, changes)), tmp_path / "run", progress=False)
 
 
 def _meme(party) -> torch.nn.Module:  # type: ignore[no-untyped-def]
