@@ -138,37 +138,59 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
     return {"task": task[:4], "summary": summary, "reused": False}
 
 
-def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    import numpy as np
-
-    cells: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+def per_seed_cells(results: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[int, dict[str, float]]]:
+    """(setting, protocol, variant, ε) -> seed -> {mean, min, max} over participants, from finished runs."""
+    cells: dict[tuple[str, str, str, str], dict[int, dict[str, float]]] = {}
     for res in results:
-        setting, row, epsilon, _ = res["task"]
+        setting, row, epsilon, seed = res["task"]
         if "refused" in res:
             continue
-        cells.setdefault((setting, row.protocol, row.variant, epsilon), []).append(res["summary"])
+        s = res["summary"]
+        cells.setdefault((setting, row.protocol, row.variant, epsilon), {})[seed] = {
+            "mean": s["mean_accuracy"], "min": s["min_accuracy"], "max": s["max_accuracy"], "rounds": s["rounds"]}
+        if row.protocol == "fml" and all("meme_accuracy" in p for p in s["participants"]):
+            meme = [p["meme_accuracy"] for p in s["participants"]]
+            cells.setdefault((setting, row.protocol, "meme", epsilon), {})[seed] = {
+                "mean": sum(meme) / len(meme), "min": min(meme), "max": max(meme), "rounds": s["rounds"]}
+    return cells
+
+
+def summarise(cells: dict[tuple[str, str, str, str], dict[int, dict[str, float]]]) -> list[dict[str, Any]]:
+    """One table row per cell: the mean over seeds of the participants' mean, min and max accuracy."""
+    import numpy as np
+
     rows = []
-    for (setting, protocol, variant, epsilon), summaries in cells.items():
-        means = [s["mean_accuracy"] for s in summaries]
+    for (setting, protocol, variant, epsilon), by_seed in cells.items():
+        seeds = sorted(by_seed)
+        means = [by_seed[s]["mean"] for s in seeds]
         rows.append({
             "setting": setting, "protocol": protocol, "variant": variant, "epsilon": epsilon,
             "mean": float(np.mean(means)), "std": float(np.std(means)),
-            "min": float(np.mean([s["min_accuracy"] for s in summaries])),
-            "max": float(np.mean([s["max_accuracy"] for s in summaries])),
-            "seeds": sorted(s["seed"] for s in summaries), "rounds": summaries[0]["rounds"],
+            "min": float(np.mean([by_seed[s]["min"] for s in seeds])),
+            "max": float(np.mean([by_seed[s]["max"] for s in seeds])),
+            "seeds": seeds, "rounds": by_seed[seeds[0]]["rounds"],
+            "per_seed": [{"seed": s, **{k: by_seed[s][k] for k in ("mean", "min", "max")}} for s in seeds],
         })
-        if protocol == "fml":
-            meme = [float(np.mean([p["meme_accuracy"] for p in s["participants"]])) for s in summaries
-                    if all("meme_accuracy" in p for p in s["participants"])]
-            if meme:
-                rows.append({**rows[-1], "variant": "meme", "mean": float(np.mean(meme)), "std": float(np.std(meme)),
-                             "min": float(np.mean([min(p["meme_accuracy"] for p in s["participants"]) for s in summaries])),
-                             "max": float(np.mean([max(p["meme_accuracy"] for p in s["participants"]) for s in summaries]))})
     return rows
 
 
+def _previous_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[int, dict[str, float]]]:
+    """Per-seed cells of an earlier results file, so that a run of new seeds adds to the old ones."""
+    cells: dict[tuple[str, str, str, str], dict[int, dict[str, float]]] = {}
+    for r in rows:
+        per_seed = r.get("per_seed")
+        if per_seed is None and len(r["seeds"]) == 1:  # files written before per-seed values were kept
+            per_seed = [{"seed": r["seeds"][0], "mean": r["mean"], "min": r["min"], "max": r["max"]}]
+        if per_seed is None:
+            print(f"warning: {_cell(r)} has no per-seed values; it is replaced, not merged", file=sys.stderr)
+            continue
+        cells[_cell(r)] = {p["seed"]: {**p, "rounds": r["rounds"]} for p in per_seed}
+    return cells
+
+
 def write_markdown(rows: list[dict[str, Any]], path: Path, command: str) -> None:
-    lines = [f"Made by `{command}` on a 2-core CPU machine. Mean over participants of test accuracy "
+    lines = [f"Last made by `{command}` on a 2-core CPU machine (earlier invocations' seeds are merged in; each cell "
+             "says how many seeds it averages). Mean over participants of test accuracy "
              "(min-max across participants), averaged over seeds.", ""]
     for setting in sorted({r["setting"] for r in rows}):
         eps_cols = sorted({r["epsilon"] for r in rows if r["setting"] == setting}, key=_eps_key)
@@ -241,14 +263,14 @@ def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool) -> No
 
 
 def write_results(results: list[dict[str, Any]], out_name: str, command: str, *, quick: bool) -> None:
-    rows = aggregate(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    # Keep the cells of earlier invocations that this one did not recompute.
-    previous = RESULTS / f"{out_name}.json"
-    if previous.exists():
-        fresh = {_cell(r) for r in rows}
-        rows = [r for r in json.loads(previous.read_text()) if _cell(r) not in fresh] + rows
-    previous.write_text(json.dumps(rows, indent=2) + "\n")
+    # Merge with the seeds and cells of earlier invocations; a seed measured now replaces the old value.
+    path = RESULTS / f"{out_name}.json"
+    cells = _previous_cells(json.loads(path.read_text())) if path.exists() else {}
+    for key, by_seed in per_seed_cells(results).items():
+        cells.setdefault(key, {}).update(by_seed)
+    rows = summarise(cells)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
     write_markdown(rows, RESULTS / f"{out_name}.md", command)
     plot_rounds(results, RESULTS / f"{out_name}_rounds.png", quick=quick)
 
@@ -290,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error(f"--epsilons: {eps!r} is not inf, mixed or a positive number")
                 for seed in args.seeds:
                     tasks.append((setting, row, eps, seed, args.quick, args.data_dir))
+    # Seed-major order: a benchmark stopped early still has whole seeds of every row.
+    tasks.sort(key=lambda t: (settings.index(t[0]), t[3]))
 
     from tqdm.auto import tqdm
 
