@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from securefl.protocols import Protocol
 from securefl.runtime.party import Party
+from securefl.runtime.privacy import ledger_path
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -19,7 +20,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol: Protocol, *,
-                 privacy: Any = None, stopped: dict[str, str] | None = None) -> dict[str, Any]:
+                 privacy: Mapping[str, Mapping[str, Any]] | None = None,
+                 stopped: dict[str, str] | None = None) -> dict[str, Any]:
+    """``privacy``: each participant's privacy summary (ε, δ, target, unit, ...), from its host."""
     metrics = read_metrics(run_dir)
     final = metrics[-1]
     stopped = stopped or {}
@@ -29,7 +32,7 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
          **{k: v for k, v in final["participants"][p.id].items() if k != "accuracy"},
          "stopped_early": p.id in stopped,
          **({"stopped_reason": stopped[p.id]} if p.id in stopped else {}),
-         **(privacy.summary(p.id) if privacy is not None else {})}
+         **(privacy.get(p.id, {}) if privacy is not None else {})}
         for p in parties
     ]
     accs = [p["final_accuracy"] for p in participants]
@@ -49,13 +52,14 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_accuracy(metrics, run_dir / "accuracy.png", title=f"{config.protocol} on {config.data.dataset}")
-    if privacy is not None:
-        plot_privacy(privacy, run_dir / "privacy.png")
+    ledgers = {pid: ledger_path(run_dir, pid) for pid in (privacy or {})}
+    if privacy and all(path.exists() for path in ledgers.values()):
+        plot_privacy(privacy, ledgers, run_dir / "privacy.png")
     (run_dir / "report.md").write_text(_markdown(summary, protocol, metrics))
     return summary
 
 
-def plot_privacy(privacy: Any, path: Path) -> None:
+def plot_privacy(privacy: Mapping[str, Mapping[str, Any]], ledgers: Mapping[str, Path], path: Path) -> None:
     """ε spent over rounds per participant, each against its own target (dashed)."""
     import matplotlib
 
@@ -65,15 +69,16 @@ def plot_privacy(privacy: Any, path: Path) -> None:
     from securefl.privacy.ledger import read_ledger
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (pid, pp) in enumerate(privacy.participants.items()):
-        history = read_ledger(privacy.ledger_path(pid)).spend_history()
+    for i, (pid, summary) in enumerate(privacy.items()):
+        history = read_ledger(ledgers[pid]).spend_history()
         color = f"C{i % 10}"
         if history:
             rounds = [h["round"] for h in history]
             ax.step(rounds, [h["epsilon_after"] for h in history], where="post", color=color, label=pid)
-        ax.axhline(pp.target_epsilon, color=color, ls="--", lw=0.8)
+        ax.axhline(summary["target_epsilon"], color=color, ls="--", lw=0.8)
+    first = next(iter(privacy.values()))
     ax.set_xlabel("round (0 = before round 1)")
-    ax.set_ylabel(f"ε spent ({privacy.unit}-level, {privacy.accountant})")
+    ax.set_ylabel(f"ε spent ({first['unit']}-level, {first['accountant']})")
     ax.set_title("Privacy spent per participant (dashed: each one's budget)")
     finish_figure(fig, ax, path)
 

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from securefl.crypto.signing import PartyKeys
+from securefl.crypto.signing import PartyKeys, load_public_key, public_key_bytes
 
 
 class KeyFileError(ValueError):
@@ -31,11 +31,45 @@ def load_or_create_party_keys(key_dir: Path, party_id: str) -> PartyKeys:
         if not isinstance(key, Ed25519PrivateKey):
             raise KeyFileError(f"{path}: holds a {type(key).__name__}, expected an Ed25519 private key")
         return PartyKeys(party_id, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys = PartyKeys.generate(party_id)
     pem = keys.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    write_private_file(path, pem, exclusive=True)
+    return keys
+
+
+def write_private_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Create a file only its owner can read (mode 0600 from the start, never world-readable for a moment)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+        handle.write(data)
+
+
+# ----- the roster: every party's public key, as a deployment distributes it ---------------------
+ROSTER = "roster"
+
+
+def publish_public_key(key_dir: Path, keys: PartyKeys) -> None:
+    """Write a party's public key into a roster directory (what it hands to the others)."""
+    path = Path(key_dir) / ROSTER / f"{keys.party_id}.pub"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(public_key_bytes(keys.public_key))
+
+
+def load_roster(key_dir: Path, party_ids: list[str]) -> dict[str, Ed25519PublicKey]:
+    """The public keys of ``party_ids`` from a key directory's roster; a missing one is a clear error."""
+    roster = Path(key_dir) / ROSTER
+    keys = {}
+    for pid in party_ids:
+        path = roster / f"{pid}.pub"
+        if not path.exists():
+            raise KeyFileError(f"{path}: no public key for {pid!r} in the roster; provision every party first "
+                               "(`securefl provision`)")
+        try:
+            keys[pid] = load_public_key(path.read_bytes())
+        except ValueError as exc:
+            raise KeyFileError(f"{path}: not an Ed25519 public key ({exc})") from None
     return keys

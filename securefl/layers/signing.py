@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from securefl.crypto.signing import MessageVerifier, PartyKeys, RejectedMessage
 from securefl.layers.base import Layer, Rejected
 from securefl.runtime.message import AGGREGATOR, Message
@@ -19,11 +21,16 @@ from securefl.runtime.message import AGGREGATOR, Message
 class SigningLayer(Layer):
     name = "signing"
 
-    def __init__(self, *, run_id: str, keys: Mapping[str, PartyKeys]) -> None:
-        if AGGREGATOR not in keys:
-            raise ValueError("the signing layer needs the aggregator's keys too")
+    def __init__(self, *, run_id: str, keys: Mapping[str, PartyKeys],
+                 public_keys: Mapping[str, Ed25519PublicKey] | None = None) -> None:
+        """``keys``: the private keys of the parties in this process, which sign what they send and
+        receive as themselves (in a simulation: every participant and the aggregator). ``public_keys``:
+        everyone's public key, the roster a deployment distributes (default: those of ``keys``)."""
         self._keys = dict(keys)
-        public = {pid: k.public_key for pid, k in self._keys.items()}
+        public = dict(public_keys) if public_keys is not None else {pid: k.public_key for pid, k in self._keys.items()}
+        missing = sorted(set(self._keys) - set(public))
+        if missing:
+            raise ValueError(f"the roster has no public key for {missing}")
         self._verifiers = {pid: MessageVerifier(run_id, public, receiver=pid) for pid in self._keys}
         self.current_round = 0
 

@@ -12,13 +12,12 @@ uninterrupted run would have done; no RNG state needs saving.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,9 @@ from securefl.layers.base import Layer, Rejected
 from securefl.protocols import Protocol, get_protocol
 from securefl.protocols.base import Downlink
 from securefl.runtime.aggregator import PlainAggregator
+from securefl.runtime.host import HostReport, ParticipantHost, as_list, sampled_per_round, seeded
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
 from securefl.runtime.party import DataView, FederationContext, Party, derive_seed
-from securefl.runtime.privacy import PrivacyRuntime
 from securefl.runtime.transport import InProcessTransport, Transport
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -96,6 +95,31 @@ def build_split(config: Any, dataset: Dataset) -> FederatedSplit:
                           private_classes=private_classes, public_classes=public_classes)
 
 
+def build_world(config: Any, run_id: str) -> tuple[Dataset, FederatedSplit, FederationContext, list[Party], Protocol]:
+    """Everything both sides derive from the config alone, deterministically in ``run.seed``: the data
+    set and its split, the context every protocol sees, the participants and the protocol."""
+    dataset = load_dataset(config.data.dataset, seed=config.run.seed, data_dir=config.data.data_dir)
+    split = build_split(config, dataset)
+
+    def view(idx: np.ndarray) -> DataView:
+        return DataView(dataset.x_train, dataset.y_train, torch.as_tensor(idx, dtype=torch.long))
+
+    data = config.data
+    test_mask = torch.isin(dataset.y_test, torch.as_tensor(split.private_classes))
+    eval_classes = torch.as_tensor(sorted(split.private_classes)) if data.private_classes else None
+    ctx = FederationContext(
+        run_id=run_id, seed=config.run.seed, dataset=dataset, split=split, training=config.training,
+        public=view(split.public), public_val=view(split.public_val), public_labelled=data.public_labelled,
+        test_x=dataset.x_test[test_mask], test_y=dataset.y_test[test_mask], eval_classes=eval_classes,
+        rounds=config.run.rounds,
+    )
+    parties = [Party(id=p.id, index=i, model_name=p.model, train=view(split.parties[i].train),
+                     val=view(split.parties[i].val))
+               for i, p in enumerate(config.participants)]
+    protocol = get_protocol(config.protocol)(config.protocol_config(), ctx)
+    return dataset, split, ctx, parties, protocol
+
+
 @dataclass
 class RoundRecord:
     round: int
@@ -125,25 +149,19 @@ class Federation:
 
     def __init__(self, config: Any, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  transport: Transport | None = None,
-                 on_round_end: Callable[[int], None] | None = None) -> None:
+                 on_round_end: Callable[[int], None] | None = None,
+                 remote: Any = None, run_id: str | None = None) -> None:
+        """``remote``: participants hosted elsewhere (e.g. :class:`securefl.deploy.flower.FlowerParticipants`);
+        then this process is only the coordinator, with the aggregator's keys and no participant data.
+        Without it every participant is hosted here (a simulation)."""
         self.config = config
         self.out = Path(out_dir)
         self.progress = progress
         self.transport = transport or InProcessTransport()
         self.on_round_end = on_round_end
-        self._prepare_run_dir(resume)
+        self._prepare_run_dir(resume, run_id=run_id)
 
-        seed = config.run.seed
-        self.dataset = load_dataset(config.data.dataset, seed=seed, data_dir=config.data.data_dir)
-        self.split = build_split(config, self.dataset)
-        self.ctx = self._build_context()
-        self.parties = [
-            Party(id=p.id, index=i, model_name=p.model,
-                  train=self._view(self.split.parties[i].train), val=self._view(self.split.parties[i].val))
-            for i, p in enumerate(config.participants)
-        ]
-        protocol_cls = get_protocol(config.protocol)
-        self.protocol: Protocol = protocol_cls(config.protocol_config(), self.ctx)
+        self.dataset, self.split, self.ctx, self.parties, self.protocol = build_world(config, self.run_id)
         self.aggregator = PlainAggregator()
         # Refuse impossible set-ups before any training.
         self.protocol.validate_participants(self.parties)
@@ -151,17 +169,29 @@ class Federation:
         self.stopped: dict[str, str] = {}
         self._current_round = 0
         self._keys: dict[str, Any] = {}
-        for party in self.parties:
-            with _seeded(derive_seed(seed, "setup", party.id)):
-                self.protocol.setup_party(party)
-        # One ledger per data owner for the whole run, owned here and never re-created mid-run.
-        self.privacy = PrivacyRuntime.build(self) if config.privacy.unit != "none" else None
-        self.layers: list[Layer] = self._build_layers()
+        self.privacy = None
+        if remote is None:
+            self.host = ParticipantHost(config=config, out=self.out, ctx=self.ctx, protocol=self.protocol,
+                                        parties=self.parties, key_dir=self.out / "keys",
+                                        n_participants=len(self.parties), stopped=self.stopped)
+            self.host._keys = self._keys  # one key cache: the simulation's host and coordinator share a key dir
+            self.host.set_up()
+            self.privacy = self.host.privacy
+            self.participants: Any = self.host
+            self.layers: list[Layer] = self._build_layers()
+            self.host.layers = self.layers  # one stack: each layer's participant and server hooks
+        else:
+            self.participants = remote
+            from securefl.layers.stack import build_layers
+
+            signers = {AGGREGATOR: self.party_keys(AGGREGATOR)} if config.signing else {}
+            self.layers = build_layers(config, side="coordinator", run_id=self.run_id, key_dir=self.out / "keys",
+                                       party_ids=[p.id for p in self.parties], signers=signers)
         for layer in self.layers:
             layer.check(self.protocol, self.parties)
 
     # ----- set-up ------------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _prepare_run_dir(self, resume: bool, *, run_id: str | None = None) -> None:
         checkpoint = self.out / CHECKPOINT
         config_text = dump_config(self.config)
         if resume:
@@ -181,7 +211,7 @@ class Federation:
                 "(securefl never overwrites a run, its ledgers or its checkpoints)"
             )
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        self.run_id = self.config.run.name or uuid.uuid4().hex[:12]
+        self.run_id = run_id or self.config.run.name or uuid.uuid4().hex[:12]
         (self.out / "config.yaml").write_text(config_text)
         (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
 
@@ -200,26 +230,14 @@ class Federation:
         }
 
     def _build_layers(self) -> list[Layer]:
-        """The middleware stack, in outbound order: DP, then sealing, then signing."""
-        cfg = self.config
-        key_dir = self.out / "keys"
-        layers: list[Layer] = []
-        if self.privacy is not None and self.privacy.layer is not None:
-            layers.append(self.privacy.layer)
-        if cfg.secure_aggregation == "ckks":
-            from securefl.layers.secure_aggregation import CkksLayer
+        """The simulation's stack: one process holds every participant's and the aggregator's keys."""
+        from securefl.layers.stack import build_layers
 
-            layers.append(CkksLayer(cfg.ckks, key_dir=key_dir))
-        elif cfg.secure_aggregation == "masking":
-            from securefl.layers.secure_aggregation import MaskingLayer
-
-            layers.append(MaskingLayer(run_id=self.run_id, threshold_fraction=cfg.masking.threshold_fraction))
-        if cfg.signing:
-            from securefl.layers.signing import SigningLayer
-
-            ids = [p.id for p in self.parties] + [AGGREGATOR]
-            layers.append(SigningLayer(run_id=self.run_id, keys={pid: self.party_keys(pid) for pid in ids}))
-        return layers
+        ids = [p.id for p in self.parties]
+        signers = {pid: self.party_keys(pid) for pid in [*ids, AGGREGATOR]} if self.config.signing else {}
+        return build_layers(self.config, side="simulation", run_id=self.run_id, key_dir=self.out / "keys",
+                            party_ids=ids, signers=signers,
+                            privacy_layer=self.privacy.layer if self.privacy is not None else None)
 
     def party_keys(self, party_id: str) -> Any:
         """A party's Ed25519 keys (messages and ledger seal), from its key directory."""
@@ -229,36 +247,27 @@ class Federation:
             self._keys[party_id] = load_or_create_party_keys(self.out / "keys", party_id)
         return self._keys[party_id]
 
-    def _view(self, idx: np.ndarray) -> DataView:
-        return DataView(self.dataset.x_train, self.dataset.y_train, torch.as_tensor(idx, dtype=torch.long))
-
-    def _build_context(self) -> FederationContext:
-        data = self.config.data
-        test_mask = torch.isin(self.dataset.y_test, torch.as_tensor(self.split.private_classes))
-        eval_classes = None
-        if data.private_classes:
-            eval_classes = torch.as_tensor(sorted(self.split.private_classes))
-        return FederationContext(
-            run_id=self.run_id, seed=self.config.run.seed, dataset=self.dataset, split=self.split,
-            training=self.config.training, public=self._view(self.split.public),
-            public_val=self._view(self.split.public_val), public_labelled=data.public_labelled,
-            test_x=self.dataset.x_test[test_mask], test_y=self.dataset.y_test[test_mask], eval_classes=eval_classes,
-            rounds=self.config.run.rounds,
-        )
-
     # ----- the run -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        cfg = self.config
         start_round = self._restore() if (self.out / CHECKPOINT).exists() else None
-        if start_round is None:
-            for party in self.parties:
-                with _seeded(derive_seed(cfg.run.seed, "prepare", party.id)), self._budget_guard(party.id):
-                    self.protocol.prepare_party(party)
-            self._log(self._evaluate(0, sampled=[], elapsed=0.0))
-            self._checkpoint(0)
-            start_round = 1
-        sampled_per_round = self._n_sampled()
-        total = (cfg.run.rounds - start_round + 1) * sampled_per_round
+        try:
+            if start_round is None:
+                self._absorb(self.participants.prepare())
+                self._log(self._evaluate(0, sampled=[], elapsed=0.0))
+                self._checkpoint(0)
+                start_round = 1
+            self._rounds(start_round)
+            privacy = self.participants.finish()
+            from securefl.report import write_report
+
+            return write_report(self.out, self.config, self.parties, self.protocol, privacy=privacy or None,
+                                stopped=self.stopped)
+        finally:
+            self.participants.close()
+
+    def _rounds(self, start_round: int) -> None:
+        cfg = self.config
+        total = (cfg.run.rounds - start_round + 1) * self._n_sampled()
         bar = tqdm(total=total, disable=not self.progress, unit="step", desc=f"{cfg.protocol}", leave=False)
         try:
             for rnd in range(start_round, cfg.run.rounds + 1):
@@ -276,16 +285,8 @@ class Federation:
                 self._checkpoint(rnd)
                 if self.on_round_end is not None:
                     self.on_round_end(rnd)
-            if self.privacy is not None:
-                self.privacy.seal_all()
-            from securefl.report import write_report
-
-            return write_report(self.out, self.config, self.parties, self.protocol, privacy=self.privacy,
-                                stopped=self.stopped)
         finally:
             bar.close()
-            if self.privacy is not None:
-                self.privacy.close_all()
 
     def sample(self, rnd: int) -> list[str]:
         """Participants of round ``rnd``: a seeded uniform sample of the configured fraction."""
@@ -301,35 +302,18 @@ class Federation:
         return self._n_sampled()
 
     def _n_sampled(self) -> int:
-        return max(1, int(round(self.config.run.participation * len(self.parties))))
+        return sampled_per_round(self.config, len(self.parties))
 
     def _round(self, rnd: int, sampled: Sequence[str], bar: tqdm) -> None:
-        seed = self.config.run.seed
-        by_id = {p.id: p for p in self.parties}
         for layer in self.layers:
             layer.start_round(rnd, sampled)
         self._deliver(self.protocol.open_round(rnd, sampled), sampled)
-        outgoing: list[Message] = []
-        for pid in sampled:
-            party = by_id[pid]
-            inbox = self._receive(party)
-            with _seeded(derive_seed(seed, "client_step", rnd, pid)), self._budget_guard(pid):
-                replies = self.protocol.client_step(party, inbox, rnd)
-                sealed = []
-                for reply in _as_list(replies):
-                    # Messages to the aggregator are checked against the declared uplink; peer-to-peer
-                    # messages (decentralised protocols) go straight to the peer's inbox.
-                    if reply.receiver == AGGREGATOR and self.protocol.uplink is not None:
-                        self.protocol.uplink.check(reply)
-                    for layer in self.layers:
-                        reply = layer.outbound(reply, party)
-                    sealed.append(reply)
-                # Only once every release of this step is booked does anything leave the participant.
-                outgoing.extend(sealed)
-            bar.update(1)
+        step = self.participants.step(rnd, {pid: self.transport.receive(pid) for pid in sampled})
+        self._absorb(step)
+        bar.update(len(sampled))
         # Sampled parties step concurrently in a deployment: send only after all have stepped, so a
         # peer-to-peer message never lands in a later peer's client_step inbox instead of its client_update.
-        for reply in outgoing:
+        for reply in step.outgoing:
             self.transport.send(reply)
         replies = []
         for msg in self.transport.receive(AGGREGATOR):
@@ -338,43 +322,19 @@ class Federation:
                     msg = layer.server_inbound(msg)
                 replies.append(msg)
             except Rejected as rejection:
-                self._reject(rejection, receiver=AGGREGATOR)
+                self._rejected.append({"sender": rejection.sender, "receiver": AGGREGATOR, "reason": rejection.reason})
         aggregator = self.aggregator
         for layer in self.layers:
             aggregator = layer.wrap_aggregator(aggregator, rnd)
-        with _seeded(derive_seed(seed, "server_step", rnd)):
+        with seeded(derive_seed(self.config.run.seed, "server_step", rnd)):
             downlink = self.protocol.server_step(rnd, replies, aggregator) if replies else None
         self._deliver(downlink, sampled)
-        for pid in sampled:
-            inbox = self._receive(by_id[pid])
-            if inbox and pid not in self.stopped:
-                with _seeded(derive_seed(seed, "client_update", rnd, pid)), self._budget_guard(pid):
-                    self.protocol.client_update(by_id[pid], inbox, rnd)
+        self._absorb(self.participants.update(rnd, {pid: self.transport.receive(pid) for pid in sampled}))
 
-    def _receive(self, party: Party) -> list[Message]:
-        """A participant's inbox after its inbound layers (verify, then open); rejections are logged."""
-        accepted = []
-        for msg in self.transport.receive(party.id):
-            try:
-                for layer in reversed(self.layers):
-                    msg = layer.inbound(msg, party)
-                accepted.append(msg)
-            except Rejected as rejection:
-                self._reject(rejection, receiver=party.id)
-        return accepted
-
-    @contextlib.contextmanager
-    def _budget_guard(self, party_id: str) -> Iterator[None]:
-        """A refused release (budget exhausted) stops that participant; the run goes on without it."""
-        from securefl.privacy.errors import BudgetExceeded
-
-        try:
-            yield
-        except BudgetExceeded as exc:
-            self.stopped[party_id] = f"round {self._current_round}: {exc}"
-
-    def _reject(self, rejection: Rejected, *, receiver: str) -> None:
-        self._rejected.append({"sender": rejection.sender, "receiver": receiver, "reason": rejection.reason})
+    def _absorb(self, report: HostReport) -> None:
+        """A host's rejections go to this round's log; its stopped participants leave the sampling."""
+        self._rejected.extend(report.rejected)
+        self.stopped.update(report.stopped)
 
     def _send_from_server(self, msg: Message) -> None:
         for layer in self.layers:
@@ -390,15 +350,11 @@ class Federation:
                 self._send_from_server(downlink.model_copy(update={"receiver": pid}))
         else:
             for pid, msgs in downlink.items():
-                for msg in _as_list(msgs):
+                for msg in as_list(msgs):
                     self._send_from_server(msg.model_copy(update={"receiver": pid}))
 
     def _evaluate(self, rnd: int, sampled: Sequence[str], elapsed: float) -> RoundRecord:
-        seed = self.config.run.seed
-        per_party = {}
-        for party in self.parties:
-            with _seeded(derive_seed(seed, "evaluate", rnd, party.id)):
-                per_party[party.id] = {k: float(v) for k, v in self.protocol.evaluate(party).items()}
+        per_party = self.participants.evaluate(rnd)
         counters = getattr(self.transport, "bytes_by_kind", {})
         record = RoundRecord(round=rnd, sampled=list(sampled), participants=per_party,
                              server={k: float(v) for k, v in self.protocol.evaluate_server().items()},
@@ -426,27 +382,17 @@ class Federation:
             "metrics_lines": self._metrics_lines(),
             "protocol": self.protocol.state_dict(),
             "stopped": dict(self.stopped),
-            "parties": {p.id: self.protocol.party_state(p) for p in self.parties},
+            # Remote hosts keep their participants' state on their own nodes.
+            "parties": self.host.party_states() if self.participants is getattr(self, "host", None) else {},
         }
-        path = self.out / CHECKPOINT
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        # Atomic replace: a crash leaves either the old or the new checkpoint, never half of one.
-        os.replace(tmp, path)
+        save_atomically(state, self.out / CHECKPOINT)
 
     def _restore(self) -> int:
-        path = self.out / CHECKPOINT
-        try:
-            state = torch.load(path, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
-            raise RunDirError(f"{path}: checkpoint is corrupt or truncated ({type(exc).__name__}); "
-                              "refusing to start over silently") from None
+        state = load_checkpoint(self.out / CHECKPOINT)
         self.protocol.load_state_dict(state["protocol"])
-        self.stopped = dict(state.get("stopped", {}))
-        for party in self.parties:
-            self.protocol.load_party_state(party, state["parties"][party.id])
+        self.stopped.update(state.get("stopped", {}))
+        if self.participants is getattr(self, "host", None):
+            self.host.load_party_states(state["parties"])
         # Drop metrics lines written after the checkpoint (a round that was cut short).
         metrics = self.out / "metrics.jsonl"
         lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
@@ -454,22 +400,18 @@ class Federation:
         return int(state["round"]) + 1
 
 
-def _as_list(messages: Message | Sequence[Message] | None) -> list[Message]:
-    if messages is None:
-        return []
-    return [messages] if isinstance(messages, Message) else list(messages)
+def save_atomically(state: Mapping[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, fsync, rename: a crash leaves the old or the new file, never half."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(dict(state), tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
-class _seeded:
-    """Seed torch's global RNG for one step, restoring the outer state afterwards."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self._fork = torch.random.fork_rng()
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        self._fork.__exit__(*exc)
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise RunDirError(f"{path}: checkpoint is corrupt or truncated ({type(exc).__name__}); "
+                          "refusing to start over silently") from None

@@ -1,6 +1,7 @@
 """The runtime's side of privacy: ledgers, budgets, calibration, and the DP trainer or layer.
 
-Built once per run (and again, identically, on resume) by :class:`Federation`:
+Built once per run (and again, identically, on resume) by the :class:`ParticipantHost` that holds the
+participants (every one in a simulation, one per node in a deployment):
 
 1. each participant's binding budget is the stricter of its own policy file
    and the experiment's target (``resolve_budget``), and the report says which
@@ -32,7 +33,7 @@ from securefl.privacy.ledger import Ledger
 
 if TYPE_CHECKING:
     from securefl.layers.privacy import ParticipantDPLayer
-    from securefl.runtime.federation import Federation
+    from securefl.runtime.host import ParticipantHost
 
 
 @dataclass
@@ -57,7 +58,7 @@ class PrivacyRuntime:
     fed: Any = None
 
     @classmethod
-    def build(cls, fed: Federation) -> PrivacyRuntime:
+    def build(cls, fed: ParticipantHost) -> PrivacyRuntime:
         cfg = fed.config.privacy
         runtime = cls(unit=cfg.unit, accountant=cfg.accountant, fed=fed)
         refusal = fed.protocol.record_level_dp_refusal() if cfg.unit == "record" else None
@@ -65,8 +66,8 @@ class PrivacyRuntime:
             from securefl.protocols.base import ProtocolSetupError
 
             raise ProtocolSetupError(f"privacy.unit = 'record': {refusal}")
-        for party, pcfg in zip(fed.parties, fed.config.participants, strict=True):
-            runtime.participants[party.id] = runtime._set_up(fed, party, pcfg)
+        for party in fed.parties:
+            runtime.participants[party.id] = runtime._set_up(fed, party, fed.config.participants[party.index])
         if cfg.unit == "record":
             for party in fed.parties:
                 runtime._inject_dp_sgd(party)
@@ -81,7 +82,7 @@ class PrivacyRuntime:
         return runtime
 
     # ----- set-up ----------------------------------------------------------------------------
-    def _set_up(self, fed: Federation, party: Any, pcfg: Any) -> ParticipantPrivacy:
+    def _set_up(self, fed: ParticipantHost, party: Any, pcfg: Any) -> ParticipantPrivacy:
         cfg = fed.config.privacy
         policy = None
         if pcfg.policy_file:
@@ -99,7 +100,7 @@ class PrivacyRuntime:
                                   delta=budget.delta, budget_note=note, noise_multiplier=sigma,
                                   planned_steps=steps, sample_rate=rate, ledger=ledger)
 
-    def _calibrate(self, fed: Federation, party: Any, target: float, delta: float) -> tuple[float, int, float]:
+    def _calibrate(self, fed: ParticipantHost, party: Any, target: float, delta: float) -> tuple[float, int, float]:
         cfg = fed.config.privacy
         if cfg.unit == "record":
             # Every planned DP-SGD call, composed at the largest sampling rate among them: an upper
@@ -135,7 +136,7 @@ class PrivacyRuntime:
     # ----- during the run ------------------------------------------------------------------
     def commit(self, participant: str, event: AnyEvent) -> None:
         """Check-then-commit on the participant's own ledger (raises BudgetExceeded)."""
-        self.participants[participant].ledger.commit(event, round=self.fed._current_round)
+        self.participants[participant].ledger.commit(event, round=self.fed.current_round)
 
     def seal_all(self) -> None:
         for pid, pp in self.participants.items():

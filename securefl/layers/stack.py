@@ -1,0 +1,60 @@
+"""The layer stack of a run, built from the config for one side of it.
+
+Outbound order is fixed: DP, then sealing (CKKS or masking), then signing.
+The same stack is built three ways, with only the key material that side may
+hold:
+
+- ``simulation``: one process plays every participant and the aggregator, so
+  one stack carries both the participant hooks and the server hooks;
+- ``participant``: a data owner's node — its own signing key, the CKKS
+  committee secret it was provisioned with, and everyone's public keys;
+- ``coordinator``: the aggregator's node — its own signing key, the CKKS
+  *public* context (it can add ciphertexts, never decrypt), and the roster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from securefl.layers.base import Layer, LayerSetupError
+from securefl.runtime.message import AGGREGATOR
+
+Side = Literal["simulation", "participant", "coordinator"]
+
+
+def build_layers(config: Any, *, side: Side, run_id: str, key_dir: Path, party_ids: Sequence[str],
+                 signers: Mapping[str, Any], privacy_layer: Layer | None = None) -> list[Layer]:
+    """``signers``: the private keys held on this side; ``party_ids``: every participant of the run."""
+    layers: list[Layer] = []
+    if privacy_layer is not None:
+        layers.append(privacy_layer)
+    if config.secure_aggregation == "ckks":
+        from securefl.layers.secure_aggregation import CkksLayer
+
+        if side == "simulation":
+            layers.append(CkksLayer(config.ckks, key_dir=key_dir))
+        elif side == "participant":
+            layers.append(CkksLayer.for_participant(key_dir))
+        else:
+            layers.append(CkksLayer.for_coordinator(key_dir))
+    elif config.secure_aggregation == "masking":
+        if side != "simulation":
+            raise LayerSetupError(
+                "secure_aggregation = 'masking' runs in simulation only: SecAgg's key-agreement, share and "
+                "unmasking rounds between nodes are not carried by the deployment adapter yet; use 'ckks'")
+        from securefl.layers.secure_aggregation import MaskingLayer
+
+        layers.append(MaskingLayer(run_id=run_id, threshold_fraction=config.masking.threshold_fraction))
+    if config.signing:
+        from securefl.layers.signing import SigningLayer
+
+        if side == "simulation":
+            layers.append(SigningLayer(run_id=run_id, keys=signers))
+        else:
+            from securefl.crypto.keystore import load_roster
+
+            roster = load_roster(key_dir, [*party_ids, AGGREGATOR])
+            layers.append(SigningLayer(run_id=run_id, keys=signers, public_keys=roster))
+    return layers

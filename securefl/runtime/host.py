@@ -1,0 +1,201 @@
+"""The data owners' side of a run: the participants hosted in this process.
+
+A :class:`ParticipantHost` holds one or more participants with their private
+data, models, participant-side layers and (with DP) their ledgers, and runs
+their half of every round: open the inbox, ``client_step``, seal and send;
+later ``client_update`` and ``evaluate``. The coordinator (``Federation``)
+never touches a participant's data or keys directly; it only talks to hosts.
+
+In a simulation one host holds every participant in the coordinator's process.
+In a deployment (``securefl.deploy.flower``) every data owner's node runs its
+own host for its one participant, in its own directory, under its own policy
+file, and the coordinator reaches it over the network. The code path is the
+same, so a deployment computes what the simulation computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from securefl.layers.base import Layer, Rejected
+from securefl.protocols import Protocol
+from securefl.runtime.message import AGGREGATOR, Message
+from securefl.runtime.party import FederationContext, Party, derive_seed
+
+
+@dataclass
+class HostReport:
+    """What a host hands back to the coordinator after a phase: messages, rejections, stops."""
+
+    outgoing: list[Message] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    stopped: dict[str, str] = field(default_factory=dict)
+
+
+class ParticipantHost:
+    """Runs the participant half of every round for the parties it hosts."""
+
+    def __init__(self, *, config: Any, out: Path, ctx: FederationContext, protocol: Protocol,
+                 parties: Sequence[Party], key_dir: Path, n_participants: int,
+                 stopped: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.out = Path(out)
+        self.ctx = ctx
+        self.protocol = protocol
+        self.parties = list(parties)
+        self.by_id = {p.id: p for p in self.parties}
+        self.key_dir = Path(key_dir)
+        self.n_participants = n_participants
+        # Shared with the coordinator in a simulation, so a stop is seen by sampling at once.
+        self.stopped: dict[str, str] = stopped if stopped is not None else {}
+        self.current_round = 0
+        self.layers: list[Layer] = []
+        self.privacy: Any = None
+        self._keys: dict[str, Any] = {}
+
+    # ----- set-up ------------------------------------------------------------------------------
+    def set_up(self) -> None:
+        """Each hosted participant's models, then (with DP) its ledger and calibrated noise."""
+        for party in self.parties:
+            with seeded(derive_seed(self.config.run.seed, "setup", party.id)):
+                self.protocol.setup_party(party)
+        if self.config.privacy.unit != "none":
+            from securefl.runtime.privacy import PrivacyRuntime
+
+            # One ledger per data owner for the whole run, opened here and never re-created mid-run.
+            self.privacy = PrivacyRuntime.build(self)
+
+    def party_keys(self, party_id: str) -> Any:
+        """A hosted party's Ed25519 keys (messages and ledger seal), from its key directory."""
+        if party_id not in self._keys:
+            from securefl.crypto.keystore import load_or_create_party_keys
+
+            self._keys[party_id] = load_or_create_party_keys(self.key_dir, party_id)
+        return self._keys[party_id]
+
+    def sampled_per_round(self) -> int:
+        return sampled_per_round(self.config, self.n_participants)
+
+    # ----- the participant half of a round ------------------------------------------------------
+    def prepare(self) -> HostReport:
+        """Round 0: each participant's local preparation (e.g. FedMD's transfer learning)."""
+        report = HostReport()
+        for party in self.parties:
+            with seeded(derive_seed(self.config.run.seed, "prepare", party.id)), self._budget_guard(party.id, report):
+                self.protocol.prepare_party(party)
+        return report
+
+    def step(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:
+        """``client_step`` of every hosted participant in ``inboxes``; sealed replies in ``outgoing``."""
+        self.current_round = rnd
+        report = HostReport()
+        for pid, inbox in inboxes.items():
+            party = self.by_id[pid]
+            opened = self._open(party, inbox, report)
+            with seeded(derive_seed(self.config.run.seed, "client_step", rnd, pid)), self._budget_guard(pid, report):
+                sealed = []
+                for reply in as_list(self.protocol.client_step(party, opened, rnd)):
+                    # Messages to the aggregator are checked against the declared uplink; peer-to-peer
+                    # messages (decentralised protocols) go straight to the peer's inbox.
+                    if reply.receiver == AGGREGATOR and self.protocol.uplink is not None:
+                        self.protocol.uplink.check(reply)
+                    for layer in self.layers:
+                        reply = layer.outbound(reply, party)
+                    sealed.append(reply)
+                # Only once every release of this step is booked does anything leave the participant.
+                report.outgoing.extend(sealed)
+        return report
+
+    def update(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:
+        """``client_update`` of every hosted participant with a non-empty (verified, opened) inbox."""
+        self.current_round = rnd
+        report = HostReport()
+        for pid, inbox in inboxes.items():
+            opened = self._open(self.by_id[pid], inbox, report)
+            if opened and pid not in self.stopped:
+                with seeded(derive_seed(self.config.run.seed, "client_update", rnd, pid)), \
+                        self._budget_guard(pid, report):
+                    self.protocol.client_update(self.by_id[pid], opened, rnd)
+        return report
+
+    def evaluate(self, rnd: int) -> dict[str, dict[str, float]]:
+        per_party = {}
+        for party in self.parties:
+            with seeded(derive_seed(self.config.run.seed, "evaluate", rnd, party.id)):
+                per_party[party.id] = {k: float(v) for k, v in self.protocol.evaluate(party).items()}
+        return per_party
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """Seal every hosted ledger; each participant's privacy summary for the report."""
+        if self.privacy is None:
+            return {}
+        self.privacy.seal_all()
+        return {p.id: self.privacy.summary(p.id) for p in self.parties}
+
+    def close(self) -> None:
+        if self.privacy is not None:
+            self.privacy.close_all()
+
+    # ----- state ---------------------------------------------------------------------------------
+    def party_states(self) -> dict[str, Any]:
+        return {p.id: self.protocol.party_state(p) for p in self.parties}
+
+    def load_party_states(self, states: Mapping[str, Any]) -> None:
+        for party in self.parties:
+            self.protocol.load_party_state(party, states[party.id])
+
+    # ----- helpers -------------------------------------------------------------------------------
+    def _open(self, party: Party, inbox: Sequence[Message], report: HostReport) -> list[Message]:
+        """A participant's inbox after its inbound layers (verify, then open); rejections are logged."""
+        accepted = []
+        for msg in inbox:
+            try:
+                for layer in reversed(self.layers):
+                    msg = layer.inbound(msg, party)
+                accepted.append(msg)
+            except Rejected as rejection:
+                report.rejected.append({"sender": rejection.sender, "receiver": party.id, "reason": rejection.reason})
+        return accepted
+
+    @contextlib.contextmanager
+    def _budget_guard(self, party_id: str, report: HostReport) -> Iterator[None]:
+        """A refused release (budget exhausted) stops that participant; the run goes on without it."""
+        from securefl.privacy.errors import BudgetExceeded
+
+        try:
+            yield
+        except BudgetExceeded as exc:
+            reason = f"round {self.current_round}: {exc}"
+            self.stopped[party_id] = reason
+            report.stopped[party_id] = reason
+
+
+def sampled_per_round(config: Any, n_participants: int) -> int:
+    return max(1, int(round(config.run.participation * n_participants)))
+
+
+def as_list(messages: Message | Sequence[Message] | None) -> list[Message]:
+    if messages is None:
+        return []
+    return [messages] if isinstance(messages, Message) else list(messages)
+
+
+class seeded:
+    """Seed torch's global RNG for one step, restoring the outer state afterwards."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng()
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        self._fork.__exit__(*exc)
