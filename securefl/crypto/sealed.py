@@ -154,6 +154,8 @@ class SealedTensor:
             raise TypeError("SealedTensor.chunks must all be bytes")
         if not isinstance(self.length, int) or self.length < 1:
             raise ValueError(f"SealedTensor.length must be a positive int, got {self.length!r}")
+        if any(s < 1 for s in self.shape):
+            raise ValueError(f"SealedTensor.shape {self.shape} must hold positive dimensions")
         if math.prod(self.shape) != self.length:
             raise ValueError(f"SealedTensor.shape {self.shape} holds {math.prod(self.shape)} elements, not length {self.length}")
         torch_dtype(self.dtype)
@@ -223,7 +225,7 @@ class SealedTensor:
                 dtype=str(entry.get("dtype", "float32")),
                 params=params,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(
                 f"malformed sealed field {name!r} in message {msg.kind!r} from {msg.sender!r}: {exc} (meta: {dict(entry)!r})"
             ) from exc

@@ -8,27 +8,45 @@ aggregator for one that combines sealed values.
   share one key generated at start); the aggregator holds only the public
   context and cannot decrypt. Aggregates come back sealed and are opened by
   the participants' inbound layer, so the server never sees a plaintext sum.
-  A protocol whose server must compute on the aggregate in the clear
-  (``server_opens_aggregates``) or that needs individual payloads in the clear
-  (a non-aggregatable private uplink field, e.g. FedGen's reference mode) is
+  Protocols with a global state (HeteroFL's model, FedGen's generator) keep
+  it with the participants, who apply the sealed aggregates to their replicas
+  (``securefl.protocols.base.Replica``). A protocol whose server must compute
+  on the aggregate in the clear (``server_opens_aggregates``, e.g. FedAvg's
+  global model) or that needs individual payloads in the clear (a
+  non-aggregatable private uplink field, e.g. FedGen's reference mode) is
   refused before round 1.
 - Masking: per round, the sampled participants agree on pairwise seeds and
   Shamir-share them (Bonawitz et al. 2017, rounds 0-1); each masks its input;
   the server learns only the sum, in the clear, and recovers dropouts from the
   shares. A protocol whose server reads aggregates works under masking.
+
+Both also refuse what a protocol declares it cannot do under secure
+aggregation (``protocol.secure_aggregation_refusal()``, e.g. HeteroFL's sBN
+statistics query, which bypasses the layers).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from securefl.crypto.ckks import CkksAggregator, CkksParams, KeyHolderContext
+import torch
+
+from securefl.crypto.ckks import CkksAggregator, CkksParams, EncryptedVector, KeyHolderContext
+from securefl.crypto.errors import CiphertextError
 from securefl.crypto.masking import MaskingSession, SecAggSimulation
 from securefl.crypto.sealed import SealedTensor, open_sealed_fields
-from securefl.layers.base import Layer, LayerSetupError, aggregatable_fields
+from securefl.layers.base import Layer, LayerSetupError, Rejected, aggregatable_fields
 from securefl.runtime.message import AGGREGATOR, Message
+
+
+def _refuse_unsupported(protocol: Any, scheme: str) -> None:
+    refusal = getattr(protocol, "secure_aggregation_refusal", lambda: None)()
+    if refusal:
+        raise LayerSetupError(f"secure_aggregation={scheme} cannot run {protocol.name}: {refusal}")
+    _refuse_individual_fields(protocol, scheme)
 
 
 def _refuse_individual_fields(protocol: Any, scheme: str) -> None:
@@ -42,6 +60,25 @@ def _refuse_individual_fields(protocol: Any, scheme: str) -> None:
             "server must read individually (not only as a sum), which secure aggregation forbids"
             + (f" ({protocol.secure_aggregation_note})" if getattr(protocol, "secure_aggregation_note", "") else "")
         )
+
+
+def _sealed_field(msg: Message, name: str, scheme: str) -> SealedTensor | None:
+    """Field ``name`` of an uplink as a sealed value of ``scheme`` (None if absent), or :class:`Rejected`.
+
+    A field that should have been sealed but arrives in the clear, a malformed sealed description or a
+    value of another scheme is refused here, on the server, before it can reach (and abort) the aggregator.
+    """
+    if name not in msg.payload:
+        return None  # a withheld or otherwise incomplete message: the validation layer says why
+    if isinstance(msg.payload[name], torch.Tensor):
+        raise Rejected(msg.sender, f"field {name!r} arrived in the clear; secure_aggregation requires it sealed")
+    try:
+        sealed = SealedTensor.from_message(msg, name)
+    except (KeyError, ValueError) as exc:
+        raise Rejected(msg.sender, f"field {name!r}: malformed sealed value ({str(exc):.200})") from None
+    if sealed.scheme != scheme:
+        raise Rejected(msg.sender, f"field {name!r}: sealed with scheme {sealed.scheme!r:.40}, expected {scheme!r}")
+    return sealed
 
 
 class CkksLayer(Layer):
@@ -63,7 +100,7 @@ class CkksLayer(Layer):
         self._fields: list[str] = []
 
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
-        _refuse_individual_fields(protocol, "ckks")
+        _refuse_unsupported(protocol, "ckks")
         if getattr(protocol, "server_opens_aggregates", False):
             raise LayerSetupError(
                 f"secure_aggregation=ckks cannot run {protocol.name}: its server computes on the aggregate in the "
@@ -79,7 +116,23 @@ class CkksLayer(Layer):
         return msg
 
     def inbound(self, msg: Message, party: Any) -> Message:
-        return open_sealed_fields(msg, self._keys)
+        try:
+            return open_sealed_fields(msg, self._keys)
+        except (CiphertextError, KeyError, ValueError) as exc:
+            raise Rejected(msg.sender, f"cannot open a sealed field: {str(exc):.300}") from None
+
+    def server_inbound(self, msg: Message) -> Message:
+        """Every chunk of every sealed uplink field must load under the committee's public key."""
+        for name in self._fields:
+            sealed = _sealed_field(msg, name, "ckks")
+            if sealed is None:
+                continue
+            try:
+                EncryptedVector.from_wire(self.public_context, sealed.chunks, sealed.length, sealed.shape)
+            except CiphertextError as exc:
+                raise Rejected(msg.sender, f"field {name!r}: {exc}") from None
+        return msg
+
 
     def wrap_aggregator(self, aggregator: Any, rnd: int) -> Any:
         return self._aggregator
@@ -95,7 +148,7 @@ class MaskingLayer(Layer):
         self._fields: list[str] = []
 
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
-        _refuse_individual_fields(protocol, "masking")
+        _refuse_unsupported(protocol, "masking")
         self._fields = aggregatable_fields(protocol)
 
     def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
@@ -114,6 +167,31 @@ class MaskingLayer(Layer):
             if name in msg.payload:
                 sealed: SealedTensor = client.mask_input(msg.tensor(name), field=name, weight=weight)
                 msg = sealed.attach(msg, name)
+        return msg
+
+    def server_inbound(self, msg: Message) -> Message:
+        """A masked field must come from a key-sharing participant, in this session's ring, whole."""
+        if self._sim is None:
+            return msg
+        encoding = self._sim.session.encoding
+        for name in self._fields:
+            sealed = _sealed_field(msg, name, "secagg")
+            if sealed is None:
+                continue
+            if msg.sender not in self._sim.aggregator.mask_peers:
+                raise Rejected(msg.sender, f"field {name!r}: {msg.sender!r:.80} did not share keys in this round")
+            ring = (sealed.params.get("ring_bits"), sealed.params.get("fractional_bits"))
+            if ring != (encoding.ring_bits, encoding.fractional_bits):
+                raise Rejected(msg.sender, f"field {name!r}: encoded with ring {ring!r:.80}, the session uses "
+                                           f"{(encoding.ring_bits, encoding.fractional_bits)}")
+            want = sealed.length * encoding.dtype.itemsize
+            got = [len(c) for c in sealed.chunks]
+            if got != [want]:
+                raise Rejected(msg.sender, f"field {name!r}: expected one chunk of {want} bytes, got chunks of "
+                                           f"{got[:8]} bytes (truncated or padded)")
+            weight = sealed.params.get("weight")
+            if weight is not None and not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+                raise Rejected(msg.sender, f"field {name!r}: declared weight {weight!r:.40} is not finite and >= 0")
         return msg
 
     def wrap_aggregator(self, aggregator: Any, rnd: int) -> Any:

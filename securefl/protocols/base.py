@@ -133,6 +133,15 @@ class Protocol(ABC):
     def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
         """Apply what the server sent back (e.g. FedMD's digest and revisit)."""
 
+    def expected_uplink_shape(self, kind: str, field: str, sender: str, rnd: int) -> tuple[int, ...] | None:
+        """The shape the server expects for uplink ``field`` of ``kind`` from ``sender`` in round ``rnd``.
+
+        ``None`` (the default) declares no shape. A protocol that knows it (FedMD's logits on the
+        round's alignment set) returns it, and the validation layer rejects any other shape before it
+        reaches the aggregator.
+        """
+        return None
+
     # ----- privacy planning ------------------------------------------------------------
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
         """Every training call on private data the run will make: (batch size, epochs, steps).

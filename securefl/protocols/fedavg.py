@@ -75,6 +75,11 @@ class FedAvg(Protocol):
         # pre-weights the input with the declared aggregation weight.
         return msg.with_meta(num_samples=party.num_samples, aggregation_weight=float(party.num_samples))
 
+    def expected_uplink_shape(self, kind: str, field: str, sender: str, rnd: int) -> tuple[int, ...] | None:
+        if (kind, field) != ("weights", "weights") or self.global_model is None:
+            return None
+        return (int(flat_parameters(self.global_model).numel()),)
+
     def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
         assert self.global_model is not None
         weights = [float(r.meta["num_samples"]) for r in replies]

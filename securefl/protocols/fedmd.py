@@ -132,6 +132,11 @@ class FedMD(Protocol):
         x_align = self.ctx.public.x[self.alignment_indices(rnd)]
         return self.reply(party, rnd, logits=predict_logits(party.model, x_align))
 
+    def expected_uplink_shape(self, kind: str, field: str, sender: str, rnd: int) -> tuple[int, ...] | None:
+        if (kind, field) != ("logits", "logits"):
+            return None
+        return (len(self.alignment_indices(rnd)), self.ctx.num_classes)
+
     # ----- step 3: consensus ----------------------------------------------------------------
     def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
         return self.broadcast(rnd, consensus=aggregator.mean(replies, "logits"))

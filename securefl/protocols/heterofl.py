@@ -5,7 +5,7 @@ Federated Learning for Heterogeneous Clients", ICLR 2021 (reference code:
 ``HeteroFL-Computation-and-Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients``,
 ``src/fed.py`` and ``src/train_classifier_fed.py``).
 
-The server holds one global model. Clients differ in computation and
+There is one global model. Clients differ in computation and
 communication capacity, so client m trains a *sub-model* of rate
 r_m in {1, 1/2, 1/4, 1/8, 1/16} (levels a-e): the global architecture with
 every hidden width h replaced by ceil(r_m h) (``securefl/models/heterofl.py``).
@@ -21,10 +21,11 @@ The global model has the width of the largest level in the proportions (the
 reference's ``global_model_rate``: "e1" trains a 1/16-width model), and every
 Scaler divides by r_m / r_global. Each round:
 
-1. **Down.** Every sampled client receives, for every parameter, the top-left
+1. **Down.** Every sampled client takes, for every parameter, the top-left
    slice ``W[:ceil(r out), :ceil(r in)]`` of the global one (biases and norm
    parameters likewise). The first layer's input channels and the
-   classifier's outputs are never sliced.
+   classifier's outputs are never sliced. The server only tells it its rate
+   (and sends the updates it missed, see "Who holds the global model").
 2. **Local training.** The client trains its sub-model for 5 epochs (batch 10,
    SGD with momentum 0.9 and weight decay 5e-4, gradient norm clipped at 1;
    the reference's defaults, fresh optimizer every round as in the
@@ -39,45 +40,58 @@ Scaler divides by r_m / r_global. Each round:
 4. **Aggregate.** Every parameter *element* is the average over the clients
    whose slice covers it (count weighting, not sample weighting); for
    classifier rows a client counts only for the classes in its label split;
-   elements no client covered keep their value. The server obtains the sum
-   through ``aggregator.sum`` (so secure aggregation can replace it) and
-   computes the per-element counts itself from the public metadata:
-   ``new = where(count > 0, sum / count, old)``.
+   elements no client covered keep their value:
+   ``new = where(count > 0, sum / count, old)``. The server obtains only the
+   sum, through ``aggregator.sum`` (so secure aggregation can replace it),
+   and broadcasts it with the contributors' public rates and label splits,
+   from which every participant computes the per-element counts and applies
+   the formula to its replica.
 5. **sBN statistics, federated.** With ``norm: bn`` the evaluation models need
    batch-norm statistics. The reference computes them by running the global
    model over the pooled training set; here the clients send per-channel sums
-   (sum x, sum x^2, n), which are aggregated with ``aggregator.sum``: sums,
-   which secure aggregation could carry (but see below). The statistics are computed layer by layer: the query for
+   (sum x, sum x^2, n), which are aggregated with ``aggregator.sum``. The
+   statistics are computed layer by layer: the query for
    norm layer l runs the model in evaluation mode with layers < l already
    using their federated statistics, so every layer's mean and (population)
    variance are exactly those of its input over the union of the clients'
    training data in the network that is evaluated (the reference's cumulative
    average of per-batch statistics depends on how the pooled data is
    batched). The global model and the sub-model of every level in use get
-   their own statistics. ``norm: gn`` (GroupNorm, for DP-SGD, since Opacus
-   rejects batch norm) needs none.
+   their own statistics, which travel with the round's update. ``norm: gn``
+   (GroupNorm, for DP-SGD, since Opacus rejects batch norm) needs none.
+
+Who holds the global model: the participants, never the server. Each keeps a
+replica (:class:`HeteroFLReplica`) and applies every round's update to it
+(step 4); the update is deterministic, so all replicas are identical. A
+client that sat out some rounds receives the updates it missed with its next
+rate assignment, in order, before it slices its sub-model. So the server never
+needs to read a sum, and the same code runs in plaintext, under pairwise
+masking and under CKKS (where the sums stay sealed until a participant's
+inbound layer opens them). The price: every sampled client downloads the
+whole (padded) sum, not only its slice, and the server keeps the updates a
+client that sits out still lacks.
 
 Evaluation: the global model on the test set (``global_accuracy``) and every
 client's sub-model at its rate on the test set (``accuracy``), plus
 ``local_accuracy``: the sub-model restricted to the client's classes on the
 test records of those classes (the reference's "Local" metric, which uses the
-label-split mask at test time).
+label-split mask at test time). Both are measured on a participant's replica
+that holds the latest update (the global model each participant holds once
+caught up), since the server has none.
 
 Where the sBN query runs: the runtime's round has a single uplink, before
 aggregation, but the statistics must be those of the *aggregated* model. The
 query therefore runs inside ``server_step``, right after aggregation, as
 extra exchanges of declared message kinds (``sbn_query`` down, ``sbn_sums``
 up; :meth:`client_sbn_sums` is the client's side), summed through the same
-``aggregator``. In this in-process form the ``sbn_sums`` replies do not pass
-through the runtime's transport or the clients' layers, so secure
-aggregation (pairwise masking) works with ``norm: gn`` only; with ``norm:
-bn`` the query stops with an error saying so. Routing it through the layers
-needs a post-aggregation query phase in the runtime.
-
-Secure aggregation: the server divides the aggregated sum by the public
-counts and keeps the global model, so it reads the sum
-(``server_opens_aggregates``): pairwise masking applies, CKKS is refused
-before round 1.
+``aggregator``. Its sub-models are sliced from a current replica with the
+round's update applied, and in this in-process form neither they nor the
+``sbn_sums`` replies pass through the runtime's transport or the clients'
+layers: they cross the server in the clear. Secure aggregation (CKKS or
+pairwise masking) therefore refuses ``norm: bn`` before round 1
+(:meth:`HeteroFL.secure_aggregation_refusal`) and runs with ``norm: gn``.
+Routing the query through the layers needs a post-aggregation query phase in
+the runtime.
 
 Participants' ``model`` names are ignored: every HeteroFL client's model is a
 slice of the one global model, chosen by ``heterofl.model`` (``conv`` or
@@ -87,10 +101,11 @@ slice of the one global model, chosen by ``heterofl.model`` (``conv`` or
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 import torch
 from pydantic import Field as PydField
@@ -106,13 +121,19 @@ from securefl.models.heterofl import (
 from securefl.protocols.base import (
     Downlink,
     Field,
+    GlobalUpdate,
     Protocol,
     ProtocolConfig,
     ProtocolSetupError,
+    Replica,
     Schema,
+    UpdateLog,
+    attach_updates,
     flat_parameters,
+    freshest,
     load_flat_parameters,
     only_message,
+    read_updates,
 )
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
@@ -339,14 +360,44 @@ def moments_from_sums(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] |
     return mean.float(), var.float()
 
 
+class HeteroFLReplica(Replica):
+    """A participant's copy of the global model and of its federated sBN statistics per level."""
+
+    def __init__(self, model: HeteroFLModel) -> None:
+        self.model = model
+        self.level_stats: dict[float, dict[str, torch.Tensor]] = {}
+        self.version = 0
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "level_stats": self.level_stats, "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.level_stats = state["level_stats"]
+        self.version = int(state["version"])
+
+
+def pack_statistics(level_stats: dict[float, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[list]]:
+    """Every level's sBN statistics as one vector, and its public layout ``[[rate, buffer, numel], ...]``."""
+    layout = [[rate, name, int(t.numel())] for rate, stats in level_stats.items() for name, t in stats.items()]
+    parts = [t.reshape(-1).float() for stats in level_stats.values() for t in stats.values()]
+    return (torch.cat(parts) if parts else torch.empty(0)), layout
+
+
+def unpack_statistics(flat: torch.Tensor, layout: Sequence[Sequence]) -> dict[float, dict[str, torch.Tensor]]:
+    out: dict[float, dict[str, torch.Tensor]] = {}
+    offset = 0
+    for rate, name, numel in layout:
+        out.setdefault(float(rate), {})[str(name)] = flat[offset:offset + int(numel)].clone()
+        offset += int(numel)
+    return out
+
+
 class HeteroFL(Protocol):
     name = "heterofl"
     summary = "width-scaled slices of one global model, averaged element-wise over the clients covering them"
     paper = "Diao, Ding & Tarokh, ICLR 2021"
     Config = HeteroFLConfig
-    # The server divides the aggregated sum by public counts and keeps the global model:
-    # it reads the sum (fine under masking, where the server learns the sum by design).
-    server_opens_aggregates = True
     uplink = UplinkKinds(
         Schema("padded_slice", padded_update=Field(
             aggregatable=True, description="trained slice zero-padded to global coordinates; absent classes' "
@@ -354,8 +405,18 @@ class HeteroFL(Protocol):
         Schema("sbn_sums", sbn_sums=Field(
             aggregatable=True, description="per-channel (sum x, sum x^2, n) of one norm layer's input")),
     )
-    downlink = Schema("submodel", weights=Field(aggregatable=False, private=False,
-                                                description="top-left slice of every global parameter"))
+    # Start of a round: the client's rate, and the updates of the global model it missed.
+    assignment = Schema("assignment", updates=Field(aggregatable=True, private=False,
+                                                    description="missed global_update fields, oldest first"))
+    # End of a round: what every participant applies to its replica of the global model.
+    downlink = Schema(
+        "global_update",
+        sum=Field(aggregatable=True, private=False,
+                  description="sum of the padded slices (sealed under CKKS); the per-element counts follow from "
+                              "the contributors' public rates and label splits, sent beside it"),
+        statistics=Field(aggregatable=False, private=False,
+                         description="norm: bn only: the federated sBN statistics of every level"),
+    )
     sbn_query = Schema("sbn_query", state=Field(aggregatable=False, private=False,
                                                 description="sub-model parameters and the statistics so far"))
 
@@ -370,17 +431,15 @@ class HeteroFL(Protocol):
         self.levels = parse_proportions(config.proportions)
         # The reference's global_model_rate: the global model is as wide as the widest level used.
         self.global_rate = max(rate for rate, _ in self.levels)
-        with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(ctx.seed, "init", "heterofl-global"))
-            self.global_model = self._build(self.global_rate)
-        self.layout = ParamLayout(self.global_model)
-        self.level_stats: dict[float, dict[str, torch.Tensor]] = {}
+        self.layout = ParamLayout(self._blank(self.global_rate))
+        self.log = UpdateLog()
         self.completed_round = 0
         self._parties: dict[str, Party] = {}
+        self._sampled: list[str] = []
         self._fixed: dict[str, float] | None = None
         self._shapes: dict[float, dict[str, tuple[int, ...]]] = {}
         self._scratch: dict[float, HeteroFLModel] = {}
-        self._eval_models: dict[float, HeteroFLModel] = {}
+        self._eval_models: dict[tuple[float, int], HeteroFLModel] = {}
 
     # ----- models ------------------------------------------------------------------------
     def _build(self, rate: float) -> HeteroFLModel:
@@ -393,19 +452,37 @@ class HeteroFL(Protocol):
         with torch.random.fork_rng():
             return self._build(rate)
 
+    def initial_global_model(self) -> HeteroFLModel:
+        """The global model before round 1, from the run seed: every participant builds the same one."""
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(self.ctx.seed, "init", "heterofl-global"))
+            return self._build(self.global_rate)
+
     def sub_shapes(self, rate: float) -> dict[str, tuple[int, ...]]:
         if rate not in self._shapes:
             self._shapes[rate] = {name: tuple(p.shape) for name, p in self._blank(rate).named_parameters()}
         return self._shapes[rate]
 
-    def submodel(self, rate: float) -> HeteroFLModel:
-        """The global model's rate-``rate`` slice, with that level's federated sBN statistics if known."""
+    def submodel(self, replica: HeteroFLReplica, rate: float) -> HeteroFLModel:
+        """The rate-``rate`` slice of a replica's global model, with that level's sBN statistics if known."""
         model = self._blank(rate)
-        load_params(model, self.layout.slice(self.global_model, self.sub_shapes(rate)))
-        stats = self.level_stats.get(rate)
+        load_params(model, self.layout.slice(replica.model, self.sub_shapes(rate)))
+        stats = replica.level_stats.get(rate)
         if stats:
             model.load_state_dict(stats, strict=False)
         return model
+
+    @staticmethod
+    def replica(party: Party) -> HeteroFLReplica:
+        return party.state["replica"]
+
+    def current_replica(self) -> HeteroFLReplica:
+        """A replica holding the latest update (all of them are identical); the server holds none."""
+        parties = sorted(self._parties.values(), key=lambda p: p.index)
+        return cast(HeteroFLReplica, freshest([self.replica(p) for p in parties]))
+
+    def current_global_model(self) -> HeteroFLModel:
+        return self.current_replica().model
 
     # ----- rates -------------------------------------------------------------------------
     def rate_of(self, party_id: str, rnd: int) -> float:
@@ -430,35 +507,46 @@ class HeteroFL(Protocol):
         return torch.unique(party.train.y)
 
     # ----- lifecycle ---------------------------------------------------------------------
+    def secure_aggregation_refusal(self) -> str | None:
+        if self.config.norm == "bn":
+            return ("heterofl.norm = 'bn' computes its static batch-norm statistics with a query inside "
+                    "server_step whose sub-models and per-channel sums bypass the participants' layers, so "
+                    "they would cross the server in the clear; use heterofl.norm: gn (GroupNorm, also the "
+                    "option for DP-SGD)")
+        return None
+
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
         return [(self.config.batch_size, self.ctx.rounds * self.config.local_epochs, None)]
 
     def setup_party(self, party: Party) -> None:
-        # A client holds no model between rounds: it receives its slice every round and,
-        # as in the reference, trains it with a fresh optimizer.
+        # A client trains a fresh sub-model every round (fresh optimizer, as in the reference), sliced
+        # from its replica of the global model; the server holds no model.
         party.model = None
+        party.state["replica"] = HeteroFLReplica(self.initial_global_model())
         # The server keeps a handle on every client for the in-round sBN query (step 5).
         self._parties[party.id] = party
+        self.log.register(party.id)
         self._fixed = None  # the fixed assignment is drawn once every client is known
 
-    # ----- step 1: distribute slices --------------------------------------------------------
+    # ----- step 1: rates, and the updates a client missed ------------------------------------
     def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:
+        self._sampled = list(sampled)
         out: dict[str, Message | list[Message]] = {}
         for pid in sampled:
-            rate = self.rate_of(pid, rnd)
-            out[pid] = Message(sender=AGGREGATOR, receiver=pid, run_id=self.ctx.run_id, round=rnd,
-                               kind=self.downlink.kind,
-                               payload={"weights": self.layout.slice(self.global_model, self.sub_shapes(rate))},
-                               meta={"rate": rate})
+            msg = Message(sender=AGGREGATOR, receiver=pid, run_id=self.ctx.run_id, round=rnd,
+                          kind=self.assignment.kind, meta={"rate": self.rate_of(pid, rnd)})
+            out[pid] = attach_updates(msg, self.log.missed(pid))
+        self.log.delivered(sampled)
         return out
 
     # ----- steps 2-3: local training, padded slice up ---------------------------------------
     def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message:
         cfg = self.config
-        down = only_message(inbox, self.downlink.kind)
+        down = only_message(inbox, self.assignment.kind)
+        replica = self.replica(party)
+        replica.catch_up(read_updates(down), self.apply_update, party.id)
         rate = float(down.meta["rate"])
-        model = self._blank(rate)
-        load_params(model, down.tensor("weights"))
+        model = self.submodel(replica, rate)
         classes = self.label_split(party)
         mask = classes if cfg.mask else None
         optimizer = make_optimizer(model, kind="sgd", lr=self.learning_rate(rnd), momentum=cfg.momentum,
@@ -470,65 +558,88 @@ class HeteroFL(Protocol):
         padded = self.layout.pad(model) * self.layout.coverage(self.sub_shapes(rate), classes)
         return self.reply(party, rnd, padded_update=padded).with_meta(rate=rate, label_split=classes.tolist())
 
-    # ----- step 4: element-wise count-weighted average -------------------------------------
-    def counts(self, replies: Sequence[Message], rnd: int) -> torch.Tensor:
-        """Per-element client counts, from public metadata only (rates the server assigned, label splits)."""
-        count = torch.zeros(self.layout.numel)
+    # ----- step 4: sum on the server, element-wise average on every replica --------------------
+    def contributors(self, replies: Sequence[Message], rnd: int) -> list[dict]:
+        """The public facts of every reply (the rate the server assigned, the label split), checked."""
+        out = []
         for reply in replies:
             rate = self.rate_of(reply.sender, rnd)
             if float(reply.meta.get("rate", -1)) != rate:
                 raise ValueError(f"reply from {reply.sender!r} claims rate {reply.meta.get('rate')}; "
                                  f"it was assigned {rate} in round {rnd}")
-            classes = torch.as_tensor(reply.meta["label_split"], dtype=torch.long)
-            if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.ctx.num_classes):
-                raise ValueError(f"reply from {reply.sender!r}: label split {classes.tolist()} outside the classes")
-            count += self.layout.coverage(self.sub_shapes(rate), classes)
+            classes = [int(c) for c in reply.meta["label_split"]]
+            if classes and (min(classes) < 0 or max(classes) >= self.ctx.num_classes):
+                raise ValueError(f"reply from {reply.sender!r}: label split {classes} outside the classes")
+            out.append({"rate": rate, "label_split": classes})
+        return out
+
+    def counts(self, contributors: Sequence[dict]) -> torch.Tensor:
+        """Per-element client counts, from public metadata only (rates and label splits)."""
+        count = torch.zeros(self.layout.numel)
+        for c in contributors:
+            classes = torch.as_tensor(c["label_split"], dtype=torch.long)
+            count += self.layout.coverage(self.sub_shapes(float(c["rate"])), classes)
         return count
 
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
-        total = aggregator.sum(replies, "padded_update")
-        count = self.counts(replies, rnd)
-        old = self.layout.flatten(self.global_model)
-        self.layout.load(self.global_model, torch.where(count > 0, total / count.clamp(min=1.0), old))
-        self.completed_round = rnd
-        self._eval_models.clear()
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
+        """Sum the padded slices; the division by the public counts happens on every replica."""
+        meta: dict = {"contributors": self.contributors(replies, rnd)}
+        fields = {"sum": aggregator.sum(replies, "padded_update")}
         if self.config.norm == "bn":
-            self._federated_sbn_statistics(rnd, replies, aggregator)
-        return None
+            pending = GlobalUpdate(self.log.version + 1, fields, meta)
+            fields["statistics"], meta["statistics"] = pack_statistics(
+                self._federated_sbn_statistics(rnd, replies, aggregator, pending))
+        update = self.log.record(fields, meta)
+        self.log.delivered(self._sampled)  # the runtime delivers the broadcast to every sampled client
+        self.completed_round = rnd
+        return attach_updates(self.broadcast(rnd), [update])
+
+    def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
+        self.replica(party).catch_up(read_updates(only_message(inbox, self.downlink.kind)), self.apply_update,
+                                     party.id)
+
+    def apply_update(self, replica: HeteroFLReplica, update: GlobalUpdate) -> None:
+        """``new = where(count > 0, sum / count, old)``, then the update's sBN statistics if any."""
+        count = self.counts(update.meta["contributors"])
+        old = self.layout.flatten(replica.model)
+        total = update.fields["sum"]
+        self.layout.load(replica.model, torch.where(count > 0, total / count.clamp(min=1.0), old))
+        if "statistics" in update.fields:
+            replica.level_stats = unpack_statistics(update.fields["statistics"], update.meta["statistics"])
+            replica.model.load_state_dict(replica.level_stats[self.global_rate], strict=False)
 
     # ----- step 5: federated sBN statistics ------------------------------------------------
-    def _federated_sbn_statistics(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
+    def _federated_sbn_statistics(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator,
+                                  pending: GlobalUpdate) -> dict[float, dict[str, torch.Tensor]]:
         if self.config.sbn_clients == "all":
             clients = sorted(self._parties.values(), key=lambda p: p.index)
         else:
             clients = [self._parties[r.sender] for r in replies]
+        # The new global model: a current replica with this round's update applied, exactly what every
+        # replica will hold. Its slices go out in the clear (hence the refusal under secure aggregation).
+        committee = copy.deepcopy(self.current_replica())
+        if committee.version != pending.version - 1:
+            raise RuntimeError(f"no participant holds update {pending.version - 1}, which the sBN query needs")
+        committee.level_stats = {}
+        self.apply_update(committee, pending)
         # Statistics for the global model and for every level a client is evaluated at.
         levels = {self.global_rate} | {self.rate_of(pid, rnd) for pid in self._parties}
-        self.level_stats = {}
+        level_stats: dict[float, dict[str, torch.Tensor]] = {}
         for rate in sorted(levels, reverse=True):
-            model = self.submodel(rate)
+            model = self.submodel(committee, rate)
             for layer, norm in model.static_norms():
                 query = Message(sender=AGGREGATOR, receiver=BROADCAST, run_id=self.ctx.run_id, round=rnd,
                                 kind=self.sbn_query.kind, payload={"state": flat_parameters(model)},
                                 meta={"rate": rate, "layer": layer})
                 answers = [self.client_sbn_sums(p, query) for p in clients]
-                try:
-                    sums = aggregator.sum(answers, "sbn_sums")
-                except Exception as exc:
-                    # The query's replies are made here, in server_step, so they never pass the
-                    # clients' outbound layers (sealing, masking): a secure aggregator cannot sum them.
-                    raise RuntimeError(
-                        "heterofl with norm: bn runs its sBN statistics query inside server_step, outside the "
-                        "runtime's layers, so a secure aggregator cannot sum its replies; use heterofl.norm: gn "
-                        f"with secure aggregation ({type(exc).__name__}: {exc})") from exc
-                moments = moments_from_sums(torch.as_tensor(sums))
+                moments = moments_from_sums(torch.as_tensor(aggregator.sum(answers, "sbn_sums")))
                 if moments is not None:  # no data at all: keep the defaults
                     assert norm.running_mean is not None and norm.running_var is not None
                     norm.running_mean.copy_(moments[0])
                     norm.running_var.copy_(moments[1])
-            self.level_stats[rate] = {k: v.clone() for k, v in model.state_dict().items()
-                                      if k.endswith(("running_mean", "running_var"))}
-        self.global_model.load_state_dict(self.level_stats[self.global_rate], strict=False)
+            level_stats[rate] = {k: v.clone() for k, v in model.state_dict().items()
+                                 if k.endswith(("running_mean", "running_var"))}
+        return level_stats
 
     def client_sbn_sums(self, party: Party, query: Message) -> Message:
         """Client side of the sBN query: per-channel sums of one norm layer's input over its training data."""
@@ -541,13 +652,16 @@ class HeteroFL(Protocol):
         return Message(sender=party.id, receiver=AGGREGATOR, run_id=self.ctx.run_id, round=query.round,
                        kind="sbn_sums", payload={"sbn_sums": sums}, meta={"rate": rate, "layer": layer})
 
-    # ----- evaluation --------------------------------------------------------------------
+    # ----- evaluation: on a participant's replica --------------------------------------------
     def _eval_model(self, rate: float) -> HeteroFLModel:
+        replica = self.current_replica()
         if rate == self.global_rate:
-            return self.global_model
-        if rate not in self._eval_models:
-            self._eval_models[rate] = self.submodel(rate)
-        return self._eval_models[rate]
+            return replica.model
+        key = (rate, replica.version)
+        if key not in self._eval_models:
+            self._eval_models = {k: m for k, m in self._eval_models.items() if k[1] == replica.version}
+            self._eval_models[key] = self.submodel(replica, rate)
+        return self._eval_models[key]
 
     def evaluate(self, party: Party) -> dict[str, float]:
         """The client's sub-model at its rate (in the round just finished) on the test set."""
@@ -564,17 +678,17 @@ class HeteroFL(Protocol):
         return metrics
 
     def evaluate_server(self) -> dict[str, float]:
+        """The global model's accuracy, measured on a participant's replica (the server holds no model)."""
         ctx = self.ctx
-        return {"global_accuracy": accuracy(self.global_model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)}
+        return {"global_accuracy": accuracy(self.current_global_model(), ctx.test_x, ctx.test_y,
+                                            classes=ctx.eval_classes)}
 
     # ----- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"global_model": self.global_model.state_dict(), "level_stats": self.level_stats,
-                "completed_round": self.completed_round}
+        return {"log": self.log.state_dict(), "completed_round": self.completed_round}
 
     def load_state_dict(self, state: dict) -> None:
-        self.global_model.load_state_dict(state["global_model"])
-        self.level_stats = state["level_stats"]
+        self.log.load_state_dict(state["log"])
         self.completed_round = int(state["completed_round"])
         self._eval_models.clear()
 

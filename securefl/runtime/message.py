@@ -23,7 +23,11 @@ AGGREGATOR = "aggregator"
 
 
 class Message(BaseModel):
-    """A signed-able, frozen envelope around a payload of named tensors or bytes."""
+    """A signed-able, frozen envelope around a payload of named tensors or bytes.
+
+    Built from untrusted values (``Message.model_validate(data)``), it either validates or raises
+    ``pydantic.ValidationError`` naming the field; nothing else (``tests/reliability/test_fuzz.py``).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
@@ -42,12 +46,12 @@ class Message(BaseModel):
     def _payload_values_are_wire_types(cls, payload: dict[str, Any]) -> dict[str, Any]:
         for name, value in payload.items():
             if isinstance(value, np.ndarray):
-                raise TypeError(f"payload field {name!r}: numpy arrays are not wire types; use torch.from_numpy")
+                raise ValueError(f"payload field {name!r}: numpy arrays are not wire types; use torch.from_numpy")
             ok = isinstance(value, torch.Tensor | bytes) or (
                 isinstance(value, list) and all(isinstance(v, bytes) for v in value)
             )
             if not ok:
-                raise TypeError(
+                raise ValueError(
                     f"payload field {name!r} has type {type(value).__name__}; "
                     "allowed: torch.Tensor, bytes, list[bytes]"
                 )

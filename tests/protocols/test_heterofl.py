@@ -14,12 +14,14 @@ from opacus.validators import ModuleValidator
 
 from securefl.config import ConfigError, parse_config
 from securefl.data.datasets import load_digits
+from securefl.layers.base import LayerSetupError
 from securefl.models.heterofl import (
     Scaler,
     StaticBatchNorm2d,
     build_heterofl_model,
     masked_cross_entropy,
 )
+from securefl.protocols.base import read_updates
 from securefl.protocols.heterofl import HeteroFL, dynamic_rates, fixed_rates, parse_proportions
 from securefl.runtime.federation import Federation
 from tests.conftest import tiny_raw
@@ -73,11 +75,11 @@ def test_aggregation_of_overlapping_slices_equals_hand_computed_element_averages
                       model="mlp", hidden_sizes=[8], norm="gn")
     proto: HeteroFL = fed.protocol  # type: ignore[assignment]
     by_rate = {proto.rate_of(p.id, 1): p for p in fed.parties}
-    b, c = by_rate[0.5], by_rate[0.25]  # rate 1/2 -> 4 hidden units, rate 1/4 -> 2; the rate-1 client sits out
+    a, b, c = by_rate[1.0], by_rate[0.5], by_rate[0.25]  # rate 1/2 -> 4 hidden units, 1/4 -> 2; a sits out
     split_b, split_c = set(splits[b.index]), set(splits[c.index])
     vb, vc = 1.0, 3.0
     b.trainer, c.trainer = ConstantTrainer(vb), ConstantTrainer(vc)
-    old = {k: v.detach().clone() for k, v in proto.global_model.named_parameters()}
+    old = {k: v.detach().clone() for k, v in proto.replica(b).model.named_parameters()}
 
     down = proto.open_round(1, [b.id, c.id])
     replies = [proto.client_step(b, [down[b.id]], 1), proto.client_step(c, [down[c.id]], 1)]
@@ -86,7 +88,7 @@ def test_aggregation_of_overlapping_slices_equals_hand_computed_element_averages
     # What the rate-1/2 client sends: its values inside its slice, zeros outside, zeros on absent classes' rows.
     sent = replies[0].tensor("padded_update")
     offset = 0
-    for name, p in proto.global_model.named_parameters():
+    for name, p in proto.replica(b).model.named_parameters():
         block = sent[offset:offset + p.numel()].view(p.shape)
         offset += p.numel()
         if name == "classifier.weight":
@@ -98,8 +100,13 @@ def test_aggregation_of_overlapping_slices_equals_hand_computed_element_averages
         else:
             assert torch.equal(block[:4], torch.full_like(block[:4], vb)) and not block[4:].any()
 
-    proto.server_step(1, replies, fed.aggregator)
-    new = dict(proto.global_model.named_parameters())
+    broadcast = proto.server_step(1, replies, fed.aggregator)
+    # The server only sums; the division by the public counts happens on every participant's replica.
+    (update,) = read_updates(broadcast)
+    assert torch.equal(update.fields["sum"], replies[0].tensor("padded_update") + replies[1].tensor("padded_update"))
+    for party in (b, c):
+        proto.client_update(party, [broadcast], 1)
+    new = dict(proto.replica(b).model.named_parameters())
 
     # Hidden layer (Linear 64 -> 8) and its GroupNorm: rows 0-1 both, rows 2-3 only b, rows 4-7 nobody.
     for name in ("body.1.weight", "body.1.bias", "body.3.weight", "body.3.bias"):
@@ -119,6 +126,13 @@ def test_aggregation_of_overlapping_slices_equals_hand_computed_element_averages
         holders = [v for v, split in ((vb, split_b), (vc, split_c)) if k in split]
         want = sum(holders) / len(holders) if holders else float(old["classifier.bias"][k])
         assert float(bias[k]) == pytest.approx(want), k
+
+    # The client that sat out gets the update with its next assignment and then holds the same model.
+    assert proto.replica(a).version == 0
+    proto.client_step(a, [proto.open_round(2, [a.id])[a.id]], 2)
+    assert proto.replica(a).version == proto.replica(c).version == 1
+    for (name, mine), (_, theirs) in zip(proto.replica(a).model.named_parameters(), new.items(), strict=True):
+        assert torch.equal(mine, theirs), name
 
 
 def test_counts_come_from_public_metadata_and_a_wrong_rate_is_refused(tmp_path: Path) -> None:
@@ -152,15 +166,15 @@ def test_slicing_never_cuts_first_layer_inputs_or_classifier_outputs(family: str
             assert all(a <= b for a, b in zip(p.shape, g.shape, strict=True))
 
 
-def test_downlink_is_the_top_left_slice_of_the_global_model(tmp_path: Path) -> None:
+def test_clients_train_the_top_left_slice_of_their_replica(tmp_path: Path) -> None:
     fed = _federation(tmp_path, norm="gn")
     proto: HeteroFL = fed.protocol  # type: ignore[assignment]
     down = proto.open_round(1, [p.id for p in fed.parties])
-    g = dict(proto.global_model.named_parameters())
     for party in fed.parties:
-        msg = down[party.id]
-        rate = msg.meta["rate"]
-        w = msg.tensor("weights")
+        rate = down[party.id].meta["rate"]
+        assert "weights" not in down[party.id].payload  # the server holds no model to slice
+        g = dict(proto.replica(party).model.named_parameters())
+        w = torch.cat([p.detach().reshape(-1) for p in proto.submodel(proto.replica(party), rate).parameters()])
         c1 = int(np.ceil(8 * rate))
         c2 = int(np.ceil(16 * rate))
         expected = torch.cat([
@@ -171,6 +185,9 @@ def test_downlink_is_the_top_left_slice_of_the_global_model(tmp_path: Path) -> N
             g["classifier.weight"][:, :c2].reshape(-1), g["classifier.bias"],  # all 10 outputs
         ]).detach()
         assert torch.equal(w, expected), rate
+    # Every participant starts from the same global model, derived from the run seed.
+    first = proto.layout.flatten(proto.replica(fed.parties[0]).model)
+    assert all(torch.equal(proto.layout.flatten(proto.replica(p).model), first) for p in fed.parties)
 
 
 def test_submodel_has_the_expected_parameter_count_and_runs() -> None:
@@ -260,7 +277,7 @@ def test_federated_sbn_statistics_equal_the_statistics_of_the_union_of_client_da
     proto: HeteroFL = fed.protocol  # type: ignore[assignment]
     union = torch.cat([p.train.x for p in fed.parties])
     for rate in (1.0, 0.5, 0.25):
-        model = proto.global_model if rate == 1.0 else proto._eval_model(rate)
+        model = proto._eval_model(rate)
         layers = dict(model.static_norms())
         assert len(layers) == 2
         for name, act in _norm_inputs(model, union).items():
@@ -382,7 +399,7 @@ def test_pairwise_masking_sums_the_padded_slices_like_the_plain_aggregator(tmp_p
         fed = Federation(parse_config(raw), path, progress=False, transport=transport)
         fed.run()
         sent = [m.payload["padded_update"] for m in transport.sent if m.kind == "padded_slice"]
-        return fed.protocol.layout.flatten(fed.protocol.global_model), sent  # type: ignore[attr-defined]
+        return fed.protocol.layout.flatten(fed.protocol.current_global_model()), sent  # type: ignore[attr-defined]
 
     plain, plain_sent = global_after_one_round(tmp_path / "plain", "none")
     masked, masked_sent = global_after_one_round(tmp_path / "masked", "masking")
@@ -391,10 +408,11 @@ def test_pairwise_masking_sums_the_padded_slices_like_the_plain_aggregator(tmp_p
     torch.testing.assert_close(masked, plain, rtol=0, atol=1e-4)  # up to the masking's fixed-point encoding
 
 
-def test_secure_aggregation_with_sbn_stops_with_a_clear_reason(tmp_path: Path) -> None:
-    raw = tiny_raw(protocol="heterofl", secure_aggregation="masking", run={"rounds": 1}, heterofl={**SMALL, "norm": "bn"})
-    with pytest.raises(RuntimeError, match="use heterofl.norm: gn"):
-        Federation(parse_config(raw), tmp_path / "run", progress=False).run()
-    ckks = tiny_raw(protocol="heterofl", secure_aggregation="ckks", heterofl={**SMALL, "norm": "gn"})
-    with pytest.raises(ValueError, match="computes on the aggregate"):
-        Federation(parse_config(ckks), tmp_path / "ckks", progress=False)
+@pytest.mark.parametrize("scheme", ["masking", "ckks"])
+def test_secure_aggregation_refuses_the_sbn_query_before_round_one(scheme: str, tmp_path: Path) -> None:
+    raw = tiny_raw(protocol="heterofl", secure_aggregation=scheme, heterofl={**SMALL, "norm": "bn"})
+    with pytest.raises(LayerSetupError, match="use heterofl.norm: gn"):
+        Federation(parse_config(raw), tmp_path / "bn", progress=False)
+    assert not (tmp_path / "bn" / "metrics.jsonl").exists()
+    gn = tiny_raw(protocol="heterofl", secure_aggregation=scheme, heterofl={**SMALL, "norm": "gn"})
+    Federation(parse_config(gn), tmp_path / "gn", progress=False)  # accepted
