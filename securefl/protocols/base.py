@@ -11,12 +11,24 @@ Protocols never import opacus, tenseal, cryptography or a transport. Private
 training goes through ``party.trainer``; aggregation goes through the
 ``aggregator`` handed to ``server_step``. Privacy and encryption are layers the
 runtime composes around these calls, so no protocol contains an ``if privacy``.
+
+Global state held by the participants. Under CKKS the server cannot decrypt
+an aggregate, so a protocol with a global state that evolves from aggregates
+(HeteroFL's global model, FedGen's generator) does not keep it on the server.
+The server sums through its aggregator and broadcasts the result exactly as
+the aggregator returned it (a tensor, or a sealed value the participants'
+inbound layer opens), with the public facts needed to apply it; every
+participant applies it to its own :class:`Replica`. Applying is deterministic,
+so all replicas are identical. A participant that sat out some rounds
+receives the updates it missed, in order, before it trains again
+(:class:`UpdateLog`). The same code runs in plaintext, under masking and
+under CKKS.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -162,6 +174,14 @@ class Protocol(ABC):
         """Why this configuration cannot run under record-level DP-SGD (None: it can)."""
         return None
 
+    def secure_aggregation_refusal(self) -> str | None:
+        """Why this configuration cannot run under secure aggregation, CKKS or masking (None: it can).
+
+        For what the schema cannot declare, e.g. an exchange that bypasses the
+        participants' layers. Secure-aggregation layers raise it before round 1.
+        """
+        return None
+
     def run_notes(self) -> dict[str, str]:
         """Facts the run report must state (e.g. FedH2L's seed-set privacy assumption)."""
         return {}
@@ -211,6 +231,117 @@ class Protocol(ABC):
         assert self.downlink is not None, f"{self.name} declares no downlink"
         return _with_fields(Message(sender=AGGREGATOR, receiver=BROADCAST, run_id=self.ctx.run_id, round=rnd,
                                     kind=self.downlink.kind), payload)
+
+
+# ----- global state held by the participants -------------------------------------------------
+UPDATES_META = "updates"
+
+
+@dataclass(frozen=True)
+class GlobalUpdate:
+    """What one aggregation changed in a global state that the participants hold.
+
+    ``version`` numbers the updates 1, 2, ... (a round without replies makes
+    none). ``fields`` are exactly what the aggregator returned (tensors, or
+    sealed values the server cannot read) and any public tensors; ``meta`` are
+    the public facts a participant needs to apply them (e.g. HeteroFL's
+    contributors' rates and label splits, which give the per-element counts).
+    """
+
+    version: int
+    fields: dict[str, Any]
+    meta: dict[str, Any]
+
+
+class UpdateLog:
+    """The server's record of the updates it broadcast, for participants that missed some.
+
+    ``holds`` is the version the server has sent each participant; the log
+    keeps only the updates some participant still lacks, so under full
+    participation it holds at most the latest one. Its size grows with how
+    long a participant sits out (every update since, sealed under CKKS).
+    """
+
+    def __init__(self) -> None:
+        self.updates: list[GlobalUpdate] = []
+        self.holds: dict[str, int] = {}
+        self.version = 0
+
+    def register(self, party_id: str) -> None:
+        self.holds.setdefault(party_id, 0)
+
+    def record(self, fields: dict[str, Any], meta: dict[str, Any] | None = None) -> GlobalUpdate:
+        self.version += 1
+        update = GlobalUpdate(self.version, dict(fields), dict(meta or {}))
+        self.updates.append(update)
+        return update
+
+    def missed(self, party_id: str) -> list[GlobalUpdate]:
+        """The updates ``party_id`` has not been sent yet, oldest first."""
+        held = self.holds.get(party_id, 0)
+        return [u for u in self.updates if u.version > held]
+
+    def delivered(self, party_ids: Sequence[str]) -> None:
+        """``party_ids`` now hold every recorded update."""
+        for pid in party_ids:
+            self.holds[pid] = self.version
+        oldest = min(self.holds.values(), default=self.version)
+        self.updates = [u for u in self.updates if u.version > oldest]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": list(self.updates), "holds": dict(self.holds), "version": self.version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = list(state["updates"])
+        self.holds = dict(state["holds"])
+        self.version = int(state["version"])
+
+
+def attach_updates(msg: Message, updates: Sequence[GlobalUpdate]) -> Message:
+    """Put updates on a message: field ``name`` of update ``v`` travels as ``name@v``.
+
+    Sealed fields stay sealed (the participant's inbound layer opens them);
+    the public part travels in ``meta["updates"]``, which the signature covers.
+    """
+    payload = {f"{name}@{u.version}": value for u in updates for name, value in u.fields.items()}
+    index = [{"version": u.version, "fields": sorted(u.fields), "meta": u.meta} for u in updates]
+    return _with_fields(msg, payload).with_meta(**{UPDATES_META: index})
+
+
+def read_updates(msg: Message) -> list[GlobalUpdate]:
+    """The updates a message carries, as plaintext tensors (after the participant's inbound layers)."""
+    return [GlobalUpdate(int(entry["version"]),
+                         {name: msg.tensor(f"{name}@{entry['version']}") for name in entry["fields"]},
+                         dict(entry["meta"]))
+            for entry in msg.meta.get(UPDATES_META, [])]
+
+
+class Replica:
+    """A participant's copy of a global state; ``version`` is the last update it applied."""
+
+    version: int = 0
+
+    def catch_up(self, updates: Sequence[GlobalUpdate], apply: Callable[[Any, GlobalUpdate], None],
+                 owner: str) -> None:
+        """Apply the updates not applied yet, in order; refuse to skip one."""
+        for update in updates:
+            if update.version <= self.version:
+                continue  # already applied (the same update delivered twice)
+            if update.version != self.version + 1:
+                raise RuntimeError(
+                    f"{owner}'s replica holds update {self.version} but the next update it received is "
+                    f"{update.version}: a downlink message was lost, and applying later updates without it "
+                    "would make this replica differ from everyone else's")
+            apply(self, update)
+            self.version = update.version
+
+
+def freshest(replicas: Sequence[Replica]) -> Replica:
+    """The first of the replicas holding the latest update (all such replicas are identical)."""
+    if not replicas:
+        raise RuntimeError("no participant holds a replica of the global state")
+    latest = max(r.version for r in replicas)
+    return next(r for r in replicas if r.version == latest)
 
 
 def _with_fields(msg: Message, payload: dict[str, Any]) -> Message:
