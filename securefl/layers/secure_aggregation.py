@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from securefl.crypto.ckks import CkksAggregator, CkksParams, EncryptedVector, KeyHolderContext
+from securefl.crypto.ckks import CkksAggregator, CkksParams, EncryptedVector, KeyHolderContext, PublicContext
 from securefl.crypto.errors import CiphertextError
+from securefl.crypto.keystore import write_private_file
 from securefl.crypto.masking import MaskingSession, SecAggSimulation
 from securefl.crypto.sealed import SealedTensor, open_sealed_fields
 from securefl.layers.base import Layer, LayerSetupError, Rejected, aggregatable_fields
@@ -84,20 +85,50 @@ def _sealed_field(msg: Message, name: str, scheme: str) -> SealedTensor | None:
 class CkksLayer(Layer):
     name = "ckks"
 
+    COMMITTEE_FILE = "ckks_committee.secret"
+    PUBLIC_FILE = "ckks_public.context"
+
     def __init__(self, params: CkksParams, *, key_dir: Path | None = None) -> None:
-        committee_file = key_dir / "ckks_committee.secret" if key_dir is not None else None
+        """A simulation's layer: the committee's keys (participant side) and the aggregator (server side)."""
+        committee_file = key_dir / self.COMMITTEE_FILE if key_dir is not None else None
         if committee_file is not None and committee_file.exists():
             # A resumed run keeps the committee's key: sealed state may outlive a round.
-            self._keys = KeyHolderContext.from_committee_secret(committee_file.read_bytes())
+            keys = KeyHolderContext.from_committee_secret(committee_file.read_bytes())
         else:
-            self._keys = KeyHolderContext.generate(params)
+            keys = KeyHolderContext.generate(params)
             if committee_file is not None:
-                committee_file.parent.mkdir(parents=True, exist_ok=True)
-                committee_file.write_bytes(self._keys.export_secret_for_committee())
-                committee_file.chmod(0o600)
-        self.public_context = self._keys.public()
-        self._aggregator = CkksAggregator(self.public_context)
+                write_private_file(committee_file, keys.export_secret_for_committee())
+        self._keys: KeyHolderContext | None = keys
+        self._set_public(keys.public())
+
+    def _set_public(self, public: PublicContext) -> None:
+        self.public_context = public
+        self._aggregator = CkksAggregator(public)
         self._fields: list[str] = []
+
+    @classmethod
+    def for_participant(cls, key_dir: Path) -> CkksLayer:
+        """A deployed participant's layer: the committee secret its data owner was provisioned with."""
+        path = Path(key_dir) / cls.COMMITTEE_FILE
+        if not path.exists():
+            raise LayerSetupError(f"{path}: no CKKS committee key; every participant of a CKKS run must be "
+                                  "provisioned with the same committee key (`securefl provision`)")
+        layer = cls.__new__(cls)
+        layer._keys = KeyHolderContext.from_committee_secret(path.read_bytes())
+        layer._set_public(layer._keys.public())
+        return layer
+
+    @classmethod
+    def for_coordinator(cls, key_dir: Path) -> CkksLayer:
+        """A deployed coordinator's layer: the public context only, so it can add but never decrypt."""
+        path = Path(key_dir) / cls.PUBLIC_FILE
+        if not path.exists():
+            raise LayerSetupError(f"{path}: no CKKS public context; the coordinator of a CKKS run needs the "
+                                  "committee's public context (`securefl provision`)")
+        layer = cls.__new__(cls)
+        layer._keys = None
+        layer._set_public(PublicContext.from_bytes(path.read_bytes()))
+        return layer
 
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
         _refuse_unsupported(protocol, "ckks")
@@ -132,7 +163,6 @@ class CkksLayer(Layer):
             except CiphertextError as exc:
                 raise Rejected(msg.sender, f"field {name!r}: {exc}") from None
         return msg
-
 
     def wrap_aggregator(self, aggregator: Any, rnd: int) -> Any:
         return self._aggregator

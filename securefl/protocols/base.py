@@ -107,6 +107,8 @@ class Protocol(ABC):
     # True when server_step computes on the aggregate itself (e.g. keeps a global model):
     # fine under masking (the server learns the sum by design), refused under CKKS.
     server_opens_aggregates: ClassVar[bool] = False
+    # Why the protocol cannot run with each participant on its own node (None: it can).
+    simulation_only: ClassVar[str | None] = None
 
     def __init__(self, config: ProtocolConfig, ctx: FederationContext) -> None:
         self.config = config
@@ -117,6 +119,10 @@ class Protocol(ABC):
         """Refuse an impossible set-up before any training (e.g. FedAvg with mixed models)."""
 
     # ----- lifecycle -------------------------------------------------------------------
+    def setup_server(self, parties: Sequence[Party]) -> None:
+        """Build the server's own state (e.g. FedAvg's global model). Runs only where the aggregator
+        runs, never on a participant's node, so server state must not be built in ``setup_party``."""
+
     @abstractmethod
     def setup_party(self, party: Party) -> None:
         """Build the party's model(s) and optimizers. Runs on start and on resume."""

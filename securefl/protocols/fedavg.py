@@ -54,10 +54,12 @@ class FedAvg(Protocol):
                 "Use a heterogeneous protocol (fedmd, fedh2l, heterofl, fml, fedgen) or one model name."
             )
 
+    def setup_server(self, parties: Sequence[Party]) -> None:
+        self.global_model = self.ctx.build_model(parties[0].model_name, purpose="fedavg-global")
+
     def setup_party(self, party: Party) -> None:
-        if self.global_model is None:
-            self.global_model = self.ctx.build_model(party.model_name, purpose="fedavg-global")
-        party.model = self.ctx.build_model(party.model_name, purpose=party.id)
+        # Every participant starts from the global initialisation (same derived seed as the server's).
+        party.model = self.ctx.build_model(party.model_name, purpose="fedavg-global")
         party.state["private_opt"] = self.ctx.make_optimizer(party.model)
 
     def open_round(self, rnd: int, sampled: Sequence[str]) -> Message:
@@ -80,22 +82,26 @@ class FedAvg(Protocol):
             return None
         return (int(flat_parameters(self.global_model).numel()),)
 
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
         assert self.global_model is not None
         weights = [float(r.meta["num_samples"]) for r in replies]
         load_flat_parameters(self.global_model, aggregator.weighted_mean(replies, "weights", weights))
-        return None
+        return self.broadcast(rnd, weights=flat_parameters(self.global_model))
+
+    def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
+        # The round ends with the new global model at every participant of the round.
+        assert party.model is not None
+        load_flat_parameters(party.model, only_message(inbox, "global_model").tensor("weights"))
 
     def evaluate(self, party: Party) -> dict[str, float]:
-        # Every participant holds the global model after the round: report that one.
-        assert self.global_model is not None
-        return {"accuracy": accuracy(self.global_model, self.ctx.test_x, self.ctx.test_y,
-                                     classes=self.ctx.eval_classes)}
+        # After client_update the participant's model is the global model: report that one.
+        assert party.model is not None
+        return {"accuracy": accuracy(party.model, self.ctx.test_x, self.ctx.test_y, classes=self.ctx.eval_classes)}
 
     def state_dict(self) -> dict:
-        assert self.global_model is not None
-        return {"global_model": self.global_model.state_dict()}
+        # A participant's node has no global model of its own (None there).
+        return {"global_model": self.global_model.state_dict() if self.global_model is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        assert self.global_model is not None
-        self.global_model.load_state_dict(state["global_model"])
+        if self.global_model is not None:
+            self.global_model.load_state_dict(state["global_model"])

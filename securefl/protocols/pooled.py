@@ -28,6 +28,8 @@ class Pooled(Protocol):
     name = "pooled"
     summary = "baseline: one model per architecture on the union of the private data (upper bound, not private)"
     Config = PooledConfig
+    simulation_only = ("pooled trains one model on every silo's data at once, which needs all the data in one "
+                       "process; it is the simulation's upper bound, not a federated protocol")
     config: PooledConfig
 
     def __init__(self, config: PooledConfig, ctx) -> None:  # type: ignore[no-untyped-def]

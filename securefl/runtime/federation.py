@@ -165,6 +165,8 @@ class Federation:
         self.aggregator = PlainAggregator()
         # Refuse impossible set-ups before any training.
         self.protocol.validate_participants(self.parties)
+        with seeded(derive_seed(config.run.seed, "setup_server")):
+            self.protocol.setup_server(self.parties)
         self._rejected: list[dict[str, str]] = []
         self.stopped: dict[str, str] = {}
         self._current_round = 0
@@ -181,7 +183,12 @@ class Federation:
             self.layers: list[Layer] = self._build_layers()
             self.host.layers = self.layers  # one stack: each layer's participant and server hooks
         else:
+            if self.protocol.simulation_only:
+                from securefl.protocols import ProtocolSetupError
+
+                raise ProtocolSetupError(f"{config.protocol} cannot run on separate nodes: {self.protocol.simulation_only}")
             self.participants = remote
+            remote.connect(run_id=self.run_id, config_text=dump_config(config))
             from securefl.layers.stack import build_layers
 
             signers = {AGGREGATOR: self.party_keys(AGGREGATOR)} if config.signing else {}

@@ -11,10 +11,11 @@ import inspect
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
 import torch
 
 from securefl.config import deep_merge
-from securefl.protocols import get_protocol
+from securefl.protocols import ProtocolSetupError, get_protocol
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.federation import Federation
 from securefl.runtime.message import Message
@@ -118,6 +119,25 @@ class ProtocolContract:
         assert not (tmp_path / "cut" / "summary.json").exists()
         Federation(cfg, tmp_path / "cut", progress=False, resume=True).run()
         assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "full")
+
+    def test_participants_on_their_own_nodes_compute_what_the_simulation_computes(self, tmp_path: Path) -> None:
+        """Each participant in its own node (own directory, own protocol instance, messages as bytes) gives
+        the simulation's metrics: nothing passes between server and participants except messages."""
+        from securefl.deploy.provision import provision
+        from securefl.deploy.remote import isolated_participants
+
+        cfg = self.config(run={"rounds": 2})
+        remote, nodes = isolated_participants(cfg, tmp_path / "nodes")
+        if get_protocol(self.protocol).simulation_only:
+            with pytest.raises(ProtocolSetupError, match="cannot run on separate nodes"):
+                Federation(cfg, tmp_path / "coordinator", progress=False, remote=remote)
+            return
+        Federation(cfg, tmp_path / "sim", progress=False).run()
+        provision(cfg, coordinator_dir=tmp_path / "coordinator", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
+        Federation(cfg, tmp_path / "coordinator", progress=False, remote=remote).run()
+        assert metrics_without_time(tmp_path / "coordinator") == metrics_without_time(tmp_path / "sim")
+        # The coordinator's directory holds no participant's private key.
+        assert sorted(p.name for p in (tmp_path / "coordinator" / "keys").glob("*.ed25519")) == ["aggregator.ed25519"]
 
     def test_protocol_file_imports_no_privacy_crypto_or_transport_library(self) -> None:
         source = Path(inspect.getfile(get_protocol(self.protocol))).read_text()

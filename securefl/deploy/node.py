@@ -1,0 +1,206 @@
+"""A data owner's node: one participant, in its own directory, under its own policy.
+
+The coordinator sends requests (``setup``, ``prepare``, ``step``, ``update``,
+``evaluate``, ``finish``); :class:`ParticipantNode` answers each with a reply
+mapping, never an exception, so a failure on a node reaches the coordinator as
+a clear message. Everything the node must keep lives in ``node_dir``, which the
+data owner chooses:
+
+- ``keys/``: the participant's Ed25519 key, the CKKS committee secret and the
+  roster of everyone's public keys (see :mod:`securefl.deploy.provision`);
+- ``ledgers/<participant>.jsonl``: its privacy ledger, which
+  ``securefl audit NODE_DIR`` verifies;
+- ``checkpoints/node.pt``: its models and optimizer state after every phase,
+  so a node process that restarts (or a ClientApp started afresh for every
+  message) carries on where it was;
+- ``config.yaml``: the experiment config as the node accepted it.
+
+Policy: the node's own policy file (``policy_file``) always applies; whatever
+policy file the coordinator's config names for this participant is ignored,
+and the stricter of the node's policy and the experiment's target binds. The
+coordinator cannot loosen it.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from securefl.config import ConfigError, dump_config, parse_config
+from securefl.runtime.codec import DecodeError, decode_message, encode_message
+from securefl.runtime.host import HostReport, ParticipantHost
+
+NODE_CHECKPOINT = "checkpoints/node.pt"
+PHASES = ("hello", "setup", "prepare", "step", "update", "evaluate", "finish")
+
+
+class NodeError(RuntimeError):
+    """A request this node refuses (wrong run, unknown participant, missing keys, ...)."""
+
+
+class ParticipantNode:
+    """Hosts one participant for a coordinator that talks to it only through requests."""
+
+    def __init__(self, node_dir: str | Path, participant_id: str, *, policy_file: str | Path | None = None,
+                 data_dir: str | Path | None = None) -> None:
+        self.node_dir = Path(node_dir)
+        self.participant_id = participant_id
+        self.policy_file = str(policy_file) if policy_file else None
+        self.data_dir = str(data_dir) if data_dir else None
+        self.host: ParticipantHost | None = None
+        self.run_id: str | None = None
+
+    # ----- the request loop --------------------------------------------------------------------
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one request; errors become ``{"ok": False, "error": ...}`` with the reason."""
+        try:
+            phase = request.get("phase")
+            if phase not in PHASES:
+                raise NodeError(f"unknown request phase {phase!r}; expected one of {', '.join(PHASES)}")
+            if phase == "hello":
+                return {"ok": True, "participant": self.participant_id}
+            if phase == "setup":
+                self._setup(request)
+                return {"ok": True, "participant": self.participant_id}
+            host = self._open(request)
+            reply: dict[str, Any] = {"ok": True}
+            if phase == "prepare":
+                reply.update(_report(host.prepare()))
+            elif phase == "step":
+                rnd = int(request["round"])
+                for layer in host.layers:
+                    layer.start_round(rnd, list(request["sampled"]))
+                reply.update(_report(host.step(rnd, {self.participant_id: self._inbox(request)})))
+            elif phase == "update":
+                reply.update(_report(host.update(int(request["round"]), {self.participant_id: self._inbox(request)})))
+            elif phase == "evaluate":
+                reply["metrics"] = host.evaluate(int(request["round"]))
+                return reply  # evaluation changes nothing: no checkpoint
+            elif phase == "finish":
+                reply["privacy"] = host.finish()
+                self._write_node_summary(reply["privacy"])
+            self._checkpoint(phase, request)
+            if phase == "finish":
+                self.close()  # the ledger is sealed; release it
+            return reply
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the coordinator as a reason
+            detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, NodeError | ConfigError) else str(exc)
+            (self.node_dir / "errors.log").parent.mkdir(parents=True, exist_ok=True)
+            with open(self.node_dir / "errors.log", "a") as log:
+                log.write(traceback.format_exc() + "\n")
+            return {"ok": False, "error": f"node {self.participant_id!r}: {detail}"}
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.close()
+            self.host = None
+
+    # ----- set-up and state ----------------------------------------------------------------------
+    def _setup(self, request: dict[str, Any]) -> None:
+        run_id = request.get("run_id")
+        config = self._accept_config(request.get("config"), run_id)
+        saved = self.node_dir / "run.json"
+        if saved.exists():
+            previous = json.loads(saved.read_text())["run_id"]
+            if previous != run_id:
+                raise NodeError(f"{self.node_dir} holds run {previous!r}; refusing to start run {run_id!r} over "
+                                "its ledger (give this node a fresh directory)")
+        else:
+            self.node_dir.mkdir(parents=True, exist_ok=True)
+            (self.node_dir / "config.yaml").write_text(dump_config(config))
+            saved.write_text(json.dumps({"run_id": run_id, "participant": self.participant_id}) + "\n")
+        self.close()
+        self._build(config, run_id)
+
+    def _accept_config(self, text: Any, run_id: Any) -> Any:
+        if not isinstance(text, str) or not isinstance(run_id, str) or not run_id:
+            raise NodeError("setup needs the experiment config (YAML text) and a run id")
+        raw = yaml.safe_load(text)
+        ids = [p.get("id") for p in (raw or {}).get("participants", []) if isinstance(p, dict)]
+        if self.participant_id not in ids:
+            raise NodeError(f"the experiment config has no participant {self.participant_id!r} (it has {ids})")
+        for participant in raw["participants"]:
+            if participant.get("id") == self.participant_id:
+                # The data owner's policy, never the coordinator's idea of it.
+                participant["policy_file"] = self.policy_file
+        if self.data_dir is not None:
+            raw.setdefault("data", {})["data_dir"] = self.data_dir
+        return parse_config(raw, f"config sent to node {self.participant_id!r}")
+
+    def _open(self, request: dict[str, Any]) -> ParticipantHost:
+        run_id = request.get("run_id")
+        if self.host is not None and run_id == self.run_id:
+            return self.host
+        saved = self.node_dir / "run.json"
+        if not saved.exists():
+            raise NodeError(f"request {request.get('phase')!r} before setup (no {saved})")
+        if json.loads(saved.read_text())["run_id"] != run_id:
+            raise NodeError(f"request for run {run_id!r}, but {self.node_dir} holds another run")
+        # A fresh process (Flower may start the ClientApp for every message): rebuild from disk.
+        config = parse_config(yaml.safe_load((self.node_dir / "config.yaml").read_text()), "node config.yaml")
+        self._build(config, run_id)
+        assert self.host is not None
+        return self.host
+
+    def _build(self, config: Any, run_id: str) -> None:
+        from securefl.layers.stack import build_layers
+        from securefl.runtime.federation import build_world, load_checkpoint
+
+        _, _, ctx, parties, protocol = build_world(config, run_id)
+        protocol.validate_participants(parties)  # also builds what the protocol derives from them (topologies)
+        mine = [p for p in parties if p.id == self.participant_id]
+        host = ParticipantHost(config=config, out=self.node_dir, ctx=ctx, protocol=protocol, parties=mine,
+                               key_dir=self.node_dir / "keys", n_participants=len(parties))
+        host.set_up()
+        signers = {self.participant_id: host.party_keys(self.participant_id)} if config.signing else {}
+        host.layers = build_layers(config, side="participant", run_id=run_id, key_dir=self.node_dir / "keys",
+                                   party_ids=[p.id for p in parties], signers=signers,
+                                   privacy_layer=host.privacy.layer if host.privacy is not None else None)
+        for layer in host.layers:
+            layer.check(protocol, parties)
+        checkpoint = self.node_dir / NODE_CHECKPOINT
+        if checkpoint.exists():
+            state = load_checkpoint(checkpoint)
+            protocol.load_state_dict(state["protocol"])
+            host.load_party_states(state["parties"])
+            host.stopped.update(state["stopped"])
+        self.host, self.run_id = host, run_id
+
+    def _checkpoint(self, phase: str, request: dict[str, Any]) -> None:
+        from securefl.runtime.federation import save_atomically
+
+        assert self.host is not None
+        path = self.node_dir / NODE_CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically({"run_id": self.run_id, "phase": phase, "round": int(request.get("round", 0)),
+                         "protocol": self.host.protocol.state_dict(), "parties": self.host.party_states(),
+                         "stopped": dict(self.host.stopped)}, path)
+
+    def _inbox(self, request: dict[str, Any]) -> list[Any]:
+        inbox = []
+        for raw in request.get("inbox", []):
+            try:
+                inbox.append(decode_message(raw))
+            except DecodeError as exc:
+                raise NodeError(f"undecodable message in the inbox ({exc})") from None
+        return inbox
+
+    def _write_node_summary(self, privacy: dict[str, Any]) -> None:
+        """The data owner's own record of the run: its privacy summary and ε-over-rounds plot."""
+        from securefl.report import plot_privacy
+        from securefl.runtime.privacy import ledger_path
+
+        (self.node_dir / "node_summary.json").write_text(json.dumps(
+            {"run_id": self.run_id, "participant": self.participant_id, "privacy": privacy}, indent=2) + "\n")
+        if privacy:
+            plot_privacy(privacy, {pid: ledger_path(self.node_dir, pid) for pid in privacy},
+                         self.node_dir / "privacy.png")
+
+
+def _report(report: HostReport) -> dict[str, Any]:
+    return {"outgoing": [encode_message(m) for m in report.outgoing], "rejected": report.rejected,
+            "stopped": report.stopped}

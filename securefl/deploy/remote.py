@@ -1,0 +1,143 @@
+"""The coordinator's view of participants that live on other nodes.
+
+:class:`RemoteParticipants` has the interface of a
+:class:`~securefl.runtime.host.ParticipantHost` (``prepare``, ``step``,
+``update``, ``evaluate``, ``finish``), so ``Federation(..., remote=...)`` runs
+the same round loop whether the participants are in-process or on the other
+side of a network. Each call becomes one request per participant, encoded with
+:mod:`securefl.runtime.codec` (no pickle), handed to an ``exchange`` function
+that delivers them and returns the replies: in-process (:func:`local_exchange`,
+used by tests and the isolation check) or over Flower
+(:mod:`securefl.deploy.flower`).
+
+A participant that does not answer, answers with an error, or sends a message
+in someone else's name is excluded from that phase and the reason is logged
+with the round, like any other rejected message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from securefl.runtime.codec import DecodeError, decode, decode_message, encode, encode_message
+from securefl.runtime.host import HostReport
+from securefl.runtime.message import Message
+
+# {participant: request} -> {participant: reply}; a participant missing from the result did not answer.
+Exchange = Callable[[Mapping[str, bytes]], Mapping[str, bytes]]
+
+
+class RemoteSetupError(RuntimeError):
+    """A node refused the run before round 1 (its reason is in the message)."""
+
+
+class RemoteParticipants:
+    def __init__(self, exchange: Exchange, participant_ids: Sequence[str]) -> None:
+        self.exchange = exchange
+        self.participant_ids = list(participant_ids)
+        self.run_id = ""
+        self.privacy: dict[str, Any] = {}
+
+    def connect(self, *, run_id: str, config_text: str) -> None:
+        """Send every node the config; any refusal stops the run before round 1, with the node's reason."""
+        self.run_id = run_id
+        replies = self._call({pid: {"phase": "setup", "config": config_text} for pid in self.participant_ids})
+        failures = [reply.get("error", f"node {pid!r} did not answer") for pid, reply in replies.items()
+                    if not reply.get("ok")]
+        if failures:
+            raise RemoteSetupError("; ".join(failures))
+
+    # ----- the ParticipantHost interface ---------------------------------------------------------------
+    def prepare(self) -> HostReport:
+        return self._phase({pid: {"phase": "prepare"} for pid in self.participant_ids})
+
+    def step(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:
+        sampled = list(inboxes)
+        return self._phase({pid: {"phase": "step", "round": rnd, "sampled": sampled,
+                                  "inbox": [encode_message(m) for m in inbox]} for pid, inbox in inboxes.items()})
+
+    def update(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:
+        return self._phase({pid: {"phase": "update", "round": rnd, "inbox": [encode_message(m) for m in inbox]}
+                            for pid, inbox in inboxes.items()})
+
+    def evaluate(self, rnd: int) -> dict[str, dict[str, float]]:
+        replies = self._call({pid: {"phase": "evaluate", "round": rnd} for pid in self.participant_ids})
+        metrics = {}
+        for pid, reply in replies.items():
+            values = reply.get("metrics", {}).get(pid) if reply.get("ok") else None
+            # A node that cannot report is shown as such, not silently dropped from the mean.
+            metrics[pid] = {k: float(v) for k, v in values.items()} if values else {"unreachable": 1.0}
+        return metrics
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        replies = self._call({pid: {"phase": "finish"} for pid in self.participant_ids})
+        for reply in replies.values():
+            if reply.get("ok"):
+                self.privacy.update(reply.get("privacy", {}))
+        return self.privacy
+
+    def close(self) -> None:
+        """Nothing to release here: each node keeps its own state."""
+
+    # ----- plumbing ----------------------------------------------------------------------------------
+    def _phase(self, requests: Mapping[str, dict[str, Any]]) -> HostReport:
+        report = HostReport()
+        for pid, reply in self._call(requests).items():
+            if not reply.get("ok"):
+                report.rejected.append({"sender": pid, "receiver": "coordinator",
+                                        "reason": reply.get("error", "no reply")})
+                continue
+            report.rejected.extend(reply.get("rejected", []))
+            report.stopped.update(reply.get("stopped", {}))
+            for raw in reply.get("outgoing", []):
+                try:
+                    msg = decode_message(raw)
+                except DecodeError as exc:
+                    report.rejected.append({"sender": pid, "receiver": "coordinator",
+                                            "reason": f"undecodable message: {exc}"})
+                    continue
+                if msg.sender != pid:
+                    report.rejected.append({"sender": pid, "receiver": "coordinator",
+                                            "reason": f"node of {pid!r} sent a message as {msg.sender!r}"})
+                    continue
+                report.outgoing.append(msg)
+        return report
+
+    def _call(self, requests: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        encoded = {pid: encode({**req, "run_id": self.run_id}) for pid, req in requests.items()}
+        raw_replies = self.exchange(encoded)
+        replies: dict[str, dict[str, Any]] = {}
+        for pid in requests:
+            raw = raw_replies.get(pid)
+            if raw is None:
+                replies[pid] = {"ok": False, "error": f"node {pid!r} did not answer"}
+                continue
+            try:
+                reply = decode(raw)
+                if not isinstance(reply, dict):
+                    raise DecodeError("a reply is a mapping")
+            except DecodeError as exc:
+                reply = {"ok": False, "error": f"node {pid!r}: undecodable reply ({exc})"}
+            replies[pid] = reply
+        return replies
+
+
+def local_exchange(nodes: Mapping[str, Any]) -> Exchange:
+    """Deliver requests to in-process :class:`~securefl.deploy.node.ParticipantNode` objects, through the
+    same bytes a network would carry."""
+
+    def exchange(requests: Mapping[str, bytes]) -> dict[str, bytes]:
+        return {pid: encode(nodes[pid].handle(decode(raw))) for pid, raw in requests.items()}
+
+    return exchange
+
+
+def isolated_participants(config: Any, root: Path) -> tuple[RemoteParticipants, dict[str, Any]]:
+    """Every participant as its own node under ``root/<id>`` (provisioned), in this process: the deployment's
+    code path without the network. Returns the coordinator's view and the nodes."""
+    from securefl.deploy.node import ParticipantNode
+
+    nodes = {p.id: ParticipantNode(root / p.id, p.id, policy_file=p.policy_file) for p in config.participants}
+    return RemoteParticipants(local_exchange(nodes), list(nodes)), nodes
