@@ -165,11 +165,16 @@ class _ExperimentBase(Section):
     @model_validator(mode="after")
     def _partition_fits(self) -> _ExperimentBase:
         partition = self.data.partition
-        if isinstance(partition, ExplicitPartition) and len(partition.assignment) != len(self.participants):
-            raise ValueError(
-                f"data.partition.assignment has {len(partition.assignment)} lists for "
-                f"{len(self.participants)} participants"
-            )
+        if isinstance(partition, ExplicitPartition):
+            if len(partition.assignment) != len(self.participants):
+                raise ValueError(
+                    f"data.partition.assignment has {len(partition.assignment)} lists for "
+                    f"{len(self.participants)} participants"
+                )
+            for i, (indices, participant) in enumerate(zip(partition.assignment, self.participants, strict=True)):
+                if not indices:
+                    raise ValueError(f"data.partition.assignment.{i}: participant {participant.id!r} has an empty "
+                                     "split; every participant needs at least one training record")
         return self
 
     @model_validator(mode="after")
@@ -243,15 +248,33 @@ def load_raw(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
+    return load_raw_text(text, str(path))
+
+
+def load_raw_text(text: str, source: str = "config") -> Any:
+    """Parse YAML text; any failure is a one-line :class:`ConfigError` naming ``source``."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        raise ConfigError(f"{source}: not valid YAML{where}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # PyYAML's constructors raise these for well-formed but impossible scalars, e.g. the date
+        # 2024-13-01 or `!!float abc`.
+        raise ConfigError(f"{source}: not valid YAML: {str(exc).splitlines()[0][:120]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     if raw is None:
-        raise ConfigError(f"{path}: the file is empty")
+        raise ConfigError(f"{source}: the file is empty")
     return raw
+
+
+def parse_config_text(text: str, source: str = "config") -> Any:
+    """YAML text to an ``ExperimentConfig``; raises only :class:`ConfigError`."""
+    return parse_config(load_raw_text(text, source), source)
 
 
 def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -95,12 +95,10 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Datase
             f"{FASHION_MNIST_DEFAULT_DIR}); or point --data-dir / SECUREFL_DATA at a directory "
             "holding the four *-ubyte.gz files. securefl never downloads data."
         )
-    x_train = read_idx(root / FASHION_MNIST_FILES["train_images"])
-    y_train = read_idx(root / FASHION_MNIST_FILES["train_labels"])
-    x_test = read_idx(root / FASHION_MNIST_FILES["test_images"])
-    y_test = read_idx(root / FASHION_MNIST_FILES["test_labels"])
-    if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-        raise DataError(f"Fashion-MNIST in {root}: image and label counts differ")
+    x_train = _images(root / FASHION_MNIST_FILES["train_images"])
+    y_train = _labels(root / FASHION_MNIST_FILES["train_labels"], len(x_train), root / FASHION_MNIST_FILES["train_images"])
+    x_test = _images(root / FASHION_MNIST_FILES["test_images"])
+    y_test = _labels(root / FASHION_MNIST_FILES["test_labels"], len(x_test), root / FASHION_MNIST_FILES["test_images"])
 
     def normalise(images: np.ndarray) -> np.ndarray:
         # Fixed constants (the published mean/std of Fashion-MNIST), not pooled statistics.
@@ -114,6 +112,23 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Datase
         y_test=torch.from_numpy(y_test.astype(np.int64)),
         num_classes=10,
     )
+
+
+def _images(path: Path) -> np.ndarray:
+    images = read_idx(path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{path}: expected N x 28 x 28 Fashion-MNIST images, found shape {images.shape}")
+    return images
+
+
+def _labels(path: Path, count: int, images: Path) -> np.ndarray:
+    labels = read_idx(path)
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataError(f"{path}: expected {count} labels (one per image of {images.name}), found shape {labels.shape}")
+    if len(labels) and int(labels.max()) > 9:
+        at = int(np.argmax(labels > 9))
+        raise DataError(f"{path}: label {int(labels[at])} at index {at} is outside the 10 Fashion-MNIST classes 0..9")
+    return labels
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -137,7 +137,8 @@ def explicit_partition(pool: np.ndarray, assignment: Sequence[Sequence[int]]) ->
         if bad:
             raise DataError(
                 f"explicit assignment: participant {party} lists indices outside the private pool "
-                f"(e.g. {bad[:3]}); indices must be training records not in the public set"
+                f"(e.g. {bad[:3]}); indices must be training records not in the public set, of a class in "
+                "data.private_classes (when set), and within data.max_train_records (when set)"
             )
         overlap = seen.intersection(arr.tolist())
         if overlap:

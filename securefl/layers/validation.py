@@ -27,6 +27,12 @@ goes on without it) when it is:
   a well-formed sealed value of a floating dtype), that holds NaN or Inf, or
   whose shape differs from :meth:`Protocol.expected_uplink_shape`.
 
+Before round 1 (``check``) every participant's data is checked
+(:func:`securefl.data.checks.check_party_data`): an empty split, features of
+the wrong shape, non-finite features or labels outside the configured classes
+stop the run with a :class:`~securefl.data.datasets.DataError` naming the
+participant, before any training.
+
 Participant side (``inbound``): messages of another round are rejected, and a
 peer-to-peer message of an uplink kind (decentralised protocols) gets the same
 payload checks as the server applies.
@@ -44,6 +50,7 @@ from typing import Any
 import torch
 
 from securefl.crypto.sealed import SealedTensor, is_sealed, torch_dtype
+from securefl.data.checks import check_party_data
 from securefl.layers.base import Layer, Rejected
 from securefl.runtime.message import Message
 
@@ -57,7 +64,10 @@ def _describe(value: Any) -> str:
 class ValidationLayer(Layer):
     name = "validation"
 
-    def __init__(self) -> None:
+    def __init__(self, *, check_data: bool = True) -> None:
+        """``check_data``: also check every hosted participant's data before round 1 (a side that holds
+        no participant data, e.g. a deployed coordinator, turns it off)."""
+        self.check_data = check_data
         self._protocol: Any = None
         self._schemas: dict[str, Any] = {}
         self._round: int | None = None
@@ -66,6 +76,11 @@ class ValidationLayer(Layer):
 
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
         self._protocol = protocol
+        ctx = getattr(protocol, "ctx", None)
+        if self.check_data and ctx is not None:
+            for party in parties:
+                check_party_data(party, input_shape=ctx.input_shape, num_classes=ctx.num_classes,
+                                 classes=ctx.split.private_classes)
         uplink = getattr(protocol, "uplink", None)
         if uplink is None:
             self._schemas = {}

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from securefl.config import deep_merge
+from securefl.config import deep_merge, parse_config
 from securefl.layers.base import Layer
 from securefl.layers.validation import ValidationLayer
 from securefl.privacy.audit import audit_run
 from securefl.privacy.ledger import read_ledger
 from securefl.runtime.federation import Federation
-from tests.conftest import tiny_config
+from tests.conftest import tiny_raw
 from tests.layers.faults import ChaosTransport
 
 IDS = ("p0", "p1", "p2")
@@ -27,7 +27,7 @@ class ValidatedFederation(Federation):
 
 
 def small_config(*, secure: str = "none", dp: bool = False, signing: bool = True, rounds: int = 2,
-                 n: int = 3, **changes: Any) -> Any:
+                 n: int = 3, partition: dict[str, Any] | None = None, **changes: Any) -> Any:
     """Three mlp_s participants on digits, FedMD with a 60-record alignment set: about 0.3 s a round."""
     participant = {"model": "mlp_s", **({"target_epsilon": 4.0} if dp else {})}
     raw: dict[str, Any] = {
@@ -39,7 +39,14 @@ def small_config(*, secure: str = "none", dp: bool = False, signing: bool = True
     }
     if dp:
         raw["privacy"] = {"unit": "participant", "clip_norm": 5.0}
-    return tiny_config(**deep_merge(raw, changes))
+    return parse_config(small_raw(raw, changes, partition))
+
+
+def small_raw(raw: dict[str, Any], changes: dict[str, Any], partition: dict[str, Any] | None = None) -> dict[str, Any]:
+    merged = tiny_raw(**deep_merge(raw, changes))
+    if partition is not None:
+        merged["data"]["partition"] = partition  # replaced, not merged into the default Dirichlet one
+    return merged
 
 
 @dataclass
