@@ -248,13 +248,15 @@ class GlobalUpdate:
     """What one aggregation changed in a global state that the participants hold.
 
     ``version`` numbers the updates 1, 2, ... (a round without replies makes
-    none). ``fields`` are exactly what the aggregator returned (tensors, or
-    sealed values the server cannot read) and any public tensors; ``meta`` are
-    the public facts a participant needs to apply them (e.g. HeteroFL's
-    contributors' rates and label splits, which give the per-element counts).
+    none); ``round`` is the round that made it. ``fields`` are exactly what
+    the aggregator returned (tensors, or sealed values the server cannot read)
+    and any public tensors; ``meta`` are the public facts a participant needs
+    to apply them (e.g. HeteroFL's contributors' rates and label splits,
+    which give the per-element counts).
     """
 
     version: int
+    round: int
     fields: dict[str, Any]
     meta: dict[str, Any]
 
@@ -276,9 +278,9 @@ class UpdateLog:
     def register(self, party_id: str) -> None:
         self.holds.setdefault(party_id, 0)
 
-    def record(self, fields: dict[str, Any], meta: dict[str, Any] | None = None) -> GlobalUpdate:
+    def record(self, rnd: int, fields: dict[str, Any], meta: dict[str, Any] | None = None) -> GlobalUpdate:
         self.version += 1
-        update = GlobalUpdate(self.version, dict(fields), dict(meta or {}))
+        update = GlobalUpdate(self.version, rnd, dict(fields), dict(meta or {}))
         self.updates.append(update)
         return update
 
@@ -310,22 +312,23 @@ def attach_updates(msg: Message, updates: Sequence[GlobalUpdate]) -> Message:
     the public part travels in ``meta["updates"]``, which the signature covers.
     """
     payload = {f"{name}@{u.version}": value for u in updates for name, value in u.fields.items()}
-    index = [{"version": u.version, "fields": sorted(u.fields), "meta": u.meta} for u in updates]
+    index = [{"version": u.version, "round": u.round, "fields": sorted(u.fields), "meta": u.meta} for u in updates]
     return _with_fields(msg, payload).with_meta(**{UPDATES_META: index})
 
 
 def read_updates(msg: Message) -> list[GlobalUpdate]:
     """The updates a message carries, as plaintext tensors (after the participant's inbound layers)."""
-    return [GlobalUpdate(int(entry["version"]),
+    return [GlobalUpdate(int(entry["version"]), int(entry["round"]),
                          {name: msg.tensor(f"{name}@{entry['version']}") for name in entry["fields"]},
                          dict(entry["meta"]))
             for entry in msg.meta.get(UPDATES_META, [])]
 
 
 class Replica:
-    """A participant's copy of a global state; ``version`` is the last update it applied."""
+    """A participant's copy of a global state; ``version`` is the last update it applied, made in ``round``."""
 
     version: int = 0
+    round: int = 0
 
     def catch_up(self, updates: Sequence[GlobalUpdate], apply: Callable[[Any, GlobalUpdate], None],
                  owner: str) -> None:
@@ -339,7 +342,7 @@ class Replica:
                     f"{update.version}: a downlink message was lost, and applying later updates without it "
                     "would make this replica differ from everyone else's")
             apply(self, update)
-            self.version = update.version
+            self.version, self.round = update.version, update.round
 
 
 def freshest(replicas: Sequence[Replica]) -> Replica:

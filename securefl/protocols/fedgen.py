@@ -15,8 +15,9 @@ knowledge back to every user as an inductive bias. Per round, as in the paper
 (Algorithm 1) and its reference code:
 
 1. the server selects users (the runtime's ``run.participation``; the
-   reference selects 10 of 20) and broadcasts the shared parameters (the
-   averaged head) and G;
+   reference selects 10 of 20); each holds the shared parameters (the
+   averaged head) and G (see "Who holds the global state" below; the
+   reference's server broadcasts them);
 2. each user loads the head and trains its model for ``local_steps`` = 20
    *steps* of batch 32 (the reference's ``--local_epochs 20`` counts steps:
    its loop draws one batch per "epoch"), plain SGD with lr 0.01 (decayed
@@ -80,16 +81,26 @@ Two modes (``fedgen.mode``):
   auto``; the reference weights by sample counts): a masking layer pre-weights a
   whole message with one weight, and the generator update and histogram must
   be plain means. Label counts go up as an aggregatable histogram (a DP
-  layer noises it with sensitivity 1 per record); the server keeps m as the
-  running average of the per-round mean histograms (an unbiased estimate of
-  the population's mean histogram; exact under full participation), which
-  is one round stale by construction. ``label_counts: none`` sends no counts
+  layer noises it with sensitivity 1 per record); m is the running average
+  of the per-round mean histograms (an unbiased estimate of the population's
+  mean histogram; exact under full participation), which is one round stale
+  by construction. ``label_counts: none`` sends no counts
   at all and weights users uniformly (ω = 1, ŷ uniform over all classes),
   as it does in round 1 before any histogram is known. Every uplink field
   (shared head, generator update, histogram) is aggregatable, and the
-  server reads the replies only through the aggregator. It does compute on
-  the (mean) aggregates in the clear (``server_opens_aggregates``): fine
-  under masking, refused under CKKS.
+  server reads the replies only through the aggregator and never computes
+  on the means: it broadcasts them as the aggregator returned them.
+
+Who holds the global state: the users, never the server (in private mode).
+Each user keeps a replica (:class:`FedGenReplica`: the averaged head, G and
+m) and applies every round's means to it: θ_G ← θ_G + mean_u Δθ_G,u, the
+head ← the mean head, m ← the running average. Applying is deterministic, so
+all replicas are identical; a user that sat out some rounds receives the
+updates it missed, in order, before it trains again. So the same code runs
+in plaintext, under pairwise masking (the server learns the means) and under
+CKKS (the means stay sealed until a user's inbound layer opens them). In
+reference mode the server keeps and trains G itself and sends θ_G in the
+clear; the replicas load it.
 
 Where privacy attaches (the layers do it; this file only declares fields):
 DP-SGD in the users' local training (the generated-feature terms use no
@@ -107,10 +118,12 @@ for mixed architectures.
 Evaluation (``accuracy``): the reference evaluates, at the start of each
 round, the global model each user has just received. The heterogeneous
 analogue reported here is the user's own extractor (as it left its last
-local training) with the current averaged head. ``local_accuracy`` is the
-user's model with its own locally trained head (the personalised one). Both
-are on the global balanced test set, not per-user test splits as in the
-reference.
+local training) with the averaged head of its replica (the current one, once
+it has caught up; the server holds none). ``local_accuracy`` is the user's
+model with its own locally trained head (the personalised one). Both are on
+the global balanced test set, not per-user test splits as in the
+reference. ``generator_accuracy``, how often the replica's head classifies
+G(ε, y) as y, is a diagnostic of the user's copy of G.
 """
 
 from __future__ import annotations
@@ -126,17 +139,23 @@ from torch import nn
 
 from securefl.models.generator import ConditionalGenerator, diversity_loss
 from securefl.protocols.base import (
+    Downlink,
     Field,
+    GlobalUpdate,
     Protocol,
     ProtocolConfig,
     ProtocolSetupError,
+    Replica,
     Schema,
+    UpdateLog,
+    attach_updates,
     flat_parameters,
     load_flat_parameters,
     only_message,
+    read_updates,
 )
 from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.message import Message
+from securefl.runtime.message import AGGREGATOR, Message
 from securefl.runtime.party import FederationContext, Party, derive_seed
 from securefl.runtime.training import (
     BatchLoss,
@@ -229,6 +248,35 @@ def _uplink_schema(config: FedGenConfig) -> Schema:
     return Schema("fedgen_update", **fields)
 
 
+class FedGenReplica(Replica):
+    """A user's copy of the global state: the averaged head (or model), G and the label prior m."""
+
+    def __init__(self, shared: nn.Module, generator: ConditionalGenerator, num_classes: int) -> None:
+        self.shared = shared
+        self.generator = generator
+        self.label_prior = torch.zeros(num_classes)
+        self.prior_rounds = 0
+        self.version = 0
+
+    def observe_histogram(self, mean_histogram: torch.Tensor) -> None:
+        """m ← running average of the per-round mean histograms."""
+        # Clamping is post-processing of a (possibly DP-noised) histogram: counts are never negative.
+        m = mean_histogram.float().clamp_min(0)
+        self.label_prior = (self.label_prior * self.prior_rounds + m) / (self.prior_rounds + 1)
+        self.prior_rounds += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shared": self.shared.state_dict(), "generator": self.generator.state_dict(),
+                "label_prior": self.label_prior.clone(), "prior_rounds": self.prior_rounds, "version": self.version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shared.load_state_dict(state["shared"])
+        self.generator.load_state_dict(state["generator"])
+        self.label_prior = state["label_prior"].clone()
+        self.prior_rounds = int(state["prior_rounds"])
+        self.version = int(state["version"])
+
+
 class FedGen(Protocol):
     name = "fedgen"
     summary = "shared heads plus a generator of latent features that regularises every user (data-free KD)"
@@ -237,17 +285,18 @@ class FedGen(Protocol):
     # The class-level schema is the default config's (private mode, histogram); an instance
     # declares the one of its own config (see ``__init__``), which is what the runtime checks.
     uplink = _uplink_schema(FedGenConfig.model_validate({}))
+    # Start of a round: |S|, and the updates of the global state the user missed.
+    start = Schema("fedgen_start", updates=Field(aggregatable=True, private=False,
+                                                 description="missed fedgen_aggregate fields, oldest first"))
+    # End of a round: what every user applies to its replica (sealed under CKKS until the user opens it).
     downlink = Schema(
-        "fedgen_broadcast",
-        shared=Field(aggregatable=False, private=False, description="the averaged head (or model)"),
-        generator=Field(aggregatable=False, private=False, description="θ_G, parameters and BN statistics"),
-        label_prior=Field(aggregatable=False, private=False,
-                          description="running mean label histogram (zeros while unknown)"),
+        "fedgen_aggregate",
+        shared=Field(aggregatable=True, private=False, description="the averaged head (or model)"),
+        generator_update=Field(aggregatable=True, private=False, description="private mode: mean Δθ_G"),
+        generator=Field(aggregatable=False, private=False,
+                        description="reference mode: θ_G as the server trained it, parameters and BN statistics"),
+        label_counts=Field(aggregatable=True, private=False, description="mean label histogram of the round"),
     )
-
-    # The server applies the mean generator update and keeps the averaged head and label prior:
-    # fine under masking (it learns only the means), refused under CKKS (it could not decrypt them).
-    server_opens_aggregates = True
 
     config: FedGenConfig
 
@@ -255,16 +304,22 @@ class FedGen(Protocol):
         super().__init__(config, ctx)
         self.uplink = _uplink_schema(config)  # type: ignore[misc]
         self.classes = torch.as_tensor(sorted(ctx.split.private_classes), dtype=torch.long)
-        with torch.random.fork_rng():
-            torch.manual_seed(derive_seed(ctx.seed, "init", "fedgen-generator"))
-            self.generator = self._new_generator()
-        # The reference keeps one Adam for G across rounds (lr decayed by an ExponentialLR).
-        self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr,
-                                              weight_decay=config.generator_weight_decay)
+        self.latent_dim = self.initial_generator().latent_dim
+        # Reference mode: the server trains G itself, against the users' heads in the clear. Private
+        # mode: the server holds no G (nor head, nor prior); the users hold replicas (FedGenReplica).
+        self.generator: ConditionalGenerator | None = None
+        self.generator_opt: torch.optim.Optimizer | None = None
+        if config.mode == "reference":
+            self.generator = self.initial_generator()
+            # The reference keeps one Adam for G across rounds (lr decayed by an ExponentialLR).
+            self.generator_opt = torch.optim.Adam(self.generator.parameters(), lr=config.generator_lr,
+                                                  weight_decay=config.generator_weight_decay)
         self.generator_rounds = 0
-        self.global_shared: nn.Module | None = None
-        self.label_prior = torch.zeros(ctx.num_classes)
-        self.prior_rounds = 0
+        self.log = UpdateLog()
+        self._sampled: list[str] = []
+        # The public architecture of the shared part: the first participant's model (head or whole).
+        self._shared_model_name: str | None = None
+        self._shared_template: nn.Module | None = None
 
     @property
     def secure_aggregation_note(self) -> str:
@@ -291,6 +346,22 @@ class FedGen(Protocol):
         return ConditionalGenerator(self.ctx.num_classes, noise_dim=cfg.noise_dim, hidden_dim=cfg.hidden_dim,
                                     output_activation=cfg.generator_output)
 
+    def initial_generator(self) -> ConditionalGenerator:
+        """G before round 1, from the run seed: the server (reference mode) and every user build the same one."""
+        with torch.random.fork_rng():
+            torch.manual_seed(derive_seed(self.ctx.seed, "init", "fedgen-generator"))
+            return self._new_generator()
+
+    def initial_shared(self) -> nn.Module:
+        """The shared head (or model) before round 1, as the reference's server initialises it."""
+        assert self._shared_model_name is not None
+        init = self.ctx.build_model(self._shared_model_name, purpose="fedgen-global")
+        return init if self.config.share == "full" else _head_of(init)
+
+    @staticmethod
+    def replica(party: Party) -> FedGenReplica:
+        return party.state["replica"]
+
     def _generator_from(self, flat: torch.Tensor) -> ConditionalGenerator:
         # A user's own copy of the broadcast G; the architecture is public, so it never needs seeding.
         generator = self._new_generator()
@@ -305,6 +376,7 @@ class FedGen(Protocol):
         return None
 
     def validate_participants(self, parties: Sequence[Party]) -> None:
+        self._shared_model_name = min(parties, key=lambda p: p.index).model_name
         models = sorted({p.model_name for p in parties})
         if self.config.share == "full" and len(models) != 1:
             raise ProtocolSetupError(
@@ -319,29 +391,35 @@ class FedGen(Protocol):
         cfg, ctx = self.config, self.ctx
         model = ctx.build_model(party.model_name, purpose=party.id)
         head = getattr(model, "head", None)
-        if not isinstance(head, nn.Linear) or head.in_features != self.generator.latent_dim:
+        if not isinstance(head, nn.Linear) or head.in_features != self.latent_dim:
             raise ProtocolSetupError(
-                f"fedgen needs every model to end in a linear head on {self.generator.latent_dim} latent features; "
+                f"fedgen needs every model to end in a linear head on {self.latent_dim} latent features; "
                 f"{party.id}'s model {party.model_name!r} does not"
             )
         party.model = model
-        if self.global_shared is None:
-            # Round 1 broadcasts this initial head (or model) to everyone, as the reference does.
-            init = ctx.build_model(party.model_name, purpose="fedgen-global")
-            self.global_shared = init if cfg.share == "full" else _head_of(init)
+        # Every user starts from the initial head (or model) and G, as if the reference's round 1 broadcast.
+        party.state["replica"] = FedGenReplica(self.initial_shared(), self.initial_generator(), ctx.num_classes)
         # Plain SGD without momentum, the reference's pFedIBOptimizer.
         party.state["private_opt"] = make_optimizer(model, kind="sgd", lr=cfg.lr)
+
+    def setup_server(self, parties: Sequence[Party]) -> None:
+        for party in parties:
+            self.log.register(party.id)
 
     def _shared_part(self, model: nn.Module) -> nn.Module:
         return model if self.config.share == "full" else _head_of(model)
 
-    # ----- step 1: broadcast ------------------------------------------------------------
-    def open_round(self, rnd: int, sampled: Sequence[str]) -> Message:
-        assert self.global_shared is not None
-        msg = self.broadcast(rnd, shared=flat_parameters(self.global_shared), generator=flat_parameters(self.generator),
-                             label_prior=self.label_prior.clone())
-        # Users scale their share of L_G by |S| (public: the runtime's sample size).
-        return msg.with_meta(num_sampled=len(sampled))
+    # ----- step 1: |S|, and the updates a user missed ---------------------------------------
+    def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:
+        self._sampled = list(sampled)
+        out: dict[str, Message | list[Message]] = {}
+        for pid in sampled:
+            # Users scale their share of L_G by |S| (public: the runtime's sample size).
+            msg = Message(sender=AGGREGATOR, receiver=pid, run_id=self.ctx.run_id, round=rnd, kind=self.start.kind,
+                          meta={"num_sampled": len(sampled)})
+            out[pid] = attach_updates(msg, self.log.missed(pid))
+        self.log.delivered(sampled)
+        return out
 
     # ----- step 2: local training (and, in private mode, the local generator update) ---
     def available_labels(self, prior: torch.Tensor) -> torch.Tensor:
@@ -404,10 +482,12 @@ class FedGen(Protocol):
         cfg = self.config
         model = party.model
         assert model is not None
-        down = only_message(inbox, "fedgen_broadcast")
-        load_flat_parameters(self._shared_part(model), down.tensor("shared"))
-        generator_flat = down.tensor("generator")
-        prior = down.tensor("label_prior")
+        down = only_message(inbox, self.start.kind)
+        replica = self.replica(party)
+        replica.catch_up(read_updates(down), self.apply_update, party.id)
+        load_flat_parameters(self._shared_part(model), flat_parameters(replica.shared))
+        generator_flat = flat_parameters(replica.generator)
+        prior = replica.label_prior.clone()
         generator = self._generator_from(generator_flat)
 
         opt = party.state["private_opt"]
@@ -468,25 +548,42 @@ class FedGen(Protocol):
             opt.step()
         return local
 
-    # ----- steps 3-4: the server ---------------------------------------------------------
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> None:
+    # ----- steps 3-4: the server aggregates, every user applies -----------------------------
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
         cfg = self.config
-        assert self.global_shared is not None
+        fields: dict[str, Any] = {}
         if cfg.mode == "reference":
             self._train_generator_on_heads(replies)
+            assert self.generator is not None
+            fields["generator"] = flat_parameters(self.generator)
         else:
-            # The server only ever sees the mean update, never one user's head.
-            delta = aggregator.mean(replies, "generator_update")
-            load_flat_parameters(self.generator, flat_parameters(self.generator) + delta)
-            self.generator_rounds += 1
+            # Only the mean update (sealed under CKKS), never one user's; the users apply it.
+            fields["generator_update"] = aggregator.mean(replies, "generator_update")
         if cfg.label_counts == "histogram":
-            self._update_label_prior(aggregator.mean(replies, "label_counts"))
+            fields["label_counts"] = aggregator.mean(replies, "label_counts")
         if self.head_weighting == "weighted_mean":
-            shared = aggregator.weighted_mean(replies, "shared", [float(r.meta["num_samples"]) for r in replies])
+            fields["shared"] = aggregator.weighted_mean(replies, "shared",
+                                                        [float(r.meta["num_samples"]) for r in replies])
         else:
-            shared = aggregator.mean(replies, "shared")
-        load_flat_parameters(self.global_shared, shared)
-        return None
+            fields["shared"] = aggregator.mean(replies, "shared")
+        update = self.log.record(rnd, fields)
+        self.log.delivered(self._sampled)  # the runtime delivers the broadcast to every sampled user
+        return attach_updates(self.broadcast(rnd), [update])
+
+    def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
+        self.replica(party).catch_up(read_updates(only_message(inbox, self.downlink.kind)), self.apply_update,
+                                     party.id)
+
+    def apply_update(self, replica: FedGenReplica, update: GlobalUpdate) -> None:
+        """θ_G ← θ_G + mean Δθ_G (private) or the server's θ_G (reference); m; the averaged head."""
+        fields = update.fields
+        if self.config.mode == "reference":
+            load_flat_parameters(replica.generator, fields["generator"])
+        else:
+            load_flat_parameters(replica.generator, flat_parameters(replica.generator) + fields["generator_update"])
+        if self.config.label_counts == "histogram":
+            replica.observe_histogram(fields["label_counts"])
+        load_flat_parameters(replica.shared, fields["shared"])
 
     def _train_generator_on_heads(self, replies: Sequence[Message]) -> None:
         """Reference mode: 50 Adam steps on L_G against every selected user's head (in the clear)."""
@@ -496,12 +593,13 @@ class FedGen(Protocol):
             weights, qualified = label_weights(torch.stack([r.tensor("label_counts") for r in replies]))
         else:
             weights = torch.full((self.ctx.num_classes, len(replies)), 1.0 / len(replies))
-            qualified = self.available_labels(self.label_prior)
+            qualified = self.classes  # no histogram: every class (what available_labels gives)
         self.train_generator(heads, weights, qualified)
 
     def train_generator(self, heads: Sequence[nn.Module], weights: torch.Tensor, labels: torch.Tensor) -> None:
         """``generator_steps`` Adam steps on L_G = teacher_loss + η · L_div, y uniform over ``labels``."""
         cfg = self.config
+        assert self.generator is not None and self.generator_opt is not None, "only reference mode trains G here"
         for group in self.generator_opt.param_groups:
             group["lr"] = cfg.generator_lr * cfg.generator_lr_decay**self.generator_rounds
         self.generator.train()
@@ -515,24 +613,20 @@ class FedGen(Protocol):
         self.generator_rounds += 1
 
     def _head_from(self, flat: torch.Tensor) -> nn.Module:
-        assert self.global_shared is not None
-        shared = copy.deepcopy(self.global_shared)
+        if self._shared_template is None:
+            self._shared_template = self.initial_shared()  # the public architecture; its values are overwritten
+        shared = copy.deepcopy(self._shared_template)
         load_flat_parameters(shared, flat)
         head = _head_of(shared) if self.config.share == "full" else shared
         return head.requires_grad_(False)
 
-    def _update_label_prior(self, mean_histogram: torch.Tensor) -> None:
-        # Clamping is post-processing of a (possibly DP-noised) histogram: counts are never negative.
-        m = mean_histogram.float().clamp_min(0)
-        self.label_prior = (self.label_prior * self.prior_rounds + m) / (self.prior_rounds + 1)
-        self.prior_rounds += 1
-
-    # ----- evaluation ------------------------------------------------------------------
+    # ----- evaluation: on the user's own replica ---------------------------------------------
     def _global_model_of(self, party: Party) -> nn.Module:
-        assert party.model is not None and self.global_shared is not None
+        assert party.model is not None
+        shared = self.replica(party).shared
         if self.config.share == "full":
-            return self.global_shared
-        return nn.Sequential(cast(nn.Module, party.model.extractor), self.global_shared)
+            return shared
+        return nn.Sequential(cast(nn.Module, party.model.extractor), shared)
 
     def evaluate(self, party: Party) -> dict[str, float]:
         ctx = self.ctx
@@ -540,37 +634,31 @@ class FedGen(Protocol):
         return {
             "accuracy": accuracy(self._global_model_of(party), ctx.test_x, ctx.test_y, classes=ctx.eval_classes),
             "local_accuracy": accuracy(party.model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes),
+            "generator_accuracy": self.generator_accuracy(self.replica(party)),
         }
 
-    def evaluate_server(self) -> dict[str, float]:
+    def generator_accuracy(self, replica: FedGenReplica) -> float:
         """How often the averaged head classifies G(ε, y) as y (a diagnostic of G)."""
-        assert self.global_shared is not None
-        head = _head_of(self.global_shared) if self.config.share == "full" else self.global_shared
+        head = _head_of(replica.shared) if self.config.share == "full" else replica.shared
+        generator = replica.generator
         labels = self.classes.repeat_interleave(32)
-        eps = self.generator.sample_noise(len(labels), generator=self.ctx.generator("fedgen-eval-noise"))
-        self.generator.eval()
+        eps = generator.sample_noise(len(labels), generator=self.ctx.generator("fedgen-eval-noise"))
+        generator.eval()
         with torch.no_grad():
-            logits = head(self.generator(labels, eps)[0])
+            logits = head(generator(labels, eps)[0])
         pred = self.classes[logits[:, self.classes].argmax(dim=1)]
-        return {"generator_accuracy": float((pred == labels).float().mean())}
+        return float((pred == labels).float().mean())
 
     # ----- checkpointing ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        assert self.global_shared is not None
-        return {
-            "generator": self.generator.state_dict(),
-            "generator_opt": self.generator_opt.state_dict(),
-            "generator_rounds": self.generator_rounds,
-            "global_shared": self.global_shared.state_dict(),
-            "label_prior": self.label_prior.clone(),
-            "prior_rounds": self.prior_rounds,
-        }
+        state: dict[str, Any] = {"log": self.log.state_dict(), "generator_rounds": self.generator_rounds}
+        if self.generator is not None and self.generator_opt is not None:  # reference mode's server G
+            state.update(generator=self.generator.state_dict(), generator_opt=self.generator_opt.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        assert self.global_shared is not None
-        self.generator.load_state_dict(state["generator"])
-        self.generator_opt.load_state_dict(state["generator_opt"])
+        self.log.load_state_dict(state["log"])
         self.generator_rounds = int(state["generator_rounds"])
-        self.global_shared.load_state_dict(state["global_shared"])
-        self.label_prior = state["label_prior"].clone()
-        self.prior_rounds = int(state["prior_rounds"])
+        if self.generator is not None and self.generator_opt is not None:
+            self.generator.load_state_dict(state["generator"])
+            self.generator_opt.load_state_dict(state["generator_opt"])

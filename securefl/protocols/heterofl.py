@@ -71,13 +71,14 @@ inbound layer opens them). The price: every sampled client downloads the
 whole (padded) sum, not only its slice, and the server keeps the updates a
 client that sits out still lacks.
 
-Evaluation: the global model on the test set (``global_accuracy``) and every
-client's sub-model at its rate on the test set (``accuracy``), plus
-``local_accuracy``: the sub-model restricted to the client's classes on the
-test records of those classes (the reference's "Local" metric, which uses the
-label-split mask at test time). Both are measured on a participant's replica
-that holds the latest update (the global model each participant holds once
-caught up), since the server has none.
+Evaluation, by every participant on its own replica (the server has no
+model): the global model on the test set (``global_accuracy``, the same for
+every participant that holds the latest update), its sub-model at its rate
+on the test set (``accuracy``), plus ``local_accuracy``: the sub-model
+restricted to the client's classes on the test records of those classes (the
+reference's "Local" metric, which uses the label-split mask at test time).
+Under partial participation a client that sat out the last round reports
+the replica it holds, one update or more behind.
 
 Where the sBN query runs: the runtime's round has a single uplink, before
 aggregation, but the statistics must be those of the *aggregated* model. The
@@ -87,11 +88,13 @@ up; :meth:`client_sbn_sums` is the client's side), summed through the same
 ``aggregator``. Its sub-models are sliced from a current replica with the
 round's update applied, and in this in-process form neither they nor the
 ``sbn_sums`` replies pass through the runtime's transport or the clients'
-layers: they cross the server in the clear. Secure aggregation (CKKS or
-pairwise masking) therefore refuses ``norm: bn`` before round 1
-(:meth:`HeteroFL.secure_aggregation_refusal`) and runs with ``norm: gn``.
-Routing the query through the layers needs a post-aggregation query phase in
-the runtime.
+layers: they cross the server in the clear, and every client's data must be
+in the server's process. Secure aggregation (CKKS or pairwise masking)
+therefore refuses ``norm: bn`` before round 1
+(:meth:`HeteroFL.secure_aggregation_refusal`) and runs with ``norm: gn``, and
+``norm: bn`` cannot run with participants on their own nodes
+(``simulation_only``). Routing the query through the layers needs a
+post-aggregation query phase in the runtime.
 
 Participants' ``model`` names are ignored: every HeteroFL client's model is a
 slice of the one global model, chosen by ``heterofl.model`` (``conv`` or
@@ -422,6 +425,9 @@ class HeteroFL(Protocol):
 
     config: HeteroFLConfig
 
+    SBN_IN_PROCESS = ("heterofl.norm = 'bn' computes its static batch-norm statistics with a query inside "
+                      "server_step that runs every client's data in the server's process; use heterofl.norm: gn")
+
     def __init__(self, config: HeteroFLConfig, ctx: FederationContext) -> None:
         super().__init__(config, ctx)
         if config.model == "conv" and len(ctx.input_shape) != 3:
@@ -432,14 +438,16 @@ class HeteroFL(Protocol):
         # The reference's global_model_rate: the global model is as wide as the widest level used.
         self.global_rate = max(rate for rate, _ in self.levels)
         self.layout = ParamLayout(self._blank(self.global_rate))
+        if config.norm == "bn":
+            self.simulation_only = self.SBN_IN_PROCESS  # type: ignore[misc]
         self.log = UpdateLog()
-        self.completed_round = 0
+        self._ids: list[str] = []  # every participant, in config order (public)
+        # The parties hosted in this process: the sBN query's handles on the clients (simulation only).
         self._parties: dict[str, Party] = {}
         self._sampled: list[str] = []
         self._fixed: dict[str, float] | None = None
         self._shapes: dict[float, dict[str, tuple[int, ...]]] = {}
         self._scratch: dict[float, HeteroFLModel] = {}
-        self._eval_models: dict[tuple[float, int], HeteroFLModel] = {}
 
     # ----- models ------------------------------------------------------------------------
     def _build(self, rate: float) -> HeteroFLModel:
@@ -476,18 +484,10 @@ class HeteroFL(Protocol):
     def replica(party: Party) -> HeteroFLReplica:
         return party.state["replica"]
 
-    def current_replica(self) -> HeteroFLReplica:
-        """A replica holding the latest update (all of them are identical); the server holds none."""
-        parties = sorted(self._parties.values(), key=lambda p: p.index)
-        return cast(HeteroFLReplica, freshest([self.replica(p) for p in parties]))
-
-    def current_global_model(self) -> HeteroFLModel:
-        return self.current_replica().model
-
     # ----- rates -------------------------------------------------------------------------
     def rate_of(self, party_id: str, rnd: int) -> float:
         """Client ``party_id``'s model rate in round ``rnd``."""
-        ids = sorted(self._parties, key=lambda pid: self._parties[pid].index)
+        ids = self._ids
         if self.config.mode == "fixed":
             if self._fixed is None:
                 rates = fixed_rates(self.levels, len(ids), self.ctx.generator("heterofl-levels"))
@@ -518,15 +518,21 @@ class HeteroFL(Protocol):
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
         return [(self.config.batch_size, self.ctx.rounds * self.config.local_epochs, None)]
 
+    def validate_participants(self, parties: Sequence[Party]) -> None:
+        # Rates are drawn over every participant in config order, on the server and on every node alike.
+        self._ids = [p.id for p in sorted(parties, key=lambda p: p.index)]
+        self._fixed = None
+
+    def setup_server(self, parties: Sequence[Party]) -> None:
+        for party in parties:
+            self.log.register(party.id)
+
     def setup_party(self, party: Party) -> None:
         # A client trains a fresh sub-model every round (fresh optimizer, as in the reference), sliced
         # from its replica of the global model; the server holds no model.
         party.model = None
         party.state["replica"] = HeteroFLReplica(self.initial_global_model())
-        # The server keeps a handle on every client for the in-round sBN query (step 5).
         self._parties[party.id] = party
-        self.log.register(party.id)
-        self._fixed = None  # the fixed assignment is drawn once every client is known
 
     # ----- step 1: rates, and the updates a client missed ------------------------------------
     def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:
@@ -586,12 +592,11 @@ class HeteroFL(Protocol):
         meta: dict = {"contributors": self.contributors(replies, rnd)}
         fields = {"sum": aggregator.sum(replies, "padded_update")}
         if self.config.norm == "bn":
-            pending = GlobalUpdate(self.log.version + 1, fields, meta)
+            pending = GlobalUpdate(self.log.version + 1, rnd, fields, meta)
             fields["statistics"], meta["statistics"] = pack_statistics(
                 self._federated_sbn_statistics(rnd, replies, aggregator, pending))
-        update = self.log.record(fields, meta)
+        update = self.log.record(rnd, fields, meta)
         self.log.delivered(self._sampled)  # the runtime delivers the broadcast to every sampled client
-        self.completed_round = rnd
         return attach_updates(self.broadcast(rnd), [update])
 
     def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
@@ -617,7 +622,8 @@ class HeteroFL(Protocol):
             clients = [self._parties[r.sender] for r in replies]
         # The new global model: a current replica with this round's update applied, exactly what every
         # replica will hold. Its slices go out in the clear (hence the refusal under secure aggregation).
-        committee = copy.deepcopy(self.current_replica())
+        hosted = sorted(self._parties.values(), key=lambda p: p.index)
+        committee = copy.deepcopy(cast(HeteroFLReplica, freshest([self.replica(p) for p in hosted])))
         if committee.version != pending.version - 1:
             raise RuntimeError(f"no participant holds update {pending.version - 1}, which the sBN query needs")
         committee.level_stats = {}
@@ -652,23 +658,18 @@ class HeteroFL(Protocol):
         return Message(sender=party.id, receiver=AGGREGATOR, run_id=self.ctx.run_id, round=query.round,
                        kind="sbn_sums", payload={"sbn_sums": sums}, meta={"rate": rate, "layer": layer})
 
-    # ----- evaluation: on a participant's replica --------------------------------------------
-    def _eval_model(self, rate: float) -> HeteroFLModel:
-        replica = self.current_replica()
-        if rate == self.global_rate:
-            return replica.model
-        key = (rate, replica.version)
-        if key not in self._eval_models:
-            self._eval_models = {k: m for k, m in self._eval_models.items() if k[1] == replica.version}
-            self._eval_models[key] = self.submodel(replica, rate)
-        return self._eval_models[key]
-
+    # ----- evaluation: on the participant's own replica ----------------------------------------
     def evaluate(self, party: Party) -> dict[str, float]:
-        """The client's sub-model at its rate (in the round just finished) on the test set."""
+        """The global model and the client's sub-model at its rate, as the client's replica holds them.
+
+        The rate is the one of the round that made the replica's latest update (fixed mode: always the same).
+        """
         ctx = self.ctx
-        rate = self.rate_of(party.id, self.completed_round)
-        model = self._eval_model(rate)
-        metrics = {"accuracy": accuracy(model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes), "rate": rate}
+        replica = self.replica(party)
+        rate = self.rate_of(party.id, replica.round)
+        model = replica.model if rate == self.global_rate else self.submodel(replica, rate)
+        metrics = {"accuracy": accuracy(model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes), "rate": rate,
+                   "global_accuracy": accuracy(replica.model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)}
         classes = self.label_split(party)
         local = torch.isin(ctx.test_y, classes)
         if bool(local.any()):
@@ -677,20 +678,12 @@ class HeteroFL(Protocol):
             metrics["local_accuracy"] = float((pred == ctx.test_y[local]).float().mean())
         return metrics
 
-    def evaluate_server(self) -> dict[str, float]:
-        """The global model's accuracy, measured on a participant's replica (the server holds no model)."""
-        ctx = self.ctx
-        return {"global_accuracy": accuracy(self.current_global_model(), ctx.test_x, ctx.test_y,
-                                            classes=ctx.eval_classes)}
-
     # ----- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"log": self.log.state_dict(), "completed_round": self.completed_round}
+        return {"log": self.log.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.log.load_state_dict(state["log"])
-        self.completed_round = int(state["completed_round"])
-        self._eval_models.clear()
 
 
 def load_params(model: nn.Module, flat: torch.Tensor) -> None:

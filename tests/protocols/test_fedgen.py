@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from securefl.config import ConfigError, parse_config
 from securefl.models.generator import ConditionalGenerator, diversity_loss
 from securefl.protocols import ProtocolSetupError
+from securefl.protocols.base import read_updates
 from securefl.protocols.fedgen import FedGen, label_weights, regularizer_weight, teacher_loss
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.federation import Federation
@@ -72,7 +73,11 @@ def _federation(tmp_path: Path, **changes: Any) -> Federation:
 def _one_round_of_clients(fed: Federation, rnd: int = 1) -> list[Message]:
     proto = fed.protocol
     down = proto.open_round(rnd, [p.id for p in fed.parties])
-    return [proto.client_step(p, [down], rnd) for p in fed.parties]
+    return [proto.client_step(p, [down[p.id]], rnd) for p in fed.parties]
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in module.state_dict().values() if t.is_floating_point()])
 
 
 def _head_accuracy_on_own_labels(generator: ConditionalGenerator, fed: Federation, heads: list) -> list[float]:
@@ -96,9 +101,10 @@ def test_trained_generator_features_are_classified_as_their_label_by_the_heads(t
     torch.manual_seed(0)
     replies = _one_round_of_clients(fed)
     heads = [copy.deepcopy(p.model.head) for p in fed.parties]  # the heads G is trained against
-    before = _head_accuracy_on_own_labels(fed.protocol.generator, fed, heads)
-    fed.protocol.server_step(1, replies, fed.aggregator)
-    after = _head_accuracy_on_own_labels(fed.protocol.generator, fed, heads)
+    party = fed.parties[0]
+    before = _head_accuracy_on_own_labels(copy.deepcopy(fed.protocol.replica(party).generator), fed, heads)
+    fed.protocol.client_update(party, [fed.protocol.server_step(1, replies, fed.aggregator)], 1)
+    after = _head_accuracy_on_own_labels(fed.protocol.replica(party).generator, fed, heads)
     assert max(before) < 0.3, before  # an untrained G is at chance
     assert min(after) > 0.8, after
 
@@ -262,7 +268,7 @@ def test_private_server_reads_uplinks_only_through_the_aggregator(tmp_path: Path
 
 
 def test_private_server_result_depends_only_on_the_aggregate(tmp_path: Path) -> None:
-    """Moving mass between two users' payloads, sum unchanged, must not change what the server does."""
+    """Moving mass between two users' payloads, sum unchanged, must not change what the server sends."""
     fed = _federation(tmp_path, fedgen=FAST)
     torch.manual_seed(0)
     replies = _one_round_of_clients(fed)
@@ -272,13 +278,38 @@ def test_private_server_result_depends_only_on_the_aggregate(tmp_path: Path) -> 
         shifted[0] = shifted[0].with_payload(**{field: shifted[0].tensor(field) + delta})
         shifted[1] = shifted[1].with_payload(**{field: shifted[1].tensor(field) - delta})
     servers = [copy.deepcopy(fed.protocol) for _ in range(2)]
-    for server, msgs in zip(servers, (replies, shifted), strict=True):
-        server.server_step(1, msgs, PlainAggregator())
-    a, b = (s.state_dict() for s in servers)
-    for key in ("generator", "global_shared"):
-        for name in a[key]:
-            torch.testing.assert_close(a[key][name].float(), b[key][name].float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(a["label_prior"], b["label_prior"], atol=1e-5, rtol=1e-5)
+    sent = [read_updates(server.server_step(1, msgs, PlainAggregator()))
+            for server, msgs in zip(servers, (replies, shifted), strict=True)]
+    (a,), (b,) = sent
+    assert set(a.fields) == set(b.fields) == {"shared", "generator_update", "label_counts"}
+    for field in a.fields:
+        torch.testing.assert_close(a.fields[field], b.fields[field], atol=1e-5, rtol=1e-5)
+    # The means, and nothing else, go down: a user applies them to its replica.
+    for field in a.fields:
+        torch.testing.assert_close(a.fields[field], torch.stack([r.tensor(field) for r in replies]).mean(0))
+
+
+def test_a_user_that_sat_out_catches_up_to_the_same_replica(tmp_path: Path) -> None:
+    fed = _federation(tmp_path, fedgen=FAST)
+    proto = fed.protocol
+    p0, p1, p2 = fed.parties
+    for rnd, sampled in ((1, [p0, p1]), (2, [p0, p1])):
+        down = proto.open_round(rnd, [p.id for p in sampled])
+        replies = [proto.client_step(p, [down[p.id]], rnd) for p in sampled]
+        broadcast = proto.server_step(rnd, replies, fed.aggregator)
+        for party in sampled:
+            proto.client_update(party, [broadcast], rnd)
+    assert [proto.replica(p).version for p in fed.parties] == [2, 2, 0]
+    catch_up = proto.open_round(3, [p2.id])[p2.id]
+    assert [u.version for u in read_updates(catch_up)] == [1, 2]  # every update it missed, in order
+    proto.client_step(p2, [catch_up], 3)
+    mine, theirs = proto.replica(p2), proto.replica(p0)
+    assert mine.version == 2 and mine.prior_rounds == theirs.prior_rounds == 2
+    assert torch.equal(_flat(mine.generator), _flat(theirs.generator))
+    assert torch.equal(_flat(mine.shared), _flat(theirs.shared))
+    assert torch.equal(mine.label_prior, theirs.label_prior)
+    # The server keeps only what some user still lacks.
+    assert proto.log.updates == []
 
 
 def test_private_local_weights_make_the_users_shares_sum_to_l_g(tmp_path: Path) -> None:
@@ -332,7 +363,8 @@ def test_whole_model_sharing_needs_identical_models(tmp_path: Path) -> None:
     same = [{"id": f"p{i}", "model": "mlp_s"} for i in range(3)]
     fed = _federation(tmp_path / "b", fedgen={**FAST, "share": "full"}, participants=same, run={"rounds": 1})
     fed.run()
-    assert isinstance(fed.protocol.global_shared, torch.nn.Module) and hasattr(fed.protocol.global_shared, "head")
+    shared = fed.protocol.replica(fed.parties[0]).shared
+    assert isinstance(shared, torch.nn.Module) and hasattr(shared, "head")
 
 
 def test_bad_values_name_the_field() -> None:
@@ -345,13 +377,15 @@ def test_bad_values_name_the_field() -> None:
 def test_headline_accuracy_is_the_users_extractor_with_the_averaged_head(tmp_path: Path) -> None:
     fed = _federation(tmp_path, fedgen=FAST)
     replies = _one_round_of_clients(fed)
-    fed.protocol.server_step(1, replies, fed.aggregator)
     party = fed.parties[0]
+    fed.protocol.client_update(party, [fed.protocol.server_step(1, replies, fed.aggregator)], 1)
+    averaged = fed.protocol.replica(party).shared
+    torch.testing.assert_close(_flat(averaged), torch.stack([r.tensor("shared") for r in replies]).mean(0))
     with torch.no_grad():
         party.model.eval()
-        logits = fed.protocol.global_shared(party.model.extractor(fed.ctx.test_x))
+        logits = averaged(party.model.extractor(fed.ctx.test_x))
     by_hand = float((logits.argmax(dim=1) == fed.ctx.test_y).float().mean())
     metrics = fed.protocol.evaluate(party)
     assert metrics["accuracy"] == pytest.approx(by_hand)
-    assert set(metrics) == {"accuracy", "local_accuracy"}
+    assert set(metrics) == {"accuracy", "local_accuracy", "generator_accuracy"}
     assert isinstance(fed.protocol, FedGen)

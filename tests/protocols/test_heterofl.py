@@ -24,15 +24,42 @@ from securefl.models.heterofl import (
 from securefl.protocols.base import read_updates
 from securefl.protocols.heterofl import HeteroFL, dynamic_rates, fixed_rates, parse_proportions
 from securefl.runtime.federation import Federation
-from tests.conftest import tiny_raw
+from tests.conftest import metrics_without_time, tiny_raw
 from tests.protocols.contract import ProtocolContract, RecordingTransport
 
 SMALL = {"hidden_sizes": [8, 16], "local_epochs": 1, "batch_size": 32, "proportions": "a1-b1-c1"}
 
 
 class TestHeteroFLContract(ProtocolContract):
+    """GroupNorm: the configuration that runs everywhere (secure aggregation, DP-SGD, separate nodes)."""
+
     protocol = "heterofl"
-    overrides = {"heterofl": SMALL}
+    overrides = {"heterofl": {**SMALL, "norm": "gn"}}
+
+
+def test_static_batch_norm_resumes_exactly_and_is_refused_on_separate_nodes(tmp_path: Path) -> None:
+    from securefl.deploy.remote import isolated_participants
+    from securefl.protocols import ProtocolSetupError
+
+    cfg = parse_config(tiny_raw(protocol="heterofl", run={"rounds": 2}, heterofl={**SMALL, "norm": "bn"}))
+    Federation(cfg, tmp_path / "full", progress=False).run()
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_round_1(rnd: int) -> None:
+        if rnd == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        Federation(cfg, tmp_path / "cut", progress=False, on_round_end=crash_after_round_1).run()
+    Federation(cfg, tmp_path / "cut", progress=False, resume=True).run()
+    # The replicas' sBN statistics are part of the checkpoint: the resumed run evaluates the same models.
+    assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "full")
+
+    remote, _ = isolated_participants(cfg, tmp_path / "nodes")
+    with pytest.raises(ProtocolSetupError, match="cannot run on separate nodes.*norm: gn"):
+        Federation(cfg, tmp_path / "coordinator", progress=False, remote=remote)
 
 
 def _federation(tmp_path: Path, *, partition: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
@@ -276,8 +303,10 @@ def test_federated_sbn_statistics_equal_the_statistics_of_the_union_of_client_da
     assert len(fed.sample(1)) == 2
     proto: HeteroFL = fed.protocol  # type: ignore[assignment]
     union = torch.cat([p.train.x for p in fed.parties])
+    replica = proto.replica(next(p for p in fed.parties if p.id in fed.sample(1)))
+    assert replica.version == 1
     for rate in (1.0, 0.5, 0.25):
-        model = proto._eval_model(rate)
+        model = replica.model if rate == 1.0 else proto.submodel(replica, rate)
         layers = dict(model.static_norms())
         assert len(layers) == 2
         for name, act in _norm_inputs(model, union).items():
@@ -383,11 +412,14 @@ def test_bad_settings_are_refused_naming_the_field(tmp_path: Path) -> None:
 def test_global_and_submodels_are_evaluated(tmp_path: Path) -> None:
     fed = _federation(tmp_path, norm="bn")
     summary = fed.run()
-    assert 0.0 <= summary["server"]["global_accuracy"] <= 1.0
+    assert summary["server"] == {}  # the server holds no model: each participant evaluates its replica
     assert sorted(p["rate"] for p in summary["participants"]) == [0.25, 0.5, 1.0]
+    # Every participant holds the same global model after the last round.
+    (global_accuracy,) = {p["global_accuracy"] for p in summary["participants"]}
+    assert 0.0 <= global_accuracy <= 1.0
     full = next(p for p in summary["participants"] if p["rate"] == 1.0)
     # The rate-1 client's sub-model is the global model itself.
-    assert full["final_accuracy"] == summary["server"]["global_accuracy"]
+    assert full["final_accuracy"] == global_accuracy
 
 
 def test_pairwise_masking_sums_the_padded_slices_like_the_plain_aggregator(tmp_path: Path) -> None:
@@ -399,7 +431,7 @@ def test_pairwise_masking_sums_the_padded_slices_like_the_plain_aggregator(tmp_p
         fed = Federation(parse_config(raw), path, progress=False, transport=transport)
         fed.run()
         sent = [m.payload["padded_update"] for m in transport.sent if m.kind == "padded_slice"]
-        return fed.protocol.layout.flatten(fed.protocol.current_global_model()), sent  # type: ignore[attr-defined]
+        return fed.protocol.layout.flatten(fed.protocol.replica(fed.parties[0]).model), sent  # type: ignore[attr-defined]
 
     plain, plain_sent = global_after_one_round(tmp_path / "plain", "none")
     masked, masked_sent = global_after_one_round(tmp_path / "masked", "masking")
