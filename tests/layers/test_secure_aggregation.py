@@ -39,8 +39,21 @@ def test_fedmd_under_secure_aggregation_matches_plaintext(scheme: str, tmp_path:
         assert SealedTensor.from_message(msg, "logits").scheme == {"ckks": "ckks", "masking": "secagg"}[scheme]
 
 
-def test_ckks_aggregator_holds_no_secret_key_and_cannot_decrypt(tmp_path: Path) -> None:
-    fed = Federation(tiny_config(secure_aggregation="ckks"), tmp_path / "run", progress=False)
+# Protocols whose global state (HeteroFL's model, FedGen's generator) the participants hold.
+# Sized to learn something in three rounds (accuracies well above chance), in about a second.
+GLOBAL_STATE = {
+    "heterofl": {"protocol": "heterofl", "heterofl": {"model": "mlp", "hidden_sizes": [16], "local_epochs": 1,
+                                                      "batch_size": 32, "lr": 0.1, "proportions": "a1-b1",
+                                                      "norm": "gn"}},
+    "fedgen": {"protocol": "fedgen", "fedgen": {"local_steps": 20, "generator_steps": 10, "lr": 0.1},
+               "participants": [{"id": f"p{i}", "model": "mlp_s"} for i in range(3)]},
+}
+
+
+@pytest.mark.parametrize("setup", [{}, GLOBAL_STATE["heterofl"], GLOBAL_STATE["fedgen"]],
+                         ids=["fedmd", "heterofl", "fedgen"])
+def test_ckks_aggregator_holds_no_secret_key_and_cannot_decrypt(setup: dict, tmp_path: Path) -> None:
+    fed = Federation(tiny_config(secure_aggregation="ckks", **setup), tmp_path / "run", progress=False)
     layer = next(layer for layer in fed.layers if isinstance(layer, CkksLayer))
     aggregator = layer.wrap_aggregator(fed.aggregator, 1)
     assert not aggregator.ctx.holds_secret_key
@@ -50,6 +63,91 @@ def test_ckks_aggregator_holds_no_secret_key_and_cannot_decrypt(tmp_path: Path) 
     # The raw TenSEAL context behind it refuses too.
     enc = aggregator.ctx.tenseal_context
     assert not enc.has_secret_key()
+
+
+class Recorded:
+    """A run of three rounds, two of three participants a round, with what crossed the protocol's hands."""
+
+    def __init__(self, tmp_path: Path, protocol: str, scheme: str) -> None:
+        cfg = tiny_config(secure_aggregation=scheme, run={"rounds": 3, "participation": 0.67},
+                          **GLOBAL_STATE[protocol])
+        self.transport = RecordingTransport()
+        self.fed = Federation(cfg, tmp_path / scheme, progress=False, transport=self.transport)
+        proto = self.fed.protocol
+        # What the participants applied (opened, per update version) and what they sent (before sealing).
+        self.applied: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
+        self.sent: dict[int, list[dict[str, torch.Tensor]]] = {}
+        apply, step = proto.apply_update, proto.client_step  # type: ignore[attr-defined]
+
+        def record_update(replica, update):  # type: ignore[no-untyped-def]
+            self.applied.setdefault(update.version, (update.round, update.fields))
+            apply(replica, update)
+
+        def record_reply(party, inbox, rnd):  # type: ignore[no-untyped-def]
+            reply = step(party, inbox, rnd)
+            self.sent.setdefault(rnd, []).append({k: v for k, v in reply.payload.items()})
+            return reply
+
+        proto.apply_update, proto.client_step = record_update, record_reply  # type: ignore[attr-defined,method-assign]
+        self.summary = self.fed.run()
+
+    def plaintext_aggregate(self, version: int) -> dict[str, torch.Tensor]:
+        """What the aggregator should have returned for ``version``, from this run's own replies."""
+        rnd, fields = self.applied[version]
+        replies = self.sent[rnd]
+        if set(fields) == {"sum"}:  # HeteroFL: the sum of the padded slices
+            return {"sum": torch.stack([r["padded_update"] for r in replies]).sum(0)}
+        return {name: torch.stack([r[name] for r in replies]).mean(0) for name in fields}  # FedGen: means
+
+
+@pytest.mark.parametrize("protocol", ["heterofl", "fedgen"])
+def test_global_state_under_ckks_matches_plaintext_and_the_server_never_reads_it(protocol: str,
+                                                                                  tmp_path: Path) -> None:
+    plain, ckks = Recorded(tmp_path, protocol, "none"), Recorded(tmp_path, protocol, "ckks")
+    assert sorted(ckks.applied) == sorted(plain.applied) == [1, 2, 3]
+    # Every aggregate the participants applied is the plaintext aggregate of the replies, within CKKS's
+    # precision (the catch-ups of those who sat out included).
+    for version in ckks.applied:
+        opened, expected = ckks.applied[version][1], ckks.plaintext_aggregate(version)
+        assert set(opened) == set(expected) == {"heterofl": {"sum"},
+                                                "fedgen": {"shared", "generator_update", "label_counts"}}[protocol]
+        for name in expected:
+            torch.testing.assert_close(opened[name], expected[name], atol=1e-5, rtol=1e-6)
+    # Round 1's replies are the same as in the plaintext run: so are its aggregates, up to that error
+    # (which is not zero: they were encrypted). Later rounds train on slightly different models.
+    first_plain, first_ckks = plain.applied[1][1], ckks.applied[1][1]
+    for name in first_plain:
+        torch.testing.assert_close(first_ckks[name], first_plain[name], atol=1e-5, rtol=1e-6)
+    assert any(not torch.equal(first_ckks[n], first_plain[n]) for n in first_plain)
+    accuracies = [[p["final_accuracy"] for p in run.summary["participants"]] for run in (plain, ckks)]
+    assert max(accuracies[0]) > 0.3  # a run that learned something
+    for mine, theirs in zip(*accuracies, strict=True):
+        assert abs(mine - theirs) <= 0.03, accuracies
+    assert abs(ckks.summary["mean_accuracy"] - plain.summary["mean_accuracy"]) <= 0.02
+
+    # On the wire every aggregate is sealed, the updates a participant missed included.
+    downs = [m for m in ckks.transport.sent if m.receiver != AGGREGATOR and m.meta.get("updates")]
+    catch_ups = [m for m in downs if m.kind != ckks.fed.protocol.downlink.kind]  # type: ignore[union-attr]
+    assert catch_ups, "with two of three participants a round, someone must have caught up"
+    for msg in downs:
+        for entry in msg.meta["updates"]:
+            for name in entry["fields"]:
+                assert SealedTensor.from_message(msg, f"{name}@{entry['version']}").scheme == "ckks"
+    # What the server keeps for those who sat out is sealed too: it never holds the global state.
+    log = ckks.fed.protocol.log  # type: ignore[attr-defined]
+    assert log.updates, "the participant that sat out the last round still lacks its update"
+    assert all(isinstance(v, SealedTensor) for u in log.updates for v in u.fields.values())
+
+
+def test_fedgen_under_masking_applies_the_plaintext_means_after_fixed_point_decoding(tmp_path: Path) -> None:
+    masked = Recorded(tmp_path, "fedgen", "masking")
+    uplinks = [m for m in masked.transport.sent if m.receiver == AGGREGATOR]
+    assert uplinks and all(SealedTensor.from_message(m, "generator_update").scheme == "secagg" for m in uplinks)
+    # The server learns the means in the clear, equal to the replies' means up to the fixed-point
+    # encoding (2^-24 steps), and every participant applies exactly those.
+    for version in masked.applied:
+        for name, value in masked.plaintext_aggregate(version).items():
+            torch.testing.assert_close(masked.applied[version][1][name].float(), value, atol=1e-6, rtol=0)
 
 
 def test_consensus_downlink_is_sealed_until_the_participant_opens_it(tmp_path: Path) -> None:
@@ -69,6 +167,7 @@ def test_fedgen_reference_mode_is_refused_before_round_one(scheme: str, tmp_path
 
 
 def test_ckks_refuses_a_server_that_reads_aggregates_and_masking_accepts_it(tmp_path: Path) -> None:
+    """FedAvg's server keeps the global model itself (HeteroFL and FedGen leave theirs to the participants)."""
     same = {"participants": [{"id": f"p{i}", "model": "mlp_s"} for i in range(3)]}
     with pytest.raises(LayerSetupError, match="cannot decrypt"):
         Federation(tiny_config(protocol="fedavg", secure_aggregation="ckks", **same), tmp_path / "a", progress=False)
