@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from securefl.config import ConfigError, apply_overrides, load_raw, parse_config
+from securefl.crypto.keystore import KeyFileError
 from securefl.data.datasets import DataError
 from securefl.models.zoo import UnknownModel
 from securefl.protocols import PROTOCOLS, ProtocolSetupError
@@ -22,7 +23,7 @@ from securefl.layers.base import LayerSetupError  # noqa: E402
 from securefl.privacy.errors import CalibrationError, LedgerCorrupt, LedgerMismatch, PolicyError  # noqa: E402
 
 BAD_INPUT = (ConfigError, DataError, UnknownModel, ProtocolSetupError, LayerSetupError, PolicyError, CalibrationError,
-             LedgerCorrupt, LedgerMismatch)
+             LedgerCorrupt, LedgerMismatch, KeyFileError)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -82,6 +82,14 @@ def _sealed_field(msg: Message, name: str, scheme: str) -> SealedTensor | None:
     return sealed
 
 
+def _load_committee(path: Path) -> KeyHolderContext:
+    try:
+        return KeyHolderContext.from_committee_secret(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise LayerSetupError(f"{path}: the CKKS committee key is corrupt or unreadable ({str(exc)[:160]}); restore "
+                              "it from another committee member: a new key could not open what was sealed") from None
+
+
 class CkksLayer(Layer):
     name = "ckks"
 
@@ -93,7 +101,7 @@ class CkksLayer(Layer):
         committee_file = key_dir / self.COMMITTEE_FILE if key_dir is not None else None
         if committee_file is not None and committee_file.exists():
             # A resumed run keeps the committee's key: sealed state may outlive a round.
-            keys = KeyHolderContext.from_committee_secret(committee_file.read_bytes())
+            keys = _load_committee(committee_file)
         else:
             keys = KeyHolderContext.generate(params)
             if committee_file is not None:
@@ -114,7 +122,7 @@ class CkksLayer(Layer):
             raise LayerSetupError(f"{path}: no CKKS committee key; every participant of a CKKS run must be "
                                   "provisioned with the same committee key (`securefl provision`)")
         layer = cls.__new__(cls)
-        layer._keys = KeyHolderContext.from_committee_secret(path.read_bytes())
+        layer._keys = _load_committee(path)
         layer._set_public(layer._keys.public())
         return layer
 

@@ -27,6 +27,8 @@ and, for each participant and unit of privacy:
    accountants' discretisation error (PRV's ``eps_error`` is 0.01).
 4. **Budget.** The recomputed ε must not exceed the unit's budget in the header.
 5. **Seal.** The last entry must be a seal, else the run is ``unsealed``.
+6. **Presence.** Every participant that ``run_dir/config.yaml`` puts under DP
+   must have a ledger; a missing file is ``tampered``.
 
 Statuses, worst first: ``tampered`` > ``mismatch`` > ``over_budget`` >
 ``unsealed`` > ``ok``. :attr:`AuditReport.ok` is true only if there is at least
@@ -320,6 +322,31 @@ def audit_ledger(
     return rows
 
 
+def _private_participants(run_dir: Path) -> list[tuple[str, str]]:
+    """(id, unit) of every participant the run's saved config puts under DP; none without a readable config."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    if not isinstance(raw, dict) or not isinstance(raw.get("privacy"), dict):
+        return []
+    unit = raw["privacy"].get("unit", "none")
+    participants = raw.get("participants")
+    if unit == "none" or not isinstance(participants, list):
+        return []
+    ids = [str(p["id"]) for p in participants if isinstance(p, dict) and "id" in p]
+    try:
+        # A participant's own node directory (securefl.deploy) holds only its own ledger.
+        hosted = json.loads((run_dir / "run.json").read_text()).get("participant")
+    except (OSError, ValueError, AttributeError):
+        hosted = None
+    if isinstance(hosted, str):
+        ids = [i for i in ids if i == hosted]
+    return [(i, str(unit)) for i in ids]
+
+
 def _worst(a: str, b: str) -> str:
     return a if _RANK[a] >= _RANK[b] else b
 
@@ -496,6 +523,13 @@ def audit_run(
                 full_recheck=full_recheck,
             )
         )
+    # A participant the run's config says was private must have a ledger: a deleted file is the
+    # ultimate under-count.
+    for pid, unit in _private_participants(run_dir):
+        path = ledger_dir / f"{pid}.jsonl"
+        if not path.exists():
+            rows.append(_file_row(path, "tampered", f"ledger file is missing: {run_dir / 'config.yaml'} lists participant "
+                                                    f"{pid!r} with privacy.unit {unit!r}"))
     # A participant must have exactly one ledger: two files for one participant
     # would let a run report the smaller spend.
     owners: dict[str, set[str]] = {}

@@ -60,6 +60,8 @@ class PrivacyPolicy(BaseModel):
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise PolicyError(f"{path}: privacy policy file not found") from None
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"{path}: not a UTF-8 text file (byte {exc.start}); a privacy policy is YAML or JSON") from None
         except OSError as exc:
             raise PolicyError(f"{path}: cannot read privacy policy: {exc}") from None
         suffix = path.suffix.lower()
@@ -74,8 +76,12 @@ class PrivacyPolicy(BaseModel):
                 raise PolicyError(f"{path}: unsupported policy file type {path.suffix!r}; use .yaml, .yml or .json")
         except PolicyError:
             raise
-        except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError
-            raise PolicyError(f"{path}: not valid {suffix.lstrip('.').upper()}: {exc}") from None
+        except Exception as exc:  # yaml.YAMLError, json.JSONDecodeError, or a YAML constructor's ValueError
+            # One line: PyYAML's messages span several lines with a caret under the problem.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            detail = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise PolicyError(f"{path}: not valid {suffix.lstrip('.').upper()}{where}: {detail}") from None
         if not isinstance(data, dict):
             raise PolicyError(f"{path}: a privacy policy must be a mapping of fields, got {type(data).__name__}")
         try:

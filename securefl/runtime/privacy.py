@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from securefl.privacy.budget import ExperimentTarget, PrivacyPolicy, resolve_budget
 from securefl.privacy.calibration import calibrate_noise_multiplier
 from securefl.privacy.dp_sgd import DPSGDTrainer
-from securefl.privacy.errors import PolicyError
+from securefl.privacy.errors import LedgerCorrupt, PolicyError
 from securefl.privacy.events import AnyEvent
 from securefl.privacy.ledger import Ledger
 
@@ -92,7 +92,13 @@ class PrivacyRuntime:
             raise PolicyError(f"participant {party.id!r}: no ε target (set target_epsilon or a policy_file)")
         experiment = ExperimentTarget(target_epsilon=target, delta=pcfg.delta or cfg.delta, unit=cfg.unit)
         budget, note = resolve_budget(policy, experiment, participant=party.id)
-        ledger = Ledger.open(ledger_path(fed.out, party.id), participant=party.id,
+        path = ledger_path(fed.out, party.id)
+        if not path.exists() and _has_checkpoint(fed.out):
+            # A fresh ledger would restart this participant's ε at 0 mid-run.
+            raise LedgerCorrupt("ledger file is missing, but the run directory holds a checkpoint of this run: "
+                                "refusing to start a new ledger (its spend would restart at 0); restore the file",
+                                path=str(path))
+        ledger = Ledger.open(path, participant=party.id,
                              max_epsilon=budget.max_epsilon, delta=budget.delta,
                              signing_key=fed.party_keys(party.id).private_key, accountant=cfg.accountant)
         sigma, steps, rate = self._calibrate(fed, party, budget.max_epsilon, budget.delta)
@@ -163,6 +169,11 @@ class PrivacyRuntime:
 
     def ledger_path(self, participant: str) -> Path:
         return ledger_path(self.fed.out, participant)
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Whether this run (or this node) has checkpointed progress, so its ledgers must already exist."""
+    return any((Path(run_dir) / "checkpoints").glob("*.pt"))
 
 
 def ledger_path(run_dir: Path, participant: str) -> Path:
