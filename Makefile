@@ -11,7 +11,8 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# flwr is pinned for the same reason: 1.42 needs a certifi release the package mirror lacks.
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,flower]' 'flwr==1.41.0'
 	touch $(STAMP)
 
 demo: $(STAMP)

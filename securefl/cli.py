@@ -102,7 +102,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not (run_dir / "ledgers").is_dir():
         raise ConfigError(f"{run_dir}: no ledgers/ directory; was the run private (privacy.unit record or participant)?")
     report = audit_run(run_dir)
-    print(json.dumps(report.to_json(), indent=2) if args.json else report.format_table())
+    print(report.to_json() if args.json else report.format_table())
     return 0 if report.ok else 1
 
 

@@ -39,6 +39,8 @@ class RemoteParticipants:
         self.participant_ids = list(participant_ids)
         self.run_id = ""
         self.privacy: dict[str, Any] = {}
+        # Metrics that arrived with the phase before an evaluation: {round: {participant: metrics}}.
+        self._metrics: dict[int, dict[str, dict[str, float]]] = {}
 
     def connect(self, *, run_id: str, config_text: str) -> None:
         """Send every node the config; any refusal stops the run before round 1, with the node's reason."""
@@ -51,7 +53,7 @@ class RemoteParticipants:
 
     # ----- the ParticipantHost interface ---------------------------------------------------------------
     def prepare(self) -> HostReport:
-        return self._phase({pid: {"phase": "prepare"} for pid in self.participant_ids})
+        return self._phase({pid: {"phase": "prepare", "evaluate": 0} for pid in self.participant_ids}, evaluate=0)
 
     def step(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:
         sampled = list(inboxes)
@@ -59,17 +61,22 @@ class RemoteParticipants:
                                   "inbox": [encode_message(m) for m in inbox]} for pid, inbox in inboxes.items()})
 
     def update(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:
-        return self._phase({pid: {"phase": "update", "round": rnd, "inbox": [encode_message(m) for m in inbox]}
-                            for pid, inbox in inboxes.items()})
+        sampled = list(inboxes)
+        return self._phase({pid: {"phase": "update", "round": rnd, "sampled": sampled, "evaluate": rnd,
+                                  "inbox": [encode_message(m) for m in inbox]} for pid, inbox in inboxes.items()},
+                           evaluate=rnd)
 
     def evaluate(self, rnd: int) -> dict[str, dict[str, float]]:
-        replies = self._call({pid: {"phase": "evaluate", "round": rnd} for pid in self.participant_ids})
-        metrics = {}
-        for pid, reply in replies.items():
-            values = reply.get("metrics", {}).get(pid) if reply.get("ok") else None
-            # A node that cannot report is shown as such, not silently dropped from the mean.
-            metrics[pid] = {k: float(v) for k, v in values.items()} if values else {"unreachable": 1.0}
-        return metrics
+        known = self._metrics.pop(rnd, {})
+        self._metrics.clear()
+        missing = [pid for pid in self.participant_ids if pid not in known]
+        if missing:
+            replies = self._call({pid: {"phase": "evaluate", "round": rnd} for pid in missing})
+            known.update({pid: reply["metrics"][pid] for pid, reply in replies.items()
+                          if reply.get("ok") and pid in reply.get("metrics", {})})
+        # A node that cannot report is shown as such, not silently dropped from the mean.
+        return {pid: {k: float(v) for k, v in known[pid].items()} if pid in known else {"unreachable": 1.0}
+                for pid in self.participant_ids}
 
     def finish(self) -> dict[str, dict[str, Any]]:
         replies = self._call({pid: {"phase": "finish"} for pid in self.participant_ids})
@@ -82,13 +89,15 @@ class RemoteParticipants:
         """Nothing to release here: each node keeps its own state."""
 
     # ----- plumbing ----------------------------------------------------------------------------------
-    def _phase(self, requests: Mapping[str, dict[str, Any]]) -> HostReport:
+    def _phase(self, requests: Mapping[str, dict[str, Any]], *, evaluate: int | None = None) -> HostReport:
         report = HostReport()
         for pid, reply in self._call(requests).items():
             if not reply.get("ok"):
                 report.rejected.append({"sender": pid, "receiver": "coordinator",
                                         "reason": reply.get("error", "no reply")})
                 continue
+            if evaluate is not None and pid in reply.get("metrics", {}):
+                self._metrics.setdefault(evaluate, {})[pid] = reply["metrics"][pid]
             report.rejected.extend(reply.get("rejected", []))
             report.stopped.update(reply.get("stopped", {}))
             for raw in reply.get("outgoing", []):
@@ -124,20 +133,26 @@ class RemoteParticipants:
         return replies
 
 
-def local_exchange(nodes: Mapping[str, Any]) -> Exchange:
+def local_exchange(nodes: Mapping[str, Any], *, fresh_process: bool = False) -> Exchange:
     """Deliver requests to in-process :class:`~securefl.deploy.node.ParticipantNode` objects, through the
-    same bytes a network would carry."""
+    same bytes a network would carry. ``fresh_process``: rebuild each node from its directory before every
+    request, as when Flower starts a new ClientApp process for every message."""
 
     def exchange(requests: Mapping[str, bytes]) -> dict[str, bytes]:
-        return {pid: encode(nodes[pid].handle(decode(raw))) for pid, raw in requests.items()}
+        replies = {}
+        for pid, raw in requests.items():
+            if fresh_process:
+                nodes[pid].close()
+            replies[pid] = encode(nodes[pid].handle(decode(raw)))
+        return replies
 
     return exchange
 
 
-def isolated_participants(config: Any, root: Path) -> tuple[RemoteParticipants, dict[str, Any]]:
+def isolated_participants(config: Any, root: Path, *, fresh_process: bool = False) -> tuple[RemoteParticipants, dict[str, Any]]:
     """Every participant as its own node under ``root/<id>`` (provisioned), in this process: the deployment's
     code path without the network. Returns the coordinator's view and the nodes."""
     from securefl.deploy.node import ParticipantNode
 
     nodes = {p.id: ParticipantNode(root / p.id, p.id, policy_file=p.policy_file) for p in config.participants}
-    return RemoteParticipants(local_exchange(nodes), list(nodes)), nodes
+    return RemoteParticipants(local_exchange(nodes, fresh_process=fresh_process), list(nodes)), nodes

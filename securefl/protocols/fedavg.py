@@ -42,9 +42,15 @@ class FedAvg(Protocol):
     downlink = Schema("global_model", weights=Field(aggregatable=False, private=False))
     server_opens_aggregates = True  # the server keeps the global model
 
+    # Sent at the start of a round to a sampled participant that missed earlier rounds' downlinks.
+    CATCH_UP = "global_model_catch_up"
+
     def __init__(self, config: FedAvgConfig, ctx) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, ctx)
         self.global_model: torch.nn.Module | None = None
+        # Server side: the round whose global model each participant last received (0: the initial one).
+        self._holds_round: dict[str, int] = {}
+        self._global_round = 0
 
     def validate_participants(self, parties: Sequence[Party]) -> None:
         models = sorted({p.model_name for p in parties})
@@ -62,13 +68,21 @@ class FedAvg(Protocol):
         party.model = self.ctx.build_model(party.model_name, purpose="fedavg-global")
         party.state["private_opt"] = self.ctx.make_optimizer(party.model)
 
-    def open_round(self, rnd: int, sampled: Sequence[str]) -> Message:
+    def open_round(self, rnd: int, sampled: Sequence[str]) -> dict[str, Message] | None:
+        # Participants start from the global initialisation and receive every later global model in the
+        # downlink of the rounds they take part in; only one that missed a round needs the current model.
         assert self.global_model is not None
-        return self.broadcast(rnd, weights=flat_parameters(self.global_model))
+        stale = [pid for pid in sampled if self._holds_round.get(pid, 0) < self._global_round]
+        if not stale:
+            return None
+        catch_up = self.broadcast(rnd, weights=flat_parameters(self.global_model)).model_copy(update={"kind": self.CATCH_UP})
+        return {pid: catch_up for pid in stale}
 
     def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> Message:
         assert party.model is not None
-        load_flat_parameters(party.model, only_message(inbox, "global_model").tensor("weights"))
+        for msg in inbox:
+            if msg.kind == self.CATCH_UP:
+                load_flat_parameters(party.model, msg.tensor("weights"))
         party.trainer.fit(party.model, party.state["private_opt"], party.train.x, party.train.y,
                           batch_size=self.ctx.training.batch_size, epochs=self.ctx.training.local_epochs,
                           max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
@@ -86,6 +100,10 @@ class FedAvg(Protocol):
         assert self.global_model is not None
         weights = [float(r.meta["num_samples"]) for r in replies]
         load_flat_parameters(self.global_model, aggregator.weighted_mean(replies, "weights", weights))
+        self._global_round = rnd
+        # Every participant of the round gets the new global model (the runtime sends to the sampled ones).
+        for r in replies:
+            self._holds_round[r.sender] = rnd
         return self.broadcast(rnd, weights=flat_parameters(self.global_model))
 
     def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
@@ -100,8 +118,11 @@ class FedAvg(Protocol):
 
     def state_dict(self) -> dict:
         # A participant's node has no global model of its own (None there).
-        return {"global_model": self.global_model.state_dict() if self.global_model is not None else None}
+        return {"global_model": self.global_model.state_dict() if self.global_model is not None else None,
+                "holds_round": dict(self._holds_round), "global_round": self._global_round}
 
     def load_state_dict(self, state: dict) -> None:
         if self.global_model is not None:
             self.global_model.load_state_dict(state["global_model"])
+        self._holds_round = dict(state["holds_round"])
+        self._global_round = int(state["global_round"])

@@ -19,7 +19,9 @@ participants (every one in a simulation, one per node in a deployment):
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,18 +122,34 @@ class PrivacyRuntime:
                                          "participants, so there is nothing for per-participant DP-SGD to protect")
             steps = sum(DPSGDTrainer.steps_for(n, batch_size=b, epochs=e, steps=s) for b, e, s in plan)
             rate = max(min(1.0, b / n) for b, _, _ in plan)
-            sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=rate, steps=steps,
-                                               accountant=cfg.accountant)
+            sigma = self._calibrated(fed.out, target_epsilon=target, delta=delta, sample_rate=rate, steps=steps,
+                                     accountant=cfg.accountant)
             return sigma, steps, rate
         releases = fed.config.run.rounds
-        sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=1.0, steps=1,
-                                           releases=releases, accountant=cfg.accountant, unit="participant",
-                                           relation="replace_one", sensitivity=2 * cfg.clip_norm)
+        sigma = self._calibrated(fed.out, target_epsilon=target, delta=delta, sample_rate=1.0, steps=1,
+                                 releases=releases, accountant=cfg.accountant, unit="participant",
+                                 relation="replace_one", sensitivity=2 * cfg.clip_norm)
         if cfg.noise == "distributed":
             # The ledger books the worst case of only t of n shares reaching the sum.
             n = fed.sampled_per_round()
             sigma /= math.sqrt(max(1, math.ceil(cfg.min_contributors * n)) / n)
         return sigma, releases, 1.0
+
+    @staticmethod
+    def _calibrated(out: Path, **inputs: Any) -> float:
+        """σ from :func:`calibrate_noise_multiplier`, remembered in ``out/privacy_calibration.json`` under its
+        exact inputs: a deployed node rebuilt for every message (or a resumed run) need not redo the search,
+        and the same inputs always give the same σ."""
+        path = Path(out) / "privacy_calibration.json"
+        key = json.dumps(inputs, sort_keys=True)
+        cache = json.loads(path.read_text()) if path.exists() else {}
+        if key not in cache:
+            cache[key] = calibrate_noise_multiplier(**inputs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=1) + "\n")
+            os.replace(tmp, path)
+        return float(cache[key])
 
     def _inject_dp_sgd(self, party: Any) -> None:
         pp = self.participants[party.id]

@@ -121,13 +121,14 @@ class ProtocolContract:
         assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "full")
 
     def test_participants_on_their_own_nodes_compute_what_the_simulation_computes(self, tmp_path: Path) -> None:
-        """Each participant in its own node (own directory, own protocol instance, messages as bytes) gives
-        the simulation's metrics: nothing passes between server and participants except messages."""
+        """Each participant in its own node (own directory, own protocol instance rebuilt from disk for every
+        request, messages as bytes) gives the simulation's metrics: nothing passes between server and
+        participants except messages, and a node's state survives its process."""
         from securefl.deploy.provision import provision
         from securefl.deploy.remote import isolated_participants
 
         cfg = self.config(run={"rounds": 2})
-        remote, nodes = isolated_participants(cfg, tmp_path / "nodes")
+        remote, nodes = isolated_participants(cfg, tmp_path / "nodes", fresh_process=True)
         if get_protocol(self.protocol).simulation_only:
             with pytest.raises(ProtocolSetupError, match="cannot run on separate nodes"):
                 Federation(cfg, tmp_path / "coordinator", progress=False, remote=remote)

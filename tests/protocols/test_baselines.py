@@ -41,12 +41,23 @@ def test_fedavg_global_model_is_the_sample_weighted_mean(tmp_path: Path) -> None
     fed = Federation(tiny_config(protocol="fedavg", **SAME_MODELS), tmp_path / "run", progress=False)
     proto = fed.protocol
     ids = [p.id for p in fed.parties]
-    down = proto.open_round(1, ids)
-    replies = [proto.client_step(p, [down], 1) for p in fed.parties]
+    assert proto.open_round(1, ids) is None  # every participant starts from the global initialisation
+    replies = [proto.client_step(p, [], 1) for p in fed.parties]
     sizes = torch.tensor([float(p.num_samples) for p in fed.parties])
     expected = sum(w * r.tensor("weights") for w, r in zip(sizes / sizes.sum(), replies, strict=True))
-    proto.server_step(1, replies, fed.aggregator)
+    down = proto.server_step(1, replies, fed.aggregator)
     torch.testing.assert_close(flat_parameters(proto.global_model), expected)
+    torch.testing.assert_close(down.tensor("weights"), expected)  # the round ends with the model at the clients
+
+
+def test_fedavg_catches_up_a_participant_that_missed_a_round(tmp_path: Path) -> None:
+    fed = Federation(tiny_config(protocol="fedavg", **SAME_MODELS), tmp_path / "run", progress=False)
+    proto, (p0, p1, p2) = fed.protocol, fed.parties
+    proto.server_step(1, [proto.client_step(p, [], 1) for p in (p0, p1, p2)], fed.aggregator)
+    proto.server_step(2, [proto.client_step(p, [], 2) for p in (p0, p1)], fed.aggregator)  # p2 not sampled
+    catch_up = proto.open_round(3, [p0.id, p1.id, p2.id])
+    assert set(catch_up) == {p2.id}
+    torch.testing.assert_close(catch_up[p2.id].tensor("weights"), flat_parameters(proto.global_model))
 
 
 def test_pooled_trains_one_model_per_architecture(tmp_path: Path) -> None:
