@@ -15,10 +15,10 @@ dtypes), lists and string-keyed dicts of these. Anything malformed raises
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
-import numpy as np
 import torch
 
 MAGIC = b"SFLW1"
@@ -52,6 +52,8 @@ def decode(data: bytes) -> Any:
         header = json.loads(data[start:start + n].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DecodeError(f"header is not JSON ({exc})") from None
+    except RecursionError:
+        raise DecodeError(f"header nested deeper than {MAX_DEPTH} levels") from None
     body = memoryview(data)[start + n:]
     reader = _Reader(body)
     value = _build(header, reader, 0)
@@ -178,7 +180,7 @@ def _tensor(node: dict[str, Any], reader: _Reader) -> torch.Tensor:
                                               for s in shape) or len(shape) > 16:
         raise DecodeError(f"bad tensor shape {shape!r:.60}")
     raw = reader.take(node["n"])
-    numel = int(np.prod(shape)) if shape else 1
+    numel = math.prod(shape)  # exact: numpy's int64 product wraps round for huge shapes
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(raw) != numel * itemsize:
         raise DecodeError(f"tensor of shape {shape} and dtype {node['d']} needs {numel * itemsize} bytes, "
