@@ -195,6 +195,8 @@ class ChaosTransport(InProcessTransport):
             if self._sends[rnd] >= kill.count:
                 self._fired.add(kill)
                 self._note(kill, "")
+                # The process dies with what its inboxes held; messages delayed "in the network" live on.
+                self._inboxes.clear()
                 self.die(rnd)
         uplink = msg.sender != AGGREGATOR  # from a participant (to the aggregator, or to a peer)
         party = msg.sender if uplink else msg.receiver

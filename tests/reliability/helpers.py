@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,14 +98,14 @@ def ledger_releases(out: Path, pid: str) -> list[dict[str, Any]]:
     return [e for e in read_ledger(out / "ledgers" / f"{pid}.jsonl").entries if e["kind"] == "release"]
 
 
-def assert_ledgers_cover_releases(out: Path, transport: ChaosTransport) -> None:
+def assert_ledgers_cover_releases(out: Path, transport: ChaosTransport, *, ids: Sequence[str] = IDS) -> None:
     """No ledger under-counts: every payload that left a participant is booked in its ledger for that round,
     and no ledger ever goes over its budget."""
     assert transport.released, "nothing left any participant: the check would be vacuous"
     for pid, rnd in sorted(transport.released):
         booked = [e for e in ledger_releases(out, pid) if e["round"] == rnd and e["payload"] == "logits"]
         assert booked, f"{pid}'s round-{rnd} logits left it but are not in its ledger"
-    for pid in IDS:
+    for pid in ids:
         contents = read_ledger(out / "ledgers" / f"{pid}.jsonl")
         for entry in contents.entries[1:]:
             if entry["kind"] == "release":
