@@ -66,10 +66,13 @@ def test_ckks_aggregator_holds_no_secret_key_and_cannot_decrypt(setup: dict, tmp
 
 
 class Recorded:
-    """A run of three rounds, two of three participants a round, with what crossed the protocol's hands."""
+    """A run of two rounds, two of three participants a round, with what crossed the protocol's hands.
+
+    Seed 1 samples p0 and p2 in round 1, then p1 and p2: p1 catches up on round 1's update in round 2.
+    """
 
     def __init__(self, tmp_path: Path, protocol: str, scheme: str) -> None:
-        cfg = tiny_config(secure_aggregation=scheme, run={"rounds": 3, "participation": 0.67},
+        cfg = tiny_config(secure_aggregation=scheme, run={"rounds": 2, "participation": 0.67, "seed": 1},
                           **GLOBAL_STATE[protocol])
         self.transport = RecordingTransport()
         self.fed = Federation(cfg, tmp_path / scheme, progress=False, transport=self.transport)
@@ -104,7 +107,7 @@ class Recorded:
 def test_global_state_under_ckks_matches_plaintext_and_the_server_never_reads_it(protocol: str,
                                                                                   tmp_path: Path) -> None:
     plain, ckks = Recorded(tmp_path, protocol, "none"), Recorded(tmp_path, protocol, "ckks")
-    assert sorted(ckks.applied) == sorted(plain.applied) == [1, 2, 3]
+    assert sorted(ckks.applied) == sorted(plain.applied) == [1, 2]
     # Every aggregate the participants applied is the plaintext aggregate of the replies, within CKKS's
     # precision (the catch-ups of those who sat out included).
     for version in ckks.applied:
@@ -114,28 +117,29 @@ def test_global_state_under_ckks_matches_plaintext_and_the_server_never_reads_it
         for name in expected:
             torch.testing.assert_close(opened[name], expected[name], atol=1e-5, rtol=1e-6)
     # Round 1's replies are the same as in the plaintext run: so are its aggregates, up to that error
-    # (which is not zero: they were encrypted). Later rounds train on slightly different models.
+    # (which is not zero: they were encrypted). Round 2 trains on models that differ by that error,
+    # which SGD amplifies (and SEAL's encryption noise is random): its accuracies agree only closely.
     first_plain, first_ckks = plain.applied[1][1], ckks.applied[1][1]
     for name in first_plain:
         torch.testing.assert_close(first_ckks[name], first_plain[name], atol=1e-5, rtol=1e-6)
     assert any(not torch.equal(first_ckks[n], first_plain[n]) for n in first_plain)
     accuracies = [[p["final_accuracy"] for p in run.summary["participants"]] for run in (plain, ckks)]
     assert max(accuracies[0]) > 0.3  # a run that learned something
-    for mine, theirs in zip(*accuracies, strict=True):
+    for mine, theirs in zip(*accuracies, strict=True):  # measured: at most 0.009 apart over 6 runs
         assert abs(mine - theirs) <= 0.03, accuracies
     assert abs(ckks.summary["mean_accuracy"] - plain.summary["mean_accuracy"]) <= 0.02
 
     # On the wire every aggregate is sealed, the updates a participant missed included.
     downs = [m for m in ckks.transport.sent if m.receiver != AGGREGATOR and m.meta.get("updates")]
     catch_ups = [m for m in downs if m.kind != ckks.fed.protocol.downlink.kind]  # type: ignore[union-attr]
-    assert catch_ups, "with two of three participants a round, someone must have caught up"
+    assert [m.receiver for m in catch_ups] == ["p1"]
     for msg in downs:
         for entry in msg.meta["updates"]:
             for name in entry["fields"]:
                 assert SealedTensor.from_message(msg, f"{name}@{entry['version']}").scheme == "ckks"
     # What the server keeps for those who sat out is sealed too: it never holds the global state.
     log = ckks.fed.protocol.log  # type: ignore[attr-defined]
-    assert log.updates, "the participant that sat out the last round still lacks its update"
+    assert [u.version for u in log.updates] == [2]  # p0 sat out round 2 and still lacks its update
     assert all(isinstance(v, SealedTensor) for u in log.updates for v in u.fields.values())
 
 
