@@ -63,9 +63,25 @@ Partition = Annotated[
 ]
 
 
+class FilesConfig(Section):
+    """Data the owners bring: one table per participant (``participants[].data_file``), plus a public and a
+    test table. CSV with a header row; every column but ``label_column`` is a numeric feature."""
+
+    label_column: str = "label"
+    num_classes: int = PydField(ge=2, description="labels are 0..num_classes-1 (no single silo may see them all)")
+    test_file: str | None = PydField(None, description="evaluation table (default: none given in code)")
+    public_file: str | None = PydField(None, description="public table (its labels are used only if public_labelled)")
+    transform: Literal["none", "signed_log1p"] = PydField(
+        "none", description="a per-record transform (no statistics of anyone's data): sign(x)·log(1+|x|)")
+    standardize: Literal["none", "public"] = PydField(
+        "none", description="public: z-score every feature with the public table's mean and std (public facts)")
+
+
 class DataConfig(Section):
-    dataset: Literal["digits", "fashion_mnist", "breast_cancer"] = "digits"
+    dataset: Literal["digits", "fashion_mnist", "breast_cancer", "files", "tables"] = PydField(
+        "digits", description="files: each owner's CSV; tables: given in code through securefl.api")
     data_dir: str | None = None
+    files: FilesConfig | None = PydField(None, description="dataset = files or tables")
     partition: Partition = PydField(default_factory=DirichletPartition)
     public_size: int = PydField(0, ge=0, description="records carved out of the train split as the public set")
     public_labelled: bool = PydField(False, description="may protocols use the public set's labels?")
@@ -102,6 +118,8 @@ class ParticipantConfig(Section):
     delta: float | None = PydField(None, gt=0, lt=1)
     # A policy file the data owner controls; the stricter of it and the experiment binds.
     policy_file: str | None = None
+    # data.dataset = files: this owner's table (on a deployed node, the owner's node config says where).
+    data_file: str | None = None
 
     @field_validator("id")
     @classmethod
@@ -175,6 +193,27 @@ class _ExperimentBase(Section):
                 if not indices:
                     raise ValueError(f"data.partition.assignment.{i}: participant {participant.id!r} has an empty "
                                      "split; every participant needs at least one training record")
+        return self
+
+    @model_validator(mode="after")
+    def _owner_data(self) -> _ExperimentBase:
+        data = self.data
+        with_file = [i for i, p in enumerate(self.participants) if p.data_file is not None]
+        if data.dataset in ("files", "tables"):
+            if data.files is None:
+                raise ValueError(f"data.files: required when data.dataset is {data.dataset!r} (label_column, "
+                                 "num_classes, test_file, public_file)")
+            if data.public_size:
+                raise ValueError("data.public_size: the public set of owner-supplied data is data.files.public_file")
+            if data.dataset == "files":
+                missing = [i for i, p in enumerate(self.participants) if p.data_file is None]
+                if missing:
+                    raise ValueError(f"participants.{missing[0]}.data_file: required when data.dataset is 'files'")
+                if data.files.test_file is None:
+                    raise ValueError("data.files.test_file: required when data.dataset is 'files'")
+        elif with_file or data.files is not None:
+            where = f"participants.{with_file[0]}.data_file" if with_file else "data.files"
+            raise ValueError(f"{where}: only used when data.dataset is 'files' (it is {data.dataset!r})")
         return self
 
     @model_validator(mode="after")

@@ -20,9 +20,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol: Protocol, *,
-                 privacy: Mapping[str, Mapping[str, Any]] | None = None,
+                 facts: Mapping[str, Mapping[str, Any]] | None = None,
                  stopped: dict[str, str] | None = None) -> dict[str, Any]:
-    """``privacy``: each participant's privacy summary (ε, δ, target, unit, ...), from its host."""
+    """``facts``: what each participant's host reports about it (train records; with DP its ε, δ, target,
+    unit, ...): in a deployment only the owner's node knows them."""
     metrics = read_metrics(run_dir)
     final = metrics[-1]
     stopped = stopped or {}
@@ -32,7 +33,7 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
          **{k: v for k, v in final["participants"][p.id].items() if k != "accuracy"},
          "stopped_early": p.id in stopped,
          **({"stopped_reason": stopped[p.id]} if p.id in stopped else {}),
-         **(privacy.get(p.id, {}) if privacy is not None else {})}
+         **(facts or {}).get(p.id, {})}
         for p in parties
     ]
     accs = [p["final_accuracy"] for p in participants]
@@ -52,11 +53,44 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_accuracy(metrics, run_dir / "accuracy.png", title=f"{config.protocol} on {config.data.dataset}")
-    ledgers = {pid: ledger_path(run_dir, pid) for pid in (privacy or {})}
+    privacy = {p["id"]: p for p in participants if "epsilon" in p}
+    ledgers = {pid: ledger_path(run_dir, pid) for pid in privacy}
     if privacy and all(path.exists() for path in ledgers.values()):
+        # In a deployment the ledgers are on the nodes; each node plots its own.
         plot_privacy(privacy, ledgers, run_dir / "privacy.png")
     (run_dir / "report.md").write_text(_markdown(summary, protocol, metrics))
+    if privacy:
+        (run_dir / "participants").mkdir(exist_ok=True)
+        for row in participants:
+            (run_dir / "participants" / f"{row['id']}.md").write_text(
+                participant_report(row, summary, ledger=f"{run_dir}/ledgers/{row['id']}.jsonl", audit_dir=run_dir))
     return summary
+
+
+def participant_report(row: Mapping[str, Any], run: Mapping[str, Any], *, ledger: str, audit_dir: Path | str) -> str:
+    """One data owner's page: what its data bought, what it spent, what bound it, and how to check."""
+    lines = [
+        f"# {row['id']}: privacy and accuracy report",
+        "",
+        f"- Run: {run['protocol']} on {run['dataset']}, {run['rounds']} rounds, seed {run['seed']}; "
+        f"secure aggregation: {run['secure_aggregation']}",
+        f"- Model: {row['model']}; training records: {row['train_records']}",
+        f"- Final test accuracy: **{row['final_accuracy']:.4f}**",
+    ]
+    if "epsilon" in row:
+        status = "within budget" if row["epsilon"] <= row["target_epsilon"] + 1e-9 else "OVER BUDGET"
+        lines += [
+            f"- Privacy unit: {row['unit']}-level DP; accountant: {row['accountant']}",
+            f"- ε spent: **{row['epsilon']:.3f}** of a budget of **{row['target_epsilon']:g}** at δ = {row['delta']:g} "
+            f"({status}); noise multiplier σ = {row['noise_multiplier']:.3f}",
+            f"- What set the budget: {row['budget_note']}",
+            f"- Stopped early: {'yes: ' + row.get('stopped_reason', '') if row['stopped_early'] else 'no'}",
+            f"- Ledger: `{ledger}` (hash-chained, sealed with this participant's Ed25519 key)",
+            "",
+            f"Verify: `securefl audit {audit_dir}` re-checks the chain and the seal and recomputes ε with an "
+            "independent accountant; it exits non-zero on any tampering or overspend.",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def plot_privacy(privacy: Mapping[str, Mapping[str, Any]], ledgers: Mapping[str, Path], path: Path) -> None:

@@ -14,7 +14,8 @@ runs:
   data owner configured on that node, under the owner's policy file.
 
 Node configuration (``flower-supernode --node-config``), set by each data owner:
-``participant-id``, ``node-dir``, and optionally ``policy-file`` and ``data-dir``.
+``participant-id``, ``node-dir``, and optionally ``policy-file``, ``data-file`` (the owner's
+table, for ``data.dataset = files``) and ``data-dir``.
 Run configuration (``flwr run ... --run-config``), set by the coordinator:
 ``config`` (the experiment YAML on the coordinator), ``out`` (the coordinator's
 run directory), ``timeout`` (seconds to wait for a phase's replies) and
@@ -70,7 +71,8 @@ def _node(node_config: Mapping[str, Any]) -> ParticipantNode:
     key = (str(node_config["participant-id"]), str(node_config["node-dir"]))
     if key not in _nodes:
         _nodes[key] = ParticipantNode(key[1], key[0], policy_file=node_config.get("policy-file") or None,
-                                      data_dir=node_config.get("data-dir") or None)
+                                      data_dir=node_config.get("data-dir") or None,
+                                      data_file=node_config.get("data-file") or None)
     return _nodes[key]
 
 

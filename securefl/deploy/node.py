@@ -46,11 +46,12 @@ class ParticipantNode:
     """Hosts one participant for a coordinator that talks to it only through requests."""
 
     def __init__(self, node_dir: str | Path, participant_id: str, *, policy_file: str | Path | None = None,
-                 data_dir: str | Path | None = None) -> None:
+                 data_dir: str | Path | None = None, data_file: str | Path | None = None) -> None:
         self.node_dir = Path(node_dir)
         self.participant_id = participant_id
         self.policy_file = str(policy_file) if policy_file else None
         self.data_dir = str(data_dir) if data_dir else None
+        self.data_file = str(data_file) if data_file else None
         self.host: ParticipantHost | None = None
         self.run_id: str | None = None
         self._layer_round: int | None = None
@@ -81,9 +82,9 @@ class ParticipantNode:
                 reply["metrics"] = host.evaluate(int(request["round"]))
                 return reply  # evaluation changes nothing: no checkpoint
             elif phase == "finish":
-                reply["privacy"] = host.finish()
-                self._write_node_summary(reply["privacy"])
-            self._checkpoint(phase, request)
+                reply["facts"] = host.finish()
+                self._write_node_summary(reply["facts"])
+            self._checkpoint(phase)
             if "evaluate" in request:
                 # Evaluation rides on the phase that precedes it: one message (and process) less per round.
                 reply["metrics"] = host.evaluate(int(request["evaluate"]))
@@ -138,8 +139,10 @@ class ParticipantNode:
             raise NodeError(f"the experiment config has no participant {self.participant_id!r} (it has {ids})")
         for participant in raw["participants"]:
             if participant.get("id") == self.participant_id:
-                # The data owner's policy, never the coordinator's idea of it.
+                # The data owner's policy, never the coordinator's idea of it; and its own table.
                 participant["policy_file"] = self.policy_file
+                if self.data_file is not None:
+                    participant["data_file"] = self.data_file
         if self.data_dir is not None:
             raw.setdefault("data", {})["data_dir"] = self.data_dir
         return parse_config(raw, f"config sent to node {self.participant_id!r}")
@@ -163,7 +166,8 @@ class ParticipantNode:
         from securefl.layers.stack import build_layers
         from securefl.runtime.federation import build_world, load_checkpoint
 
-        _, _, ctx, parties, protocol = build_world(config, run_id)
+        # Only this participant's own data is read on its node.
+        _, _, ctx, parties, protocol = build_world(config, run_id, local={self.participant_id})
         protocol.validate_participants(parties)  # also builds what the protocol derives from them (topologies)
         mine = [p for p in parties if p.id == self.participant_id]
         host = ParticipantHost(config=config, out=self.node_dir, ctx=ctx, protocol=protocol, parties=mine,
@@ -181,15 +185,16 @@ class ParticipantNode:
             protocol.load_state_dict(state["protocol"])
             host.load_party_states(state["parties"])
             host.stopped.update(state["stopped"])
+            host.current_round = int(state["round"])
         self.host, self.run_id, self._layer_round = host, run_id, None
 
-    def _checkpoint(self, phase: str, request: dict[str, Any]) -> None:
+    def _checkpoint(self, phase: str) -> None:
         from securefl.runtime.federation import save_atomically
 
         assert self.host is not None
         path = self.node_dir / NODE_CHECKPOINT
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomically({"run_id": self.run_id, "phase": phase, "round": int(request.get("round", 0)),
+        save_atomically({"run_id": self.run_id, "phase": phase, "round": self.host.current_round,
                          "protocol": self.host.protocol.state_dict(), "parties": self.host.party_states(),
                          "stopped": dict(self.host.stopped)}, path)
 
@@ -202,16 +207,26 @@ class ParticipantNode:
                 raise NodeError(f"undecodable message in the inbox ({exc})") from None
         return inbox
 
-    def _write_node_summary(self, privacy: dict[str, Any]) -> None:
-        """The data owner's own record of the run: its privacy summary and ε-over-rounds plot."""
-        from securefl.report import plot_privacy
+    def _write_node_summary(self, facts: dict[str, Any]) -> None:
+        """The data owner's own record of the run, kept on its node: a summary, its ε-over-rounds plot and
+        its report page (the coordinator's report has no ledger to plot from)."""
+        from securefl.report import participant_report, plot_privacy
         from securefl.runtime.privacy import ledger_path
 
+        assert self.host is not None
+        config, pid = self.host.config, self.participant_id
         (self.node_dir / "node_summary.json").write_text(json.dumps(
-            {"run_id": self.run_id, "participant": self.participant_id, "privacy": privacy}, indent=2) + "\n")
-        if privacy:
-            plot_privacy(privacy, {pid: ledger_path(self.node_dir, pid) for pid in privacy},
-                         self.node_dir / "privacy.png")
+            {"run_id": self.run_id, "participant": pid, **facts.get(pid, {})}, indent=2) + "\n")
+        if "epsilon" in facts.get(pid, {}):
+            plot_privacy(facts, {p: ledger_path(self.node_dir, p) for p in facts}, self.node_dir / "privacy.png")
+        metrics = self.host.evaluate(self.host.current_round)[pid]
+        row = {"id": pid, "model": self.host.parties[0].model_name, "final_accuracy": metrics["accuracy"],
+               "stopped_early": pid in self.host.stopped, "stopped_reason": self.host.stopped.get(pid, ""),
+               **facts.get(pid, {})}
+        run = {"protocol": config.protocol, "dataset": config.data.dataset, "rounds": config.run.rounds,
+               "seed": config.run.seed, "secure_aggregation": config.secure_aggregation}
+        (self.node_dir / "report.md").write_text(participant_report(
+            row, run, ledger=str(ledger_path(self.node_dir, pid)), audit_dir=self.node_dir))
 
 
 def _report(report: HostReport) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class RemoteParticipants:
         self.exchange = exchange
         self.participant_ids = list(participant_ids)
         self.run_id = ""
-        self.privacy: dict[str, Any] = {}
+        self.facts: dict[str, Any] = {}
         # Metrics that arrived with the phase before an evaluation: {round: {participant: metrics}}.
         self._metrics: dict[int, dict[str, dict[str, float]]] = {}
 
@@ -82,8 +82,8 @@ class RemoteParticipants:
         replies = self._call({pid: {"phase": "finish"} for pid in self.participant_ids})
         for reply in replies.values():
             if reply.get("ok"):
-                self.privacy.update(reply.get("privacy", {}))
-        return self.privacy
+                self.facts.update(reply.get("facts", {}))
+        return self.facts
 
     def close(self) -> None:
         """Nothing to release here: each node keeps its own state."""

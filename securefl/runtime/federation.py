@@ -95,11 +95,25 @@ def build_split(config: Any, dataset: Dataset) -> FederatedSplit:
                           private_classes=private_classes, public_classes=public_classes)
 
 
-def build_world(config: Any, run_id: str) -> tuple[Dataset, FederatedSplit, FederationContext, list[Party], Protocol]:
+def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
+                tables: Mapping[str, Any] | None = None,
+                ) -> tuple[Dataset, FederatedSplit, FederationContext, list[Party], Protocol]:
     """Everything both sides derive from the config alone, deterministically in ``run.seed``: the data
-    set and its split, the context every protocol sees, the participants and the protocol."""
-    dataset = load_dataset(config.data.dataset, seed=config.run.seed, data_dir=config.data.data_dir)
-    split = build_split(config, dataset)
+    set and its split, the context every protocol sees, the participants and the protocol.
+
+    ``local``: the participants whose own data this process may read (None: all, a simulation).
+    ``tables``: owner-supplied tables given in code (``data.dataset = tables``, see :mod:`securefl.api`).
+    """
+    if config.data.dataset in ("files", "tables"):
+        from securefl.data.tables import owner_tables
+
+        if config.data.dataset == "tables" and tables is None:
+            raise ConfigError("data.dataset = 'tables': the tables are given in code (securefl.api.train); "
+                              "use data.dataset = 'files' to read them from CSV files")
+        dataset, split = owner_tables(config, local=local, given=tables)
+    else:
+        dataset = load_dataset(config.data.dataset, seed=config.run.seed, data_dir=config.data.data_dir)
+        split = build_split(config, dataset)
 
     def view(idx: np.ndarray) -> DataView:
         return DataView(dataset.x_train, dataset.y_train, torch.as_tensor(idx, dtype=torch.long))
@@ -150,7 +164,7 @@ class Federation:
     def __init__(self, config: Any, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  transport: Transport | None = None,
                  on_round_end: Callable[[int], None] | None = None,
-                 remote: Any = None, run_id: str | None = None) -> None:
+                 remote: Any = None, run_id: str | None = None, tables: Mapping[str, Any] | None = None) -> None:
         """``remote``: participants hosted elsewhere (e.g. :class:`securefl.deploy.flower.FlowerParticipants`);
         then this process is only the coordinator, with the aggregator's keys and no participant data.
         Without it every participant is hosted here (a simulation)."""
@@ -161,7 +175,9 @@ class Federation:
         self.on_round_end = on_round_end
         self._prepare_run_dir(resume, run_id=run_id)
 
-        self.dataset, self.split, self.ctx, self.parties, self.protocol = build_world(config, self.run_id)
+        # A coordinator of remote participants reads no participant's data (local = nobody).
+        self.dataset, self.split, self.ctx, self.parties, self.protocol = build_world(
+            config, self.run_id, tables=tables, local=set() if remote is not None else None)
         self.aggregator = PlainAggregator()
         # Refuse impossible set-ups before any training.
         self.protocol.validate_participants(self.parties)
@@ -264,11 +280,10 @@ class Federation:
                 self._checkpoint(0)
                 start_round = 1
             self._rounds(start_round)
-            privacy = self.participants.finish()
+            facts = self.participants.finish()
             from securefl.report import write_report
 
-            return write_report(self.out, self.config, self.parties, self.protocol, privacy=privacy or None,
-                                stopped=self.stopped)
+            return write_report(self.out, self.config, self.parties, self.protocol, facts=facts, stopped=self.stopped)
         finally:
             self.participants.close()
 

@@ -132,11 +132,13 @@ class ParticipantHost:
         return per_party
 
     def finish(self) -> dict[str, dict[str, Any]]:
-        """Seal every hosted ledger; each participant's privacy summary for the report."""
-        if self.privacy is None:
-            return {}
-        self.privacy.seal_all()
-        return {p.id: self.privacy.summary(p.id) for p in self.parties}
+        """Seal every hosted ledger; what the report says of each participant (records, privacy spent)."""
+        facts: dict[str, dict[str, Any]] = {p.id: {"train_records": p.num_samples} for p in self.parties}
+        if self.privacy is not None:
+            self.privacy.seal_all()
+            for p in self.parties:
+                facts[p.id].update(self.privacy.summary(p.id))
+        return facts
 
     def close(self) -> None:
         if self.privacy is not None:

@@ -1,0 +1,105 @@
+"""A data owner's node: its data, its policy and its state stay under its control."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from securefl.config import parse_config
+from securefl.deploy.node import ParticipantNode
+from securefl.deploy.provision import provision
+from securefl.deploy.remote import RemoteParticipants, RemoteSetupError, isolated_participants, local_exchange
+from securefl.privacy.audit import audit_run
+from securefl.runtime.federation import Federation
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare"
+
+
+@pytest.fixture(scope="module")
+def hospital_data(tmp_path_factory) -> Path:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_data", EXAMPLE / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    out = tmp_path_factory.mktemp("hospital_data")
+    module.main(["--out", str(out)])
+    return out
+
+
+def healthcare_raw(data: Path, **run: object) -> dict:
+    """The healthcare example's config, pointed at freshly written data files, shortened for tests."""
+    raw = yaml.safe_load((EXAMPLE / "experiment.yaml").read_text())
+    files = raw["data"]["files"]
+    files["test_file"], files["public_file"] = str(data / "test.csv"), str(data / "public.csv")
+    for p in raw["participants"]:
+        p["data_file"] = str(data / f"{p['id']}.csv")
+        p["policy_file"] = str(EXAMPLE / "policies" / f"{p['id']}.yaml")
+    raw["run"].update({"rounds": 2, **run})
+    return raw
+
+
+def test_healthcare_example_runs_in_process_and_its_audit_passes(hospital_data: Path, tmp_path: Path) -> None:
+    config = parse_config(healthcare_raw(hospital_data))
+    summary = Federation(config, tmp_path / "run", progress=False).run()
+    assert audit_run(tmp_path / "run").ok
+    by_id = {p["id"]: p for p in summary["participants"]}
+    # hospital_a asked for 8 in the experiment but its owner's policy says 4: the stricter binds.
+    assert by_id["hospital_a"]["target_epsilon"] == 4.0 and "policy" in by_id["hospital_a"]["budget_note"]
+    assert by_id["hospital_b"]["target_epsilon"] == 2.0  # the experiment is stricter than b's policy (8)
+    for pid, p in by_id.items():
+        assert 0 < p["epsilon"] <= p["target_epsilon"]
+        page = (tmp_path / "run" / "participants" / f"{pid}.md").read_text()
+        assert f"{p['epsilon']:.3f}" in page and "securefl audit" in page
+    assert by_id["hospital_d"]["train_records"] < by_id["hospital_a"]["train_records"]
+
+
+def test_a_node_enforces_its_own_policy_and_reads_only_its_own_file(hospital_data: Path, tmp_path: Path) -> None:
+    """The coordinator's config says hospital_c may spend ε = 50 under a lax policy file, and points at a data
+    file that does not exist on the coordinator's side; the node uses its owner's policy (ε ≤ 2) and file."""
+    raw = healthcare_raw(hospital_data)
+    lax = tmp_path / "lax.yaml"
+    lax.write_text("max_epsilon: 50\ndelta: 1.0e-5\nunit: record\n")
+    own_file = tmp_path / "owner_only" / "hospital_c.csv"
+    own_file.parent.mkdir()
+    shutil.copy(hospital_data / "hospital_c.csv", own_file)
+    for p in raw["participants"]:
+        if p["id"] == "hospital_c":
+            p.update(target_epsilon=50, policy_file=str(lax), data_file=str(tmp_path / "not_here.csv"))
+    config = parse_config(raw)
+    nodes = {p.id: ParticipantNode(tmp_path / "nodes" / p.id, p.id, policy_file=p.policy_file, data_file=p.data_file)
+             for p in config.participants}
+    nodes["hospital_c"] = ParticipantNode(tmp_path / "nodes" / "hospital_c", "hospital_c",
+                                          policy_file=EXAMPLE / "policies" / "hospital_c.yaml", data_file=own_file)
+    provision(config, coordinator_dir=tmp_path / "coordinator", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
+    remote = RemoteParticipants(local_exchange(nodes, fresh_process=True), list(nodes))
+    summary = Federation(config, tmp_path / "coordinator", progress=False, remote=remote).run()
+    c = next(p for p in summary["participants"] if p["id"] == "hospital_c")
+    assert c["target_epsilon"] == 2.0 and c["epsilon"] <= 2.0
+    assert audit_run(tmp_path / "nodes" / "hospital_c").ok
+    ledger = [json.loads(line) for line in (tmp_path / "nodes" / "hospital_c" / "ledgers" / "hospital_c.jsonl").read_text().splitlines()]
+    assert ledger and all(e.get("epsilon_after", 0) <= 2.0 + 1e-9 for e in ledger if "epsilon_after" in e)
+    assert (tmp_path / "nodes" / "hospital_c" / "report.md").exists()
+
+
+def test_a_node_refuses_a_second_run_over_its_ledger_and_reports_setup_errors(hospital_data: Path, tmp_path: Path) -> None:
+    config = parse_config(healthcare_raw(hospital_data, name="first"))
+    remote, nodes = isolated_participants(config, tmp_path / "nodes")
+    provision(config, coordinator_dir=tmp_path / "c1", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
+    Federation(config, tmp_path / "c1", progress=False, remote=remote).run()
+    second = parse_config(healthcare_raw(hospital_data, name="second"))
+    remote2, _ = isolated_participants(second, tmp_path / "nodes")
+    provision(second, coordinator_dir=tmp_path / "c2", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
+    with pytest.raises(RemoteSetupError, match="holds run 'first'; refusing to start run 'second'"):
+        Federation(second, tmp_path / "c2", progress=False, remote=remote2)
+
+
+def test_a_node_without_keys_refuses_a_ckks_run_with_the_reason(hospital_data: Path, tmp_path: Path) -> None:
+    config = parse_config(healthcare_raw(hospital_data))
+    remote, nodes = isolated_participants(config, tmp_path / "nodes")  # never provisioned
+    with pytest.raises(RemoteSetupError, match="no public key|committee key"):
+        Federation(config, tmp_path / "c", progress=False, remote=remote)
