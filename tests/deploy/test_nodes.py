@@ -81,7 +81,8 @@ def test_a_node_enforces_its_own_policy_and_reads_only_its_own_file(hospital_dat
     c = next(p for p in summary["participants"] if p["id"] == "hospital_c")
     assert c["target_epsilon"] == 2.0 and c["epsilon"] <= 2.0
     assert audit_run(tmp_path / "nodes" / "hospital_c").ok
-    ledger = [json.loads(line) for line in (tmp_path / "nodes" / "hospital_c" / "ledgers" / "hospital_c.jsonl").read_text().splitlines()]
+    ledger_file = tmp_path / "nodes" / "hospital_c" / "ledgers" / "hospital_c.jsonl"
+    ledger = [json.loads(line) for line in ledger_file.read_text().splitlines()]
     assert ledger and all(e.get("epsilon_after", 0) <= 2.0 + 1e-9 for e in ledger if "epsilon_after" in e)
     assert (tmp_path / "nodes" / "hospital_c" / "report.md").exists()
 
