@@ -107,51 +107,67 @@ class PartyKeys(SecretHolder):
 
 
 # -- canonical encoding ----------------------------------------------------------------------------
-def _put(out: bytearray, tag: bytes, raw: bytes) -> None:
-    out += tag + struct.pack("<Q", len(raw)) + raw
+# The encoder appends parts to a list and the caller joins them once: a ciphertext payload is
+# megabytes, and copying it into every enclosing container cost more than the signature's hashing.
+def _put(parts: list[Any], tag: bytes, raw: bytes | memoryview) -> int:
+    parts.append(tag + struct.pack("<Q", len(raw)))
+    parts.append(raw)
+    return 9 + len(raw)
 
 
-def _encode(value: Any, out: bytearray, path: str) -> None:
+def _open(parts: list[Any]) -> int:
+    """Reserve the tag and length of a container whose content follows; :func:`_close` fills them."""
+    parts.append(b"")
+    return len(parts) - 1
+
+
+def _close(parts: list[Any], slot: int, tag: bytes, length: int) -> int:
+    parts[slot] = tag + struct.pack("<Q", length)
+    return 9 + length
+
+
+def _encode(value: Any, parts: list[Any], path: str) -> int:
+    """Append ``value``'s encoding to ``parts``; returns its length in bytes."""
     # Each value is a 1-byte type tag + 8-byte length + content, so no two
     # different structures can produce the same bytes.
     if value is None:
-        _put(out, b"N", b"")
-    elif isinstance(value, bool):
-        _put(out, b"?", b"\x01" if value else b"\x00")
-    elif isinstance(value, int):
-        _put(out, b"i", str(value).encode())
-    elif isinstance(value, float):
-        _put(out, b"f", struct.pack("<d", value if not math.isnan(value) else math.nan))
-    elif isinstance(value, str):
-        _put(out, b"s", value.encode("utf-8"))
-    elif isinstance(value, bytes | bytearray):
-        _put(out, b"b", bytes(value))
-    elif isinstance(value, torch.Tensor):
+        return _put(parts, b"N", b"")
+    if isinstance(value, bool):
+        return _put(parts, b"?", b"\x01" if value else b"\x00")
+    if isinstance(value, int):
+        return _put(parts, b"i", str(value).encode())
+    if isinstance(value, float):
+        return _put(parts, b"f", struct.pack("<d", value if not math.isnan(value) else math.nan))
+    if isinstance(value, str):
+        return _put(parts, b"s", value.encode("utf-8"))
+    if isinstance(value, bytes | bytearray):
+        return _put(parts, b"b", bytes(value))
+    if isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_quantized:
             raise TypeError(f"{path}: only dense tensors can be signed, got layout {value.layout}")
         flat = value.detach().to("cpu").contiguous().reshape(-1)
         header = f"{str(value.dtype).removeprefix('torch.')}|{','.join(str(d) for d in value.shape)}".encode()
-        body = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-        inner = bytearray()
-        _put(inner, b"h", header)
-        _put(inner, b"r", body)
-        _put(out, b"T", bytes(inner))
-    elif isinstance(value, list | tuple):
-        inner = bytearray()
-        for i, item in enumerate(value):
-            _encode(item, inner, f"{path}[{i}]")
-        _put(out, b"L", struct.pack("<Q", len(value)) + bytes(inner))
-    elif isinstance(value, Mapping):
-        inner = bytearray()
+        # A view of the tensor's bytes (it keeps the tensor alive until the join), not a copy.
+        body = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+        slot = _open(parts)
+        return _close(parts, slot, b"T", _put(parts, b"h", header) + _put(parts, b"r", body))
+    if isinstance(value, list | tuple):
+        slot = _open(parts)
+        parts.append(struct.pack("<Q", len(value)))
+        length = 8 + sum(_encode(item, parts, f"{path}[{i}]") for i, item in enumerate(value))
+        return _close(parts, slot, b"L", length)
+    if isinstance(value, Mapping):
         keys = list(value)
         if not all(isinstance(k, str) for k in keys):
             raise TypeError(f"{path}: dict keys must be str to be signed, got {[type(k).__name__ for k in keys]}")
+        slot = _open(parts)
+        parts.append(struct.pack("<Q", len(keys)))
+        length = 8
         for key in sorted(keys):
-            _encode(key, inner, path)
-            _encode(value[key], inner, f"{path}[{key!r}]")
-        _put(out, b"D", struct.pack("<Q", len(keys)) + bytes(inner))
-    else:
-        raise TypeError(f"{path}: values of type {type(value).__name__} cannot be signed")
+            length += _encode(key, parts, path)
+            length += _encode(value[key], parts, f"{path}[{key!r}]")
+        return _close(parts, slot, b"D", length)
+    raise TypeError(f"{path}: values of type {type(value).__name__} cannot be signed")
 
 
 def canonical_bytes(msg: Message) -> bytes:
@@ -162,13 +178,13 @@ def canonical_bytes(msg: Message) -> bytes:
     TypeError
         If the payload or meta holds a value with no canonical encoding.
     """
-    out = bytearray(_DOMAIN)
+    parts: list[Any] = [_DOMAIN]
     for name in ("sender", "receiver", "run_id", "kind"):
-        _encode(getattr(msg, name), out, name)
-    _encode(int(msg.round), out, "round")
-    _encode(dict(msg.payload), out, "payload")
-    _encode({k: v for k, v in msg.meta.items() if k != SIGNATURE_META_KEY}, out, "meta")
-    return bytes(out)
+        _encode(getattr(msg, name), parts, name)
+    _encode(int(msg.round), parts, "round")
+    _encode(dict(msg.payload), parts, "payload")
+    _encode({k: v for k, v in msg.meta.items() if k != SIGNATURE_META_KEY}, parts, "meta")
+    return b"".join(parts)
 
 
 def sign_message(msg: Message, private_key: Ed25519PrivateKey) -> Message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 
 import pytest
@@ -166,6 +167,21 @@ def test_canonical_bytes_ignore_dict_order_and_the_signature() -> None:
     b = msg(payload={"y": b"2", "x": b"1"}, meta={"q": [1, 2.5, None, True], "p": 1, "signature": "00"})
     assert canonical_bytes(a) == canonical_bytes(b)
     assert canonical_bytes(a) != canonical_bytes(msg(payload={"x": b"1", "y": b"2"}, meta={"p": 1, "q": [1, 2.5, None, 1]}))
+
+
+def test_canonical_bytes_format_is_frozen() -> None:
+    """Nodes of different versions verify each other's signatures only if the signed bytes never change.
+
+    The digest was computed with the first encoder (one bytearray per container); the encoder that
+    joins its parts once must produce exactly the same bytes.
+    """
+    frozen = msg(sender="p0", run_id="run-7", round=3,
+                 payload={"logits": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8,
+                          "chunks": [b"\x00\x01", b"abc"]},
+                 meta={"rate": 0.5, "label_split": [1, 3], "sealed.x": {"scheme": "ckks", "shape": [2]},
+                       "flag": True, "none": None, "signature": "00"})
+    assert hashlib.sha256(canonical_bytes(frozen)).hexdigest() == (
+        "d5b2d2685713def5eedf71f10b062b4183f56ef2917115654b8d14431ca7ec0a")
 
 
 def test_signing_keys_stay_off_the_wire(keys) -> None:
