@@ -159,8 +159,9 @@ def deploy_loopback(config_path: str | Path, out: str | Path, *, timeout: float 
     with LoopbackFederation(out / "logs", specs) as federation:
         result = federation.run({"config": str(Path(config_path).resolve()), "out": str(coordinator),
                                  "timeout": 600.0, "wait-for-nodes": 120.0}, timeout=timeout)
-        if result.returncode != 0:
-            raise LoopbackError(f"flwr run failed ({result.returncode}): {result.stdout[-2000:]}{result.stderr[-2000:]}")
+        # flwr run can exit 0 although the ServerApp raised: its streamed log says so.
+        if result.returncode != 0 or "unhandled exception occurred in the ServerApp" in result.stdout:
+            raise LoopbackError(f"flwr run failed ({result.returncode}): {result.stdout[-3000:]}{result.stderr[-2000:]}")
         deadline = time.monotonic() + 120
         while not (coordinator / "summary.json").exists() and time.monotonic() < deadline:
             time.sleep(0.5)
