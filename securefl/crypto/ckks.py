@@ -646,6 +646,27 @@ class CkksAggregator:
         if not isinstance(public_ctx, PublicContext):
             raise TypeError(f"CkksAggregator needs a PublicContext, got {type(public_ctx).__name__}")
         self.ctx = public_ctx
+        # Vectors the server's inbound check already deserialized and validated, by (sender, field):
+        # parsing a reply costs as much as adding it, so it is done once per reply, not twice.
+        self._parsed: dict[tuple[str, str], tuple[tuple[bytes, ...], EncryptedVector]] = {}
+
+    def hand_over(self, sender: str, field: str, sealed: SealedTensor, vector: EncryptedVector) -> None:
+        """Keep ``vector``, parsed from ``sealed`` with :meth:`EncryptedVector.from_wire`, for one aggregation."""
+        self._parsed[(sender, field)] = (sealed.chunks, vector)
+
+    def forget_parsed(self) -> None:
+        self._parsed.clear()
+
+    def _parsed_vector(self, sender: str, field: str, sealed: SealedTensor) -> EncryptedVector | None:
+        """The handed-over vector of exactly these chunk objects (bytes are immutable), used up on use."""
+        entry = self._parsed.pop((sender, field), None)
+        if entry is None:
+            return None
+        chunks, vector = entry
+        same = len(chunks) == len(sealed.chunks) and all(a is b for a, b in zip(chunks, sealed.chunks, strict=True))
+        if not same or (vector.length, vector.shape) != (sealed.length, tuple(sealed.shape)):
+            return None
+        return vector
 
     def _load(self, replies: Sequence[Message], field: str) -> tuple[list[EncryptedVector], SealedTensor]:
         if not replies:
@@ -667,6 +688,10 @@ class CkksAggregator:
                     f"field {field!r}: reply from {reply.sender!r} has shape {sealed.shape} ({sealed.dtype}), "
                     f"reply from {replies[0].sender!r} has shape {first.shape} ({first.dtype})"
                 )
+            parsed = self._parsed_vector(reply.sender, field, sealed)
+            if parsed is not None:
+                loaded.append(parsed)
+                continue
             try:
                 loaded.append(EncryptedVector.from_wire(self.ctx, sealed.chunks, sealed.length, sealed.shape))
             except CiphertextError as exc:

@@ -160,16 +160,23 @@ class CkksLayer(Layer):
         except (CiphertextError, KeyError, ValueError) as exc:
             raise Rejected(msg.sender, f"cannot open a sealed field: {str(exc):.300}") from None
 
+    def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
+        self._aggregator.forget_parsed()
+
     def server_inbound(self, msg: Message) -> Message:
-        """Every chunk of every sealed uplink field must load under the committee's public key."""
+        """Every chunk of every sealed uplink field must load under the committee's public key.
+
+        The loaded vectors go to the aggregator, which would otherwise deserialize them again.
+        """
         for name in self._fields:
             sealed = _sealed_field(msg, name, "ckks")
             if sealed is None:
                 continue
             try:
-                EncryptedVector.from_wire(self.public_context, sealed.chunks, sealed.length, sealed.shape)
+                vector = EncryptedVector.from_wire(self.public_context, sealed.chunks, sealed.length, sealed.shape)
             except CiphertextError as exc:
                 raise Rejected(msg.sender, f"field {name!r}: {exc}") from None
+            self._aggregator.hand_over(msg.sender, name, sealed, vector)
         return msg
 
     def wrap_aggregator(self, aggregator: Any, rnd: int) -> Any:

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from securefl.crypto.ckks import SecretKeyRequired
+from securefl.crypto.ckks import EncryptedVector, SecretKeyRequired
 from securefl.crypto.errors import SecAggAbort
 from securefl.crypto.sealed import SealedTensor
 from securefl.layers.base import LayerSetupError
 from securefl.layers.secure_aggregation import CkksLayer
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR
+from securefl.runtime.message import AGGREGATOR, Message
 from tests.conftest import metrics_without_time, tiny_config
 from tests.layers.faults import FaultyTransport
 from tests.protocols.contract import RecordingTransport
@@ -152,6 +152,35 @@ def test_fedgen_under_masking_applies_the_plaintext_means_after_fixed_point_deco
     for version in masked.applied:
         for name, value in masked.plaintext_aggregate(version).items():
             torch.testing.assert_close(masked.applied[version][1][name].float(), value, atol=1e-6, rtol=0)
+
+
+def test_ckks_server_parses_each_reply_once_and_only_for_its_own_bytes(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    parsed_with: list[str] = []
+    from_wire = EncryptedVector.from_wire.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, ctx, chunks, length, shape):  # type: ignore[no-untyped-def]
+        parsed_with.append(type(ctx).__name__)
+        return from_wire(cls, ctx, chunks, length, shape)
+
+    monkeypatch.setattr(EncryptedVector, "from_wire", classmethod(counting))
+    fed = Federation(tiny_config(secure_aggregation="ckks", run={"rounds": 1}), tmp_path / "run", progress=False)
+    fed.run()
+    # Three replies: the server's inbound check parses each once and the aggregator adds those vectors.
+    assert parsed_with.count("PublicContext") == 3
+    # A parsed vector counts only for the chunk objects it was parsed from, and only once.
+    layer = next(layer for layer in fed.layers if isinstance(layer, CkksLayer))
+    aggregator, keys = layer.wrap_aggregator(fed.aggregator, 2), layer._keys
+    ones, twos = keys.seal(torch.ones(5)), keys.seal(torch.full((5,), 2.0))
+    reply = twos.attach(Message(sender="p0", receiver=AGGREGATOR, run_id="r", round=2, kind="logits"), "logits")
+    aggregator.hand_over("p0", "logits", ones, EncryptedVector.from_wire(layer.public_context, ones.chunks,
+                                                                         ones.length, ones.shape))
+    torch.testing.assert_close(keys.open(aggregator.sum([reply], "logits")), torch.full((5,), 2.0), atol=1e-5, rtol=0)
+    sealed = SealedTensor.from_message(reply, "logits")
+    aggregator.hand_over("p0", "logits", sealed, EncryptedVector.from_wire(layer.public_context, sealed.chunks,
+                                                                           sealed.length, sealed.shape))
+    for _ in range(2):  # the handed-over vector is used up by the first sum, which must not change the second
+        torch.testing.assert_close(keys.open(aggregator.sum([reply], "logits")), torch.full((5,), 2.0),
+                                   atol=1e-5, rtol=0)
 
 
 def test_consensus_downlink_is_sealed_until_the_participant_opens_it(tmp_path: Path) -> None:
