@@ -745,7 +745,7 @@ class CkksAggregator:
         return self._seal(total, like, n=len(replies))
 
     def scale(self, sealed: SealedTensor, factor: float | np.ndarray | torch.Tensor) -> SealedTensor:
-        """Multiply a sealed sum by a public plaintext (e.g. HeteroFL's per-element ``1 / count``).
+        """Multiply a sealed sum by a public plaintext (e.g. a per-element ``1 / count``).
 
         Only valid on a value that has not been rescaled yet (a :meth:`sum`).
         """

@@ -10,8 +10,8 @@ A model of rate ``r`` is the global architecture with every *hidden* width
 the outputs of the classifier are never scaled. Because every hidden layer
 shrinks from the top, the parameters of a rate-``r`` model are exactly the
 top-left slice ``W[:ceil(r * out), :ceil(r * in)]`` of the global ones, which
-is what the protocol (``securefl/protocols/heterofl.py``) sends down and
-aggregates back.
+is what a client of the protocol (``securefl/protocols/heterofl.py``) slices
+from its replica of the global model, trains and sends back zero-padded.
 
 Two families, chosen by ``heterofl.model``:
 

@@ -37,8 +37,8 @@ class Message(BaseModel):
     round: int
     kind: str
     payload: dict[str, Any] = {}
-    # Free-form, non-secret annotations that travel in the clear (e.g. the
-    # public per-element counts of HeteroFL, or a signature).
+    # Free-form, non-secret annotations that travel in the clear (e.g. HeteroFL's
+    # rates and label splits, which give its per-element counts, or a signature).
     meta: dict[str, Any] = {}
 
     @field_validator("payload")
