@@ -136,8 +136,15 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: Path, *, title: str) -> N
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     rounds = [m["round"] for m in metrics]
-    for pid in metrics[-1]["participants"]:
-        ax.plot(rounds, [m["participants"][pid]["accuracy"] for m in metrics], alpha=0.55, lw=1.2, label=pid)
+    ids = list(metrics[-1]["participants"])
+    curves = np.array([[m["participants"][pid].get("accuracy", np.nan) for pid in ids] for m in metrics])
+    if len(ids) <= 12:
+        for j, pid in enumerate(ids):
+            ax.plot(rounds, curves[:, j], alpha=0.55, lw=1.2, label=pid)
+    else:
+        # Too many participants for one line each: their spread, as a band.
+        ax.fill_between(rounds, np.nanmin(curves, axis=1), np.nanmax(curves, axis=1), alpha=0.2, color="C0",
+                        label=f"min-max of {len(ids)} participants")
     ax.plot(rounds, [m["mean_accuracy"] for m in metrics], color="black", lw=2.4, label="mean")
     ax.set_xlabel("round (0 = after local pre-training)")
     ax.set_ylabel("test accuracy")
