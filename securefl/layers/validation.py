@@ -95,7 +95,7 @@ class ValidationLayer(Layer):
 
     # ----- participant side ------------------------------------------------------------------
     def outbound(self, msg: Message, party: Any) -> Message:
-        if msg.kind not in self._schemas:
+        if msg.kind not in self._schemas or WITHHELD in msg.meta:
             return msg
         problem = self.payload_problem(msg, sealed_allowed=False)
         if problem is None:
