@@ -151,7 +151,11 @@ class CkksLayer(Layer):
     def outbound(self, msg: Message, party: Any) -> Message:
         for name in self._fields:
             if name in msg.payload and msg.receiver == AGGREGATOR:
-                msg = self._keys.seal(msg.tensor(name), field=name).attach(msg, name)
+                try:
+                    sealed = self._keys.seal(msg.tensor(name), field=name)
+                except ValueError as exc:  # non-finite or out of the CKKS range: withheld, not crashed on
+                    raise Rejected(party.id, f"field {name!r} cannot be sealed: {str(exc):.300}") from None
+                msg = sealed.attach(msg, name)
         return msg
 
     def inbound(self, msg: Message, party: Any) -> Message:
@@ -210,7 +214,10 @@ class MaskingLayer(Layer):
         weight = msg.meta.get("aggregation_weight")
         for name in self._fields:
             if name in msg.payload:
-                sealed: SealedTensor = client.mask_input(msg.tensor(name), field=name, weight=weight)
+                try:
+                    sealed: SealedTensor = client.mask_input(msg.tensor(name), field=name, weight=weight)
+                except ValueError as exc:  # outside the fixed-point ring: withheld, not crashed on
+                    raise Rejected(party.id, f"field {name!r} cannot be masked: {str(exc):.300}") from None
                 msg = sealed.attach(msg, name)
         return msg
 

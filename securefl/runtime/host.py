@@ -105,8 +105,14 @@ class ParticipantHost:
                     # messages (decentralised protocols) go straight to the peer's inbox.
                     if reply.receiver == AGGREGATOR and self.protocol.uplink is not None:
                         self.protocol.uplink.check(reply)
-                    for layer in self.layers:
-                        reply = layer.outbound(reply, party)
+                    try:
+                        for layer in self.layers:
+                            reply = layer.outbound(reply, party)
+                    except Rejected as rejection:
+                        # E.g. a diverged model's logits outside the CKKS range: this message is withheld
+                        # and logged; any spend already booked for it stays booked (never under-count).
+                        report.rejected.append({"sender": pid, "receiver": reply.receiver, "reason": rejection.reason})
+                        continue
                     sealed.append(reply)
                 # Only once every release of this step is booked does anything leave the participant.
                 report.outgoing.extend(sealed)

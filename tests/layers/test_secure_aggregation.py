@@ -256,3 +256,26 @@ def test_masking_below_threshold_aborts_cleanly_with_no_partial_result(tmp_path:
     assert not (tmp_path / "run" / "summary.json").exists()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0]  # nothing from the aborted round was recorded
+
+
+def test_a_payload_outside_the_ckks_range_is_withheld_and_logged_not_a_crash(tmp_path) -> None:
+    """A diverged participant (logits of 1e7, beyond the CKKS range) is excluded from the round with a reason;
+    the others' consensus still forms and the run completes."""
+    import json
+
+    from securefl.runtime.federation import Federation
+    from tests.conftest import tiny_config
+
+    fed = Federation(tiny_config(secure_aggregation="ckks"), tmp_path / "run", progress=False)
+    original = fed.protocol.client_step
+
+    def diverged(party, inbox, rnd):  # type: ignore[no-untyped-def]
+        msg = original(party, inbox, rnd)
+        return msg.with_payload(logits=msg.tensor("logits") * 1e7) if party.id == "p1" else msg
+
+    fed.protocol.client_step = diverged  # type: ignore[method-assign]
+    fed.run()
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1:]
+    for r in rounds:
+        assert [x["sender"] for x in r["rejected"]] == ["p1"]
+        assert "cannot be sealed" in r["rejected"][0]["reason"] and "CKKS range" in r["rejected"][0]["reason"]
