@@ -90,6 +90,12 @@ def _load_committee(path: Path) -> KeyHolderContext:
                               "it from another committee member: a new key could not open what was sealed") from None
 
 
+def _provisioned(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise LayerSetupError(f"{path}: no {what} (`securefl provision`)")
+    return path
+
+
 class CkksLayer(Layer):
     name = "ckks"
 
@@ -117,25 +123,22 @@ class CkksLayer(Layer):
     @classmethod
     def for_participant(cls, key_dir: Path) -> CkksLayer:
         """A deployed participant's layer: the committee secret its data owner was provisioned with."""
-        path = Path(key_dir) / cls.COMMITTEE_FILE
-        if not path.exists():
-            raise LayerSetupError(f"{path}: no CKKS committee key; every participant of a CKKS run must be "
-                                  "provisioned with the same committee key (`securefl provision`)")
-        layer = cls.__new__(cls)
-        layer._keys = _load_committee(path)
-        layer._set_public(layer._keys.public())
-        return layer
+        keys = _load_committee(_provisioned(Path(key_dir) / cls.COMMITTEE_FILE, "CKKS committee key; every "
+                                            "participant of a CKKS run must hold the same one"))
+        return cls._deployed(keys, keys.public())
 
     @classmethod
     def for_coordinator(cls, key_dir: Path) -> CkksLayer:
         """A deployed coordinator's layer: the public context only, so it can add but never decrypt."""
-        path = Path(key_dir) / cls.PUBLIC_FILE
-        if not path.exists():
-            raise LayerSetupError(f"{path}: no CKKS public context; the coordinator of a CKKS run needs the "
-                                  "committee's public context (`securefl provision`)")
+        path = _provisioned(Path(key_dir) / cls.PUBLIC_FILE, "CKKS public context; the coordinator of a CKKS run "
+                            "needs the committee's")
+        return cls._deployed(None, PublicContext.from_bytes(path.read_bytes()))
+
+    @classmethod
+    def _deployed(cls, keys: KeyHolderContext | None, public: PublicContext) -> CkksLayer:
         layer = cls.__new__(cls)
-        layer._keys = None
-        layer._set_public(PublicContext.from_bytes(path.read_bytes()))
+        layer._keys = keys
+        layer._set_public(public)
         return layer
 
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
