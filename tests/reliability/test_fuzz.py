@@ -116,7 +116,7 @@ def _config_or_error(load: Any) -> None:
     assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
 
 
-@fuzz(120)
+@fuzz(100)
 @given(st.text(max_size=200))
 @example("a: 2001-13-01")
 @example("protocol: !!float abc")
@@ -132,7 +132,7 @@ def test_any_config_text_parses_or_fails_with_one_config_error_line(text: str) -
     _config_or_error(lambda: parse_config_text(text, "fuzz.yaml"))
 
 
-@fuzz(200)
+@fuzz(120)
 @given(mutated_configs())
 def test_any_mutated_config_mapping_parses_or_fails_with_a_config_error(raw: Any) -> None:
     _config_or_error(lambda: parse_config(raw, "fuzz"))
@@ -144,7 +144,7 @@ def test_any_mutated_config_mapping_parses_or_fails_with_a_config_error(raw: Any
     _config_or_error(lambda: parse_config_text(text, "fuzz.yaml"))
 
 
-@fuzz(100)
+@fuzz(80)
 @given(st.lists(st.tuples(st.lists(st.sampled_from(["run", "rounds", "data", "participants", "0", "7", "model", "x"]),
                                    min_size=1, max_size=4),
                           st.text(max_size=12)), max_size=3))
@@ -174,7 +174,7 @@ GOOD = codec.encode_message(Message(sender="p1", receiver=AGGREGATOR, run_id="r"
                                     meta={"sealed.chunks": {"scheme": "ckks", "length": 2, "shape": [2]}, "n": 1}))
 
 
-@fuzz(150)
+@fuzz(100)
 @given(st.binary(max_size=300))
 @example(codec.MAGIC + (10**6).to_bytes(4, "big"))
 @example(codec.MAGIC + (3000 * 2).to_bytes(4, "big") + b"[" * 3000 + b"]" * 3000)
@@ -182,7 +182,7 @@ def test_any_bytes_decode_to_a_message_or_a_decode_error(data: bytes) -> None:
     _decoded_or_error(data)
 
 
-@fuzz(200)
+@fuzz(120)
 @given(st.data())
 def test_a_mutated_encoded_message_decodes_or_fails_with_a_decode_error(data: st.DataObject) -> None:
     raw = bytearray(GOOD)
@@ -209,7 +209,7 @@ headers = st.recursive(
 )
 
 
-@fuzz(200)
+@fuzz(120)
 @given(headers, st.binary(max_size=64))
 @example({"t": "T", "d": "float32", "s": [2**32, 2**32], "n": 0}, b"")
 @example({"t": "T", "d": "float32", "s": [2**62, 4], "n": 0}, b"")
@@ -250,7 +250,7 @@ metas = st.dictionaries(st.one_of(names.map(lambda n: META_PREFIX + n), st.sampl
                         st.one_of(meta_entries, json_like, st.text(string.hexdigits, max_size=130)), max_size=4)
 
 
-@fuzz(200)
+@fuzz(120)
 @given(st.dictionaries(st.sampled_from(["sender", "receiver", "run_id", "round", "kind", "payload", "meta", "x"]),
                        st.one_of(json_like, st.dictionaries(names, payload_values, max_size=3), metas), max_size=8))
 def test_any_mapping_is_a_message_or_a_validation_error(fields: dict[str, Any]) -> None:
@@ -312,7 +312,7 @@ def genuine_sealed(ckks_key: KeyHolderContext) -> Message:
         Message(sender="p1", receiver=AGGREGATOR, run_id="fuzz", round=1, kind="logits"), "logits")
 
 
-@fuzz(150)
+@fuzz(100)
 @given(data=st.data())
 def test_any_sealed_field_reads_back_or_fails_as_documented(data: st.DataObject, ckks_key: KeyHolderContext,
                                                             genuine_sealed: Message) -> None:
@@ -330,7 +330,7 @@ def test_any_sealed_field_reads_back_or_fails_as_documented(data: st.DataObject,
             pass
 
 
-@fuzz(150)
+@fuzz(100)
 @given(chunks=st.lists(st.binary(max_size=120), max_size=3), length=st.integers(-2, 5000),
        shape=st.lists(st.integers(-2, 5000), max_size=3).map(tuple))
 def test_any_ckks_chunks_load_or_fail_with_a_ciphertext_error(chunks: list[bytes], length: int,
@@ -341,7 +341,7 @@ def test_any_ckks_chunks_load_or_fail_with_a_ciphertext_error(chunks: list[bytes
         pass
 
 
-@fuzz(80)
+@fuzz(60)
 @given(data=st.data())
 def test_a_forged_ckks_body_behind_a_valid_digest_fails_with_a_ciphertext_error(
         data: st.DataObject, ckks_key: KeyHolderContext, genuine_sealed: Message) -> None:
@@ -380,7 +380,7 @@ def verifier() -> tuple[MessageVerifier, PartyKeys]:
     return MessageVerifier("fuzz", {"p1": keys.public_key, "p0": PartyKeys.generate("p0").public_key}), keys
 
 
-@fuzz(200)
+@fuzz(120)
 @given(msg=messages(), sign=st.booleans())
 def test_any_message_verifies_or_is_rejected_with_a_reason(msg: Message, sign: bool,
                                                            verifier: tuple[MessageVerifier, PartyKeys]) -> None:
@@ -417,7 +417,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return {"layers": layers, "party": fed.parties[1], "genuine": genuine if request.param != "none" else None}
 
 
-@fuzz(150)
+@fuzz(100)
 @given(data=st.data())
 def test_any_message_through_the_inbound_stacks_is_accepted_or_rejected(data: st.DataObject,
                                                                          stack: dict[str, Any]) -> None:
@@ -452,7 +452,7 @@ class _Holder:
         self.value = value
 
 
-@fuzz(100)
+@fuzz(80)
 @given(obj=st.recursive(st.one_of(scalars, tensors, st.binary(max_size=8)),
                         lambda c: st.one_of(st.lists(c, max_size=3), st.tuples(c, c),
                                             st.dictionaries(st.text(max_size=4), c, max_size=3),
