@@ -55,6 +55,7 @@ class ParticipantNode:
         self.host: ParticipantHost | None = None
         self.run_id: str | None = None
         self._layer_round: int | None = None
+        self._last_round = 0  # the latest round this node has worked in (from its checkpoint)
 
     # ----- the request loop --------------------------------------------------------------------
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +74,7 @@ class ParticipantNode:
             if phase == "prepare":
                 reply.update(_report(host.prepare()))
             elif phase == "step":
+                self._rewind_if_redone(host, int(request["round"]))
                 rnd = self._enter_round(host, request)
                 reply.update(_report(host.step(rnd, {self.participant_id: self._inbox(request)})))
             elif phase == "update":
@@ -85,6 +87,8 @@ class ParticipantNode:
                 reply["facts"] = host.finish()
                 self._write_node_summary(reply["facts"])
             self._checkpoint(phase)
+            if phase in ("prepare", "update"):
+                self._snapshot_end_of_round(host.current_round)
             if "evaluate" in request:
                 # Evaluation rides on the phase that precedes it: one message (and process) less per round.
                 reply["metrics"] = host.evaluate(int(request["evaluate"]))
@@ -187,6 +191,7 @@ class ParticipantNode:
             host.stopped.update(state["stopped"])
             host.current_round = int(state["round"])
         self.host, self.run_id, self._layer_round = host, run_id, None
+        self._last_round = host.current_round
 
     def _checkpoint(self, phase: str) -> None:
         from securefl.runtime.federation import save_atomically
@@ -197,6 +202,38 @@ class ParticipantNode:
         save_atomically({"run_id": self.run_id, "phase": phase, "round": self.host.current_round,
                          "protocol": self.host.protocol.state_dict(), "parties": self.host.party_states(),
                          "stopped": dict(self.host.stopped)}, path)
+
+    # ----- a coordinator that restarts a round ----------------------------------------------------
+    SNAPSHOTS_KEPT = 3
+
+    def _snapshot_end_of_round(self, rnd: int) -> None:
+        """Keep the state at the end of round ``rnd``: a coordinator that crashed mid-round and resumes
+        will send this round's step again, and the node must then start from where the round started."""
+        import shutil
+
+        snapshots = self.node_dir / "checkpoints"
+        shutil.copyfile(self.node_dir / NODE_CHECKPOINT, snapshots / f"end_of_round_{rnd}.pt")
+        for old in sorted(snapshots.glob("end_of_round_*.pt"), key=_snapshot_round)[:-self.SNAPSHOTS_KEPT]:
+            old.unlink()
+
+    def _rewind_if_redone(self, host: ParticipantHost, rnd: int) -> None:
+        """A step of a round this node has already worked in: go back to the state it started that round
+        from. Spends booked the first time stay in the ledger (a redone round is charged twice, never
+        under-counted)."""
+        from securefl.runtime.federation import load_checkpoint
+
+        self._last_round = max(self._last_round, host.current_round)
+        if self._last_round < rnd:
+            return
+        earlier = [p for p in (self.node_dir / "checkpoints").glob("end_of_round_*.pt") if _snapshot_round(p) < rnd]
+        if not earlier:
+            raise NodeError(f"round {rnd} is being redone but no snapshot of an earlier round is kept")
+        state = load_checkpoint(max(earlier, key=_snapshot_round))
+        host.protocol.load_state_dict(state["protocol"])
+        host.load_party_states(state["parties"])
+        host.stopped.clear()
+        host.stopped.update(state["stopped"])
+        host.current_round = int(state["round"])
 
     def _inbox(self, request: dict[str, Any]) -> list[Any]:
         inbox = []
@@ -227,6 +264,10 @@ class ParticipantNode:
                "seed": config.run.seed, "secure_aggregation": config.secure_aggregation}
         (self.node_dir / "report.md").write_text(participant_report(
             row, run, ledger=str(ledger_path(self.node_dir, pid)), audit_dir=self.node_dir))
+
+
+def _snapshot_round(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[1])
 
 
 def _report(report: HostReport) -> dict[str, Any]:
