@@ -179,7 +179,7 @@ class ParticipantNode:
         host.set_up()
         signers = {self.participant_id: host.party_keys(self.participant_id)} if config.signing else {}
         host.layers = build_layers(config, side="participant", run_id=run_id, key_dir=self.node_dir / "keys",
-                                   party_ids=[p.id for p in parties], signers=signers,
+                                   party_ids=[p.id for p in parties], signers=signers, hosted=[self.participant_id],
                                    privacy_layer=host.privacy.layer if host.privacy is not None else None)
         for layer in host.layers:
             layer.check(protocol, parties)

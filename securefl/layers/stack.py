@@ -1,6 +1,6 @@
 """The layer stack of a run, built from the config for one side of it.
 
-Outbound order is fixed: DP, then sealing (CKKS or masking), then signing.
+Outbound order is fixed: validation, DP, then sealing (CKKS or masking), then signing.
 The same stack is built three ways, with only the key material that side may
 hold:
 
@@ -25,9 +25,15 @@ Side = Literal["simulation", "participant", "coordinator"]
 
 
 def build_layers(config: Any, *, side: Side, run_id: str, key_dir: Path, party_ids: Sequence[str],
-                 signers: Mapping[str, Any], privacy_layer: Layer | None = None) -> list[Layer]:
-    """``signers``: the private keys held on this side; ``party_ids``: every participant of the run."""
-    layers: list[Layer] = []
+                 signers: Mapping[str, Any], privacy_layer: Layer | None = None,
+                 hosted: Sequence[str] | None = None) -> list[Layer]:
+    """``signers``: the private keys held on this side; ``party_ids``: every participant of the run;
+    ``hosted``: the participants whose data this side holds (None: all)."""
+    from securefl.layers.validation import ValidationLayer
+
+    # First in the stack: its outbound check runs before DP and sealing (a broken payload is withheld
+    # before anything is booked for it), and its inbound checks run after verifying and opening.
+    layers: list[Layer] = [ValidationLayer(check_data=side != "coordinator", hosted=hosted)]
     if privacy_layer is not None:
         layers.append(privacy_layer)
     if config.secure_aggregation == "ckks":

@@ -44,7 +44,7 @@ finite but absurd value is only bounded by the DP layer's clipping.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -64,10 +64,12 @@ def _describe(value: Any) -> str:
 class ValidationLayer(Layer):
     name = "validation"
 
-    def __init__(self, *, check_data: bool = True) -> None:
+    def __init__(self, *, check_data: bool = True, hosted: Collection[str] | None = None) -> None:
         """``check_data``: also check every hosted participant's data before round 1 (a side that holds
-        no participant data, e.g. a deployed coordinator, turns it off)."""
+        no participant data, e.g. a deployed coordinator, turns it off). ``hosted``: the participants whose
+        data this process holds (None: all, a simulation; a deployed node holds only its own)."""
         self.check_data = check_data
+        self.hosted = None if hosted is None else set(hosted)
         self._protocol: Any = None
         self._schemas: dict[str, Any] = {}
         self._round: int | None = None
@@ -79,6 +81,8 @@ class ValidationLayer(Layer):
         ctx = getattr(protocol, "ctx", None)
         if self.check_data and ctx is not None:
             for party in parties:
+                if self.hosted is not None and party.id not in self.hosted:
+                    continue
                 check_party_data(party, input_shape=ctx.input_shape, num_classes=ctx.num_classes,
                                  classes=ctx.split.private_classes)
         uplink = getattr(protocol, "uplink", None)

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from securefl.config import deep_merge, parse_config
-from securefl.layers.base import Layer
-from securefl.layers.validation import ValidationLayer
 from securefl.privacy.audit import audit_run
 from securefl.privacy.ledger import read_ledger
 from securefl.runtime.federation import Federation
@@ -20,11 +18,8 @@ from tests.layers.faults import ChaosTransport
 IDS = ("p0", "p1", "p2")
 
 
-class ValidatedFederation(Federation):
-    """Federation with :class:`ValidationLayer` first in its stack: the change proposed for ``_build_layers``."""
-
-    def _build_layers(self) -> list[Layer]:
-        return [ValidationLayer(), *super()._build_layers()]
+# The validation layer is now first in every stack (securefl/layers/stack.py); the name stays for the tests.
+ValidatedFederation = Federation
 
 
 def small_config(*, secure: str = "none", dp: bool = False, signing: bool = True, rounds: int = 2,
