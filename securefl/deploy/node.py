@@ -186,6 +186,7 @@ class ParticipantNode:
         checkpoint = self.node_dir / NODE_CHECKPOINT
         if checkpoint.exists():
             state = load_checkpoint(checkpoint)
+            host.check_ledger_heads(state.get("ledger_heads", {}))
             protocol.load_state_dict(state["protocol"])
             host.load_party_states(state["parties"])
             host.stopped.update(state["stopped"])
@@ -201,7 +202,7 @@ class ParticipantNode:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_atomically({"run_id": self.run_id, "phase": phase, "round": self.host.current_round,
                          "protocol": self.host.protocol.state_dict(), "parties": self.host.party_states(),
-                         "stopped": dict(self.host.stopped)}, path)
+                         "stopped": dict(self.host.stopped), "ledger_heads": self.host.ledger_heads()}, path)
 
     # ----- a coordinator that restarts a round ----------------------------------------------------
     SNAPSHOTS_KEPT = 3

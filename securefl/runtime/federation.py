@@ -406,11 +406,14 @@ class Federation:
             "stopped": dict(self.stopped),
             # Remote hosts keep their participants' state on their own nodes.
             "parties": self.host.party_states() if self.participants is getattr(self, "host", None) else {},
+            "ledger_heads": self.host.ledger_heads() if self.participants is getattr(self, "host", None) else {},
         }
         save_atomically(state, self.out / CHECKPOINT)
 
     def _restore(self) -> int:
         state = load_checkpoint(self.out / CHECKPOINT)
+        if self.participants is getattr(self, "host", None):
+            self.host.check_ledger_heads(state.get("ledger_heads", {}))
         self.protocol.load_state_dict(state["protocol"])
         self.stopped.update(state.get("stopped", {}))
         if self.participants is getattr(self, "host", None):

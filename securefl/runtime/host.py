@@ -151,6 +151,29 @@ class ParticipantHost:
             self.privacy.close_all()
 
     # ----- state ---------------------------------------------------------------------------------
+    def ledger_heads(self) -> dict[str, tuple[int, str]]:
+        """Each hosted ledger's length and head hash, for the checkpoint: the record outside the ledger
+        that tells a rolled-back ledger (a valid but shorter chain) from a shorter run."""
+        if self.privacy is None:
+            return {}
+        return {pid: (len(pp.ledger.entries), pp.ledger.head) for pid, pp in self.privacy.participants.items()}
+
+    def check_ledger_heads(self, saved: Mapping[str, tuple[int, str]]) -> None:
+        """Refuse to resume if a ledger lacks what it held at the checkpoint. It may hold more: spends are
+        written ahead of the messages, so a crash mid-round leaves entries past the checkpoint."""
+        from securefl.privacy.errors import LedgerMismatch
+
+        for pid, (n, head) in saved.items():
+            ledger = self.privacy.participants[pid].ledger if self.privacy is not None else None
+            if ledger is None:
+                continue
+            entries = ledger.entries
+            if len(entries) < n or entries[n - 1]["hash"] != head:
+                raise LedgerMismatch(
+                    f"{ledger.path}: holds {len(entries)} entries, but the checkpoint recorded {n} ending in "
+                    f"{head[:16]}; the ledger was rolled back or replaced. Restore it; refusing to resume with "
+                    "less spend on record than was made")
+
     def party_states(self) -> dict[str, Any]:
         return {p.id: self.protocol.party_state(p) for p in self.parties}
 

@@ -143,13 +143,14 @@ def test_a_damaged_ledger_stops_the_resume_naming_it(damage: str, run: tuple[Pat
     assert _snapshot(run[0]) == before  # nothing rewritten, nothing restarted
 
 
-@pytest.mark.xfail(strict=True, reason="a ledger cut exactly at a line boundary is a valid, shorter chain; only an "
-                                       "external record of its head (e.g. in the checkpoint, which federation.py "
-                                       "writes) can tell it from a shorter run")
 def test_a_ledger_rolled_back_to_a_line_boundary_stops_the_resume(run: tuple[Path, Path],
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A ledger cut exactly at a line boundary is a valid, shorter chain; the checkpoint's record of its
+    length and head tells it from a shorter run."""
     _drop_last_release(run[0] / "ledgers" / "p1.jsonl")
-    _fails_cleanly(*_resume(run, capsys), "ledgers/p1.jsonl")
+    before = _snapshot(run[0])
+    _fails_cleanly(*_resume(run, capsys), "ledgers/p1.jsonl", "rolled back or replaced")
+    assert _snapshot(run[0]) == before
 
 
 def test_a_deleted_ledger_is_never_recreated_at_zero(run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
