@@ -226,7 +226,12 @@ class Federation:
                     f"{self.out}/config.yaml differs from the config given to --resume; resume with the same "
                     "config (and --set overrides) as the original run"
                 )
-            self.run_id = json.loads((self.out / "run.json").read_text())["run_id"]
+            try:
+                self.run_id = str(json.loads((self.out / "run.json").read_text())["run_id"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise RunDirError(f"{self.out / 'run.json'}: unreadable or corrupt ({type(exc).__name__}); it names the "
+                                  "run that the ledgers and signatures belong to, so the run cannot resume without "
+                                  "it") from None
             return
         if checkpoint.exists() or (self.out / "metrics.jsonl").exists():
             raise RunDirError(
@@ -412,6 +417,21 @@ class Federation:
 
     def _restore(self) -> int:
         state = load_checkpoint(self.out / CHECKPOINT)
+        missing = [k for k in ("round", "run_id", "metrics_lines", "protocol", "parties") if k not in state]
+        if missing or state["run_id"] != self.run_id:
+            raise RunDirError(f"{self.out / CHECKPOINT}: not a checkpoint of run {self.run_id!r} "
+                              f"({'lacks ' + ', '.join(missing) if missing else 'it is of run ' + repr(state['run_id'])}); "
+                              "refusing to resume from it")
+        metrics = self.out / "metrics.jsonl"
+        lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
+        if len(lines) < state["metrics_lines"]:
+            raise RunDirError(f"{metrics}: {len(lines)} lines, but the checkpoint recorded {state['metrics_lines']}; "
+                              "the metrics were cut short. Restore the file; refusing to resume without them")
+        for i, line in enumerate(lines[: state["metrics_lines"]], start=1):
+            try:
+                json.loads(line)
+            except ValueError:
+                raise RunDirError(f"{metrics}, line {i}: not JSON; the metrics file is corrupt") from None
         if self.participants is getattr(self, "host", None):
             self.host.check_ledger_heads(state.get("ledger_heads", {}))
         self.protocol.load_state_dict(state["protocol"])
@@ -419,8 +439,6 @@ class Federation:
         if self.participants is getattr(self, "host", None):
             self.host.load_party_states(state["parties"])
         # Drop metrics lines written after the checkpoint (a round that was cut short).
-        metrics = self.out / "metrics.jsonl"
-        lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
         metrics.write_text("".join(lines[: state["metrics_lines"]]))
         return int(state["round"]) + 1
 

@@ -262,3 +262,31 @@ def test_the_undamaged_cut_run_resumes_and_a_deleted_ledger_fails_its_audit(run:
     assert main(["audit", str(run[0])]) == 1
     assert "ledger file is missing" in capsys.readouterr().out
     assert {(r.participant, r.status) for r in audit_run(run[0]).rows} == {("p0", "ok"), ("p1", "ok"), ("p2", "tampered")}
+
+
+# ----- the run's own records ----------------------------------------------------------------------
+RUN_FILES: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    "corrupt run.json": (lambda run: (run / "run.json").write_text("{not json"), "run.json", "unreadable or corrupt"),
+    "metrics cut short": (lambda run: (run / "metrics.jsonl").write_text(""), "metrics.jsonl", "cut short"),
+    "metrics corrupt": (lambda run: (run / "metrics.jsonl").write_text("{\n" * 3), "metrics.jsonl, line 1", "not JSON"),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_FILES))
+def test_a_damaged_run_record_is_named_and_the_run_left_as_it_was(name: str, run: tuple[Path, Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    damage, where, why = RUN_FILES[name]
+    damage(run[0])
+    before = _snapshot(run[0])
+    _fails_cleanly(*_resume(run, capsys), where, why)
+    assert _snapshot(run[0]) == before
+
+
+def test_a_checkpoint_of_another_run_is_refused(run: tuple[Path, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    checkpoint = run[0] / "checkpoints" / "last.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    torch.save({**state, "run_id": "someone-else"}, checkpoint)
+    _fails_cleanly(*_resume(run, capsys), "checkpoints/last.pt", "not a checkpoint of run", "someone-else")
