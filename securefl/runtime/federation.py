@@ -18,7 +18,7 @@ import platform
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,8 @@ class RoundRecord:
     communication_bytes: dict[str, int]
     elapsed_s: float
     rejected: list[dict[str, str]]
+    # Sampled participants whose contribution never arrived (dropped, withheld or rejected).
+    missing: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         accs = [m["accuracy"] for m in self.participants.values() if "accuracy" in m]
@@ -154,6 +156,7 @@ class RoundRecord:
             "sampled": self.sampled,
             "communication_bytes": self.communication_bytes,
             "rejected": self.rejected,
+            "missing": self.missing,
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -184,6 +187,7 @@ class Federation:
         with seeded(derive_seed(config.run.seed, "setup_server")):
             self.protocol.setup_server(self.parties)
         self._rejected: list[dict[str, str]] = []
+        self._missing: list[str] = []
         self.stopped: dict[str, str] = {}
         self._current_round = 0
         self._keys: dict[str, Any] = {}
@@ -350,6 +354,10 @@ class Federation:
                 replies.append(msg)
             except Rejected as rejection:
                 self._rejected.append({"sender": rejection.sender, "receiver": AGGREGATOR, "reason": rejection.reason})
+        if self.protocol.uplink is not None:
+            # A dropout sends nothing, so it is in no rejection: name whoever contributed nothing this round.
+            arrived = {m.sender for m in replies} | {m.sender for m in step.outgoing if m.receiver != AGGREGATOR}
+            self._missing.extend(pid for pid in sampled if pid not in arrived)
         aggregator = self.aggregator
         for layer in self.layers:
             aggregator = layer.wrap_aggregator(aggregator, rnd)
@@ -385,8 +393,10 @@ class Federation:
         counters = getattr(self.transport, "bytes_by_kind", {})
         record = RoundRecord(round=rnd, sampled=list(sampled), participants=per_party,
                              server={k: float(v) for k, v in self.protocol.evaluate_server().items()},
-                             communication_bytes=dict(counters), elapsed_s=elapsed, rejected=list(self._rejected))
+                             communication_bytes=dict(counters), elapsed_s=elapsed, rejected=list(self._rejected),
+                             missing=list(self._missing))
         self._rejected.clear()
+        self._missing.clear()
         if hasattr(self.transport, "reset_counters"):
             self.transport.reset_counters()
         return record

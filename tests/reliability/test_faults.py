@@ -64,6 +64,9 @@ def test_dropping_out_before_sending_is_recovered_and_nothing_is_booked_for_it(t
     assert outcome.summary is not None and transport.injected == {"drop_before_send": 1}
     assert outcome.senders == {1: list(IDS), 2: ["p0", "p2"]}
     assert "p1" not in outcome.updated[2]  # offline: no consensus, no digest
+    # A dropout sends nothing to reject, so the round record names it as missing.
+    records = [json.loads(line) for line in (outcome.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["missing"] for r in records] == [[], [], ["p1"]]
     # Nothing left p1 in round 2, so nothing is booked; the others' releases are.
     assert [e["round"] for e in ledger_releases(outcome.out, "p1") if e["payload"] == "logits"] == [1]
     assert_ledgers_cover_releases(outcome.out, transport)
