@@ -140,6 +140,8 @@ class PrivacyConfig(Section):
     delta: float = PydField(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "pld", "prv"] = "rdp"
     max_grad_norm: float = PydField(1.0, gt=0, description="DP-SGD per-example clipping bound (record level)")
+    histogram_noise_multiplier: float = PydField(
+        10.0, gt=0, description="record level: σ of a released label histogram (Gaussian, sensitivity 1, e.g. FedGen)")
     clip_norm: float = PydField(1.0, gt=0, description="L2 bound of each shared payload (participant level)")
     noise: Literal["local", "distributed"] = PydField(
         "local", description="participant level: full noise at each participant, or shares summed under secure aggregation")

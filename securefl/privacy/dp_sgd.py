@@ -54,7 +54,8 @@ class DPSGDTrainer:
 
     name = "dp_sgd"
 
-    def __init__(self, *, noise_multiplier: float, max_grad_norm: float, commit: Commit) -> None:
+    def __init__(self, *, noise_multiplier: float, max_grad_norm: float, commit: Commit,
+                 histogram_noise_multiplier: float = 10.0) -> None:
         if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
@@ -62,6 +63,18 @@ class DPSGDTrainer:
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.commit = commit
+        self.histogram_noise_multiplier = histogram_noise_multiplier
+
+    def label_histogram(self, labels: torch.Tensor, num_classes: int, *, generator: torch.Generator) -> torch.Tensor:
+        """Label counts released with the Gaussian mechanism at sensitivity 1 (adding or removing one record
+        moves one count by one), committed to the ledger before they exist outside this call."""
+        from securefl.privacy.mechanisms import gaussian_histogram
+
+        counts = torch.bincount(labels, minlength=num_classes)
+        noised, event = gaussian_histogram(counts, noise_multiplier=self.histogram_noise_multiplier,
+                                           generator=generator)
+        self.commit(event)
+        return noised.float()
 
     @staticmethod
     def steps_for(n: int, *, batch_size: int, epochs: int | None = None, steps: int | None = None) -> int:

@@ -49,6 +49,7 @@ __all__ = [
     "distributed_noise_share",
     "effective_noise_multiplier",
     "gaussian_histogram",
+    "histogram_event",
     "sensitivity_for",
     "top_up_std",
 ]
@@ -291,14 +292,18 @@ def gaussian_histogram(
     generator = _check_generator(generator)
     values = counts.detach().to(torch.float64)
     noise = torch.randn(values.shape, generator=generator, dtype=torch.float64)
-    event = PrivacyEvent(
+    return values + noise_multiplier * noise, histogram_event(noise_multiplier, payload_kind=payload_kind)
+
+
+def histogram_event(noise_multiplier: float, *, payload_kind: str = "label_histogram") -> PrivacyEvent:
+    """The spend of one :func:`gaussian_histogram` release (also used to plan it before it happens)."""
+    return PrivacyEvent(
         unit="record",
         mechanism="gaussian",
-        noise_multiplier=noise_multiplier,
+        noise_multiplier=_positive("noise_multiplier", noise_multiplier),
         sample_rate=1.0,
         steps=1,
         sensitivity=1.0,
         relation="add_remove",
         payload=payload_kind,
     )
-    return values + noise_multiplier * noise, event

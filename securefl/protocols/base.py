@@ -115,6 +115,11 @@ class Protocol(ABC):
         self.ctx = ctx
 
     # ----- checks before round 1 -------------------------------------------------------
+    def private_histogram_releases(self, party: Party) -> int:
+        """How many label histograms of its private data a participant releases (FedGen: one). Under
+        record-level DP each is a Gaussian release at sensitivity 1, planned into its budget."""
+        return 0
+
     def validate_participants(self, parties: Sequence[Party]) -> None:
         """Refuse an impossible set-up before any training (e.g. FedAvg with mixed models)."""
 

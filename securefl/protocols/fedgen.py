@@ -105,10 +105,11 @@ clear; the replicas load it.
 Where privacy attaches (the layers do it; this file only declares fields):
 DP-SGD in the users' local training (the generated-feature terms use no
 private record); participant-level clip-and-noise of ``generator_update``
-(and of ``shared``); a Gaussian histogram for ``label_counts``. Caveat for
-record-level DP: with ``label_counts: histogram`` the local generator update
-reads the user's *raw* counts through ω_u, so it is not pure post-processing
-of the DP-trained head; with ``label_counts: none`` it is.
+(and of ``shared``); at record level, ``label_counts`` is released once with
+the Gaussian mechanism at sensitivity 1 by the injected trainer
+(:meth:`released_label_counts`), and ω_u in the generator update reads that
+release, not the raw counts, so what leaves a user is post-processing of
+DP-SGD and of that one histogram release.
 
 What is shared: with heterogeneous extractors only the head and G cross the
 wire (``share: head``, always available). With identical models the
@@ -368,12 +369,21 @@ class FedGen(Protocol):
         load_flat_parameters(generator, flat)
         return generator
 
-    def record_level_dp_refusal(self) -> str | None:
-        if self.config.label_counts == "histogram":
-            # DP-SGD protects the model; the raw label counts would leave beside it unprotected.
-            return ("fedgen.label_counts = 'histogram' releases each user's raw label counts, which DP-SGD does not "
-                    "cover; use label_counts: none (uniform weights) under record-level DP")
-        return None
+    def released_label_counts(self, party: Party) -> torch.Tensor:
+        """cnt_u as the user releases it: computed once (its data do not change) through its injected
+        trainer, which under record-level DP adds Gaussian noise at sensitivity 1 and books the release.
+        Both the uplinked histogram and ω_u in the generator update use this one release, so neither
+        reads the raw counts again (post-processing). Counts are clamped at 0, also post-processing."""
+        if self.config.label_counts == "none":
+            return party.train.label_counts(self.ctx.num_classes).float()  # used only where ω = 1
+        if "released_label_counts" not in party.state:
+            released = party.trainer.label_histogram(party.train.y, self.ctx.num_classes,
+                                                     generator=self.ctx.generator("label-histogram", party.id))
+            party.state["released_label_counts"] = released.float().clamp_min(0)
+        return party.state["released_label_counts"]
+
+    def private_histogram_releases(self, party: Party) -> int:
+        return 1 if self.config.label_counts == "histogram" else 0
 
     def validate_participants(self, parties: Sequence[Party]) -> None:
         self._shared_model_name = min(parties, key=lambda p: p.index).model_name
@@ -498,7 +508,7 @@ class FedGen(Protocol):
                           public_loss=self.generated_loss(generator, self.available_labels(prior), rnd),
                           max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
 
-        counts = party.train.label_counts(self.ctx.num_classes).float()
+        counts = self.released_label_counts(party)
         payload: dict[str, torch.Tensor] = {"shared": flat_parameters(self._shared_part(model))}
         if cfg.label_counts == "histogram":
             payload["label_counts"] = counts

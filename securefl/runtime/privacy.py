@@ -32,6 +32,7 @@ from securefl.privacy.dp_sgd import DPSGDTrainer
 from securefl.privacy.errors import LedgerCorrupt, PolicyError
 from securefl.privacy.events import AnyEvent
 from securefl.privacy.ledger import Ledger
+from securefl.privacy.mechanisms import histogram_event
 
 if TYPE_CHECKING:
     from securefl.layers.privacy import ParticipantDPLayer
@@ -122,8 +123,11 @@ class PrivacyRuntime:
                                          "participants, so there is nothing for per-participant DP-SGD to protect")
             steps = sum(DPSGDTrainer.steps_for(n, batch_size=b, epochs=e, steps=s) for b, e, s in plan)
             rate = max(min(1.0, b / n) for b, _, _ in plan)
+            # Label histograms the protocol releases (Gaussian, sensitivity 1) come out of the same budget,
+            # so DP-SGD is calibrated for what is left after them.
+            histograms = [histogram_event(cfg.histogram_noise_multiplier)] * fed.protocol.private_histogram_releases(party)
             sigma = self._calibrated(fed.out, target_epsilon=target, delta=delta, sample_rate=rate, steps=steps,
-                                     accountant=cfg.accountant)
+                                     accountant=cfg.accountant, already_spent=histograms)
             return sigma, steps, rate
         releases = fed.config.run.rounds
         sigma = self._calibrated(fed.out, target_epsilon=target, delta=delta, sample_rate=1.0, steps=1,
@@ -141,7 +145,7 @@ class PrivacyRuntime:
         exact inputs: a deployed node rebuilt for every message (or a resumed run) need not redo the search,
         and the same inputs always give the same σ."""
         path = Path(out) / "privacy_calibration.json"
-        key = json.dumps(inputs, sort_keys=True)
+        key = json.dumps(inputs, sort_keys=True, default=lambda event: event.model_dump(mode="json"))
         cache = json.loads(path.read_text()) if path.exists() else {}
         if key not in cache:
             cache[key] = calibrate_noise_multiplier(**inputs)
@@ -155,6 +159,7 @@ class PrivacyRuntime:
         pp = self.participants[party.id]
         party.trainer = DPSGDTrainer(noise_multiplier=pp.noise_multiplier,
                                      max_grad_norm=self.fed.config.privacy.max_grad_norm,
+                                     histogram_noise_multiplier=self.fed.config.privacy.histogram_noise_multiplier,
                                      commit=lambda event, pid=party.id: self.commit(pid, event))
 
     # ----- during the run ------------------------------------------------------------------

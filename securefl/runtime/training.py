@@ -77,6 +77,10 @@ class PlainTrainer:
         """Train on public data. A DP trainer logs it as a zero-cost step; this one just trains."""
         return fit_public(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, batch_loss=batch_loss)
 
+    def label_histogram(self, labels: torch.Tensor, num_classes: int, *, generator: torch.Generator) -> torch.Tensor:
+        """The participant's label counts as it may share them: here, exactly (a DP trainer adds noise)."""
+        return torch.bincount(labels, minlength=num_classes).float()
+
 
 def fit_public(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                batch_size: int, epochs: int, batch_loss: BatchLoss = cross_entropy_loss) -> TrainStats:

@@ -176,14 +176,11 @@ def test_record_level_dp_refuses_what_it_cannot_cover_before_round_one(tmp_path:
     from securefl.protocols import ProtocolSetupError
 
     targets = [{"id": f"p{i}", "model": "mlp_s", "target_epsilon": 8.0} for i in range(3)]
-    with pytest.raises(ProtocolSetupError, match="label_counts"):
-        Federation(tiny_config(protocol="fedgen", privacy={"unit": "record"}, participants=targets),
-                   tmp_path / "a", progress=False)
     with pytest.raises(ProtocolSetupError, match="alignment"):
         Federation(tiny_config(protocol="fedh2l", privacy={"unit": "record"}, participants=targets,
                                fedh2l={"alignment": "pcgrad"}), tmp_path / "b", progress=False)
-    # With the uncovered parts switched off, both run and stay within budget.
-    for proto, extra in (("fedgen", {"fedgen": {"label_counts": "none"}}), ("fedh2l", {})):
+    # With the uncovered part switched off, it runs and stays within budget.
+    for proto, extra in (("fedh2l", {}),):
         summary = Federation(tiny_config(protocol=proto, privacy={"unit": "record"}, participants=targets,
                                          run={"rounds": 1}, **extra), tmp_path / proto, progress=False).run()
         assert all(p["epsilon"] <= 8.0 for p in summary["participants"])
@@ -194,3 +191,31 @@ def test_pooled_baseline_is_refused_under_record_level_dp(tmp_path: Path) -> Non
 
     with pytest.raises(ProtocolSetupError, match="nothing for per-participant DP-SGD"):
         Federation(tiny_config(protocol="pooled", **RECORD), tmp_path / "run", progress=False)
+
+
+def test_fedgen_label_histograms_are_released_once_with_the_gaussian_mechanism_at_sensitivity_one(tmp_path: Path) -> None:
+    """Record level: each user's label counts leave once, noised (σ = privacy.histogram_noise_multiplier,
+    sensitivity 1, add/remove), booked in its ledger and planned into its budget; the uplinked histogram is
+    that release, not the raw counts."""
+
+    from securefl.privacy.audit import audit_run
+    from tests.protocols.contract import RecordingTransport
+
+    targets = [{"id": f"p{i}", "model": "mlp_s", "target_epsilon": 8.0} for i in range(3)]
+    transport = RecordingTransport()
+    fed = Federation(tiny_config(protocol="fedgen", privacy={"unit": "record", "histogram_noise_multiplier": 5.0},
+                                 participants=targets, run={"rounds": 2}, fedgen={"mode": "private"}),
+                     tmp_path / "run", progress=False, transport=transport)
+    summary = fed.run()
+    for party in fed.parties:
+        entries = [json.loads(line) for line in (tmp_path / "run" / "ledgers" / f"{party.id}.jsonl").read_text().splitlines()]
+        histograms = [e for e in entries if e.get("payload") == "label_histogram"]
+        assert len(histograms) == 1  # two rounds, one release
+        assert histograms[0]["mechanism"] == "gaussian" and histograms[0]["sensitivity"] == 1.0
+        assert histograms[0]["noise_multiplier"] == 5.0 and histograms[0]["relation"] == "add_remove"
+        sent = [m.tensor("label_counts") for m in transport.sent if m.sender == party.id and "label_counts" in m.payload]
+        raw = party.train.label_counts(fed.ctx.num_classes).float()
+        assert len(sent) == 2 and torch.equal(sent[0], sent[1])  # the same release both rounds
+        assert not torch.equal(sent[0], raw) and (sent[0] - raw).abs().max() < 5.0 * 6  # noised, at σ = 5
+    assert all(p["epsilon"] <= 8.0 for p in summary["participants"])
+    assert audit_run(tmp_path / "run").ok
