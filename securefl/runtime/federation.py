@@ -192,6 +192,7 @@ class Federation:
         self._current_round = 0
         self._keys: dict[str, Any] = {}
         self.privacy = None
+        self.host: ParticipantHost | None = None  # the participants hosted in this process (a simulation)
         if remote is None:
             self.host = ParticipantHost(config=config, out=self.out, ctx=self.ctx, protocol=self.protocol,
                                         parties=self.parties, key_dir=self.out / "keys",
@@ -420,8 +421,8 @@ class Federation:
             "protocol": self.protocol.state_dict(),
             "stopped": dict(self.stopped),
             # Remote hosts keep their participants' state on their own nodes.
-            "parties": self.host.party_states() if self.participants is getattr(self, "host", None) else {},
-            "ledger_heads": self.host.ledger_heads() if self.participants is getattr(self, "host", None) else {},
+            "parties": self.host.party_states() if self.host is not None else {},
+            "ledger_heads": self.host.ledger_heads() if self.host is not None else {},
         }
         save_atomically(state, self.out / CHECKPOINT)
 
@@ -442,11 +443,11 @@ class Federation:
                 json.loads(line)
             except ValueError:
                 raise RunDirError(f"{metrics}, line {i}: not JSON; the metrics file is corrupt") from None
-        if self.participants is getattr(self, "host", None):
+        if self.host is not None:
             self.host.check_ledger_heads(state.get("ledger_heads", {}))
         self.protocol.load_state_dict(state["protocol"])
         self.stopped.update(state.get("stopped", {}))
-        if self.participants is getattr(self, "host", None):
+        if self.host is not None:
             self.host.load_party_states(state["parties"])
         # Drop metrics lines written after the checkpoint (a round that was cut short).
         metrics.write_text("".join(lines[: state["metrics_lines"]]))
