@@ -39,6 +39,20 @@ def tiny_config(**changes: Any) -> Any:
     return parse_config(tiny_raw(**changes))
 
 
+class Crash(Exception):
+    """Stands in for a process killed right after a round's checkpoint."""
+
+
+def crash_after_round(n: int) -> Any:
+    """An ``on_round_end`` callback that raises :class:`Crash` once round ``n`` is checkpointed."""
+
+    def crash(rnd: int) -> None:
+        if rnd == n:
+            raise Crash
+
+    return crash
+
+
 def metrics_without_time(run_dir: Path) -> list[dict[str, Any]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for row in rows:

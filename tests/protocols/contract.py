@@ -20,7 +20,7 @@ from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.federation import Federation
 from securefl.runtime.message import Message
 from securefl.runtime.transport import InProcessTransport
-from tests.conftest import metrics_without_time, tiny_config
+from tests.conftest import Crash, crash_after_round, metrics_without_time, tiny_config
 
 FORBIDDEN_IMPORTS = {"opacus", "tenseal", "cryptography", "flwr", "securefl.privacy", "securefl.crypto",
                      "securefl.layers"}
@@ -104,18 +104,8 @@ class ProtocolContract:
     def test_resume_after_a_crash_matches_an_uninterrupted_run(self, tmp_path: Path) -> None:
         cfg = self.config(run={"rounds": 3})
         Federation(cfg, tmp_path / "full", progress=False).run()
-
-        class Crash(Exception):
-            pass
-
-        def crash_after_round_1(rnd: int) -> None:
-            if rnd == 1:
-                raise Crash
-
-        try:
-            Federation(cfg, tmp_path / "cut", progress=False, on_round_end=crash_after_round_1).run()
-        except Crash:
-            pass
+        with pytest.raises(Crash):
+            Federation(cfg, tmp_path / "cut", progress=False, on_round_end=crash_after_round(1)).run()
         assert not (tmp_path / "cut" / "summary.json").exists()
         Federation(cfg, tmp_path / "cut", progress=False, resume=True).run()
         assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "full")

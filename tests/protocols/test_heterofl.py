@@ -24,7 +24,7 @@ from securefl.models.heterofl import (
 from securefl.protocols.base import read_updates
 from securefl.protocols.heterofl import HeteroFL, dynamic_rates, fixed_rates, parse_proportions
 from securefl.runtime.federation import Federation
-from tests.conftest import metrics_without_time, tiny_raw
+from tests.conftest import Crash, crash_after_round, metrics_without_time, tiny_raw
 from tests.protocols.contract import ProtocolContract, RecordingTransport
 
 SMALL = {"hidden_sizes": [8, 16], "local_epochs": 1, "batch_size": 32, "proportions": "a1-b1-c1"}
@@ -43,16 +43,8 @@ def test_static_batch_norm_resumes_exactly_and_is_refused_on_separate_nodes(tmp_
 
     cfg = parse_config(tiny_raw(protocol="heterofl", run={"rounds": 2}, heterofl={**SMALL, "norm": "bn"}))
     Federation(cfg, tmp_path / "full", progress=False).run()
-
-    class Crash(Exception):
-        pass
-
-    def crash_after_round_1(rnd: int) -> None:
-        if rnd == 1:
-            raise Crash
-
     with pytest.raises(Crash):
-        Federation(cfg, tmp_path / "cut", progress=False, on_round_end=crash_after_round_1).run()
+        Federation(cfg, tmp_path / "cut", progress=False, on_round_end=crash_after_round(1)).run()
     Federation(cfg, tmp_path / "cut", progress=False, resume=True).run()
     # The replicas' sBN statistics are part of the checkpoint: the resumed run evaluates the same models.
     assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "full")

@@ -11,7 +11,7 @@ import torch
 from securefl.cli import main
 from securefl.privacy.dp_sgd import DPSGDTrainer
 from securefl.runtime.federation import Federation
-from tests.conftest import metrics_without_time, tiny_config
+from tests.conftest import Crash, crash_after_round, metrics_without_time, tiny_config
 
 RECORD = {"privacy": {"unit": "record", "delta": 1e-5},
           "participants": [{"id": "p0", "model": "cnn_s", "target_epsilon": 1.0},
@@ -87,15 +87,7 @@ def test_a_participant_that_would_overspend_stops_and_the_run_goes_on(tmp_path: 
 def test_resume_keeps_the_ledger_and_reaches_the_same_epsilon(tmp_path: Path) -> None:
     cfg = tiny_config(**RECORD, run={"rounds": 3})
     Federation(cfg, tmp_path / "full", progress=False).run()
-
-    class Crash(Exception):
-        pass
-
-    def crash(rnd: int) -> None:
-        if rnd == 1:
-            raise Crash
-
-    cut = Federation(cfg, tmp_path / "cut", progress=False, on_round_end=crash)
+    cut = Federation(cfg, tmp_path / "cut", progress=False, on_round_end=crash_after_round(1))
     ledger_before = cut.privacy.participants["p0"].ledger
     with pytest.raises(Crash):
         cut.run()
