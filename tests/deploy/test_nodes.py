@@ -152,3 +152,20 @@ def test_a_coordinator_that_crashes_mid_round_resumes(tmp_path: Path, private: b
         assert report.ok
         assert report.rows[0].epsilon_reported >= audit_run(tmp_path / "full" / "nodes" / node.name).rows[0].epsilon_reported
     assert all(p["epsilon"] <= p["target_epsilon"] for p in summary["participants"])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda text: text.replace(",1\n", ",x\n", 1), "line 2: not a number"),
+    (lambda text: text[: len(text) // 2].rsplit(",", 3)[0] + "\n", "fields, the header has 31"),
+    (lambda text: text.replace("diagnosis", "label", 1), "no label column 'diagnosis'"),
+    (lambda text: "", "is empty"),
+], ids=["non-numeric", "truncated", "no-label-column", "empty"])
+def test_a_damaged_owner_file_is_named_before_round_one(hospital_data: Path, tmp_path: Path, damage, needle) -> None:
+    from securefl.data.datasets import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(hospital_data, data)
+    target = data / "hospital_b.csv"
+    target.write_text(damage(target.read_text()))
+    with pytest.raises(DataError, match=f"participant 'hospital_b': {target}.*{needle}"):
+        Federation(parse_config(healthcare_raw(data)), tmp_path / "run", progress=False)
