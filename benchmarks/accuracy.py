@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=["A1", "A2", "all"], default="all")
-    parser.add_argument("--rows", nargs="*", help="protocol names to run (default: every registered one)")
+    parser.add_argument("--rows", nargs="*",
+                        help="protocols to run, e.g. fedmd, or one variant, e.g. fedh2l/plain (default: every row)")
     parser.add_argument("--epsilons", nargs="*", default=["inf"], help="ε columns: inf, 8, 2, mixed")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             if row.protocol not in PROTOCOLS:
                 print(f"skipping {row.protocol} ({row.variant}): not registered", file=sys.stderr)
                 continue
-            if args.rows and row.protocol not in args.rows:
+            if args.rows and row.protocol not in args.rows and f"{row.protocol}/{row.variant}" not in args.rows:
                 continue
             if setting == "A2" and (row.protocol not in A2_ROWS or row.variant not in ("-", "plain")):
                 continue
