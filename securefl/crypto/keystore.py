@@ -38,14 +38,24 @@ def load_or_create_party_keys(key_dir: Path, party_id: str) -> PartyKeys:
     return keys
 
 
-def write_private_file(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Create a file only its owner can read (mode 0600 from the start, never world-readable for a moment)."""
+def write_private_file(path: Path, data: bytes, *, exclusive: bool = False, atomic: bool = False) -> None:
+    """Create a file only its owner can read (mode 0600 from the start, never world-readable for a moment).
+
+    ``atomic``: write a temporary file and rename it over ``path``, so a crash leaves the old content or the
+    new, never half of it (for state that is rewritten, unlike a key written once).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    target, path = path, (path.with_name(path.name + ".tmp") if atomic else path)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
+        if atomic:
+            handle.flush()
+            os.fsync(handle.fileno())
+    if atomic:
+        os.replace(path, target)
 
 
 # ----- the roster: every party's public key, as a deployment distributes it ---------------------

@@ -1,4 +1,4 @@
-"""Secure aggregation by pairwise masking (the SecAgg family), simulated in-process with real cryptography.
+"""Secure aggregation by pairwise masking (the SecAgg family), with real cryptography.
 
 K. Bonawitz, V. Ivanov, B. Kreuter, A. Marcedone, H. B. McMahan, S. Patel,
 D. Ramage, A. Segal, K. Seth, "Practical Secure Aggregation for
@@ -38,7 +38,11 @@ Phases and the calls that implement them::
                                      asks each survivor client.unmask(request) through ``unmask_channel``
 
 :class:`SecAggSimulation` wires clients and server together in-process and
-runs rounds 0-1 for you.
+runs rounds 0-1 for you. In a deployment the same messages travel between the
+coordinator and the nodes (:mod:`securefl.layers.secure_aggregation`,
+``MaskingCoordinatorLayer`` and ``MaskingNodeLayer``); a node keeps its client
+between phases with :meth:`MaskingClient.export_state`, and the server asks
+every survivor at once (``unmask_batch``).
 
 Dropouts. Participants missing at round 1 are simply left out of the masks
 (``U2``). Participants who shared keys but send no masked input (``U2 \\ U3``)
@@ -285,6 +289,12 @@ class MaskingSession:
     def simulate(self, **kwargs: Any) -> SecAggSimulation:
         """Create clients and a server in-process and run rounds 0-1; see :meth:`SecAggSimulation.setup`."""
         return SecAggSimulation.setup(self, **kwargs)
+
+
+def _session_identity(session: MaskingSession) -> list[Any]:
+    enc = session.encoding
+    return [session.run_id, session.round, list(session.participant_ids), session.threshold,
+            enc.ring_bits, enc.fractional_bits]
 
 
 def _pair_info(session: MaskingSession, purpose: str, u: str, v: str) -> bytes:
@@ -565,12 +575,61 @@ class MaskingClient(SecretHolder):
             },
         )
 
+    # Between processes ---------------------------------------------------------------------------
+    def export_state(self) -> bytes:
+        """Everything this client must remember between the phases of its session, as wire bytes.
+
+        A deployed node may run each phase in a fresh process, so it keeps this between them. It holds the
+        client's secrets and its peers' shares: store it where only the data owner can read it, and delete it
+        when the session is over. A client restored from it keeps its promises: one survivor set answered,
+        no field masked twice.
+        """
+        from securefl.runtime.codec import encode
+
+        return encode({
+            "session": _session_identity(self.session),
+            "participant": self.id,
+            "channel_key": _raw_private(self._secrets.channel_key),
+            "mask_key": _raw_private(self._secrets.mask_key),
+            "self_mask_seed": self._secrets.self_mask_seed,
+            "roster": {pid: [c, s] for pid, (c, s) in self._roster.items()},
+            "u2": list(self._u2),
+            "held": {owner: [s.to_bytes(), b.to_bytes()] for owner, (s, b) in self._held.items()},
+            "masked_fields": sorted(self._masked_fields),
+            "answered": sorted(self._answered) if self._answered is not None else None,
+        })
+
+    @classmethod
+    def from_state(cls, session: MaskingSession, participant_id: str, state: bytes) -> MaskingClient:
+        """The client that :meth:`export_state` saved, for the same session and participant only."""
+        from securefl.runtime.codec import DecodeError, decode
+
+        try:
+            saved = decode(state)
+            if saved["session"] != _session_identity(session) or saved["participant"] != participant_id:
+                raise ValueError(f"saved for participant {saved['participant']!r} in session {saved['session']}, "
+                                 f"not {participant_id!r} in {_session_identity(session)}")
+            client = cls(session, participant_id, client_secrets=ClientSecrets(
+                channel_key=saved["channel_key"], mask_key=saved["mask_key"], self_mask_seed=saved["self_mask_seed"]))
+            client._roster = {pid: (bytes(c), bytes(s)) for pid, (c, s) in saved["roster"].items()}
+            client._u2 = tuple(saved["u2"])
+            client._held = {owner: (shamir.Share.from_bytes(s), shamir.Share.from_bytes(b))
+                            for owner, (s, b) in saved["held"].items()}
+            client._masked_fields = set(saved["masked_fields"])
+            answered = saved["answered"]
+            client._answered = frozenset(answered) if answered is not None else None
+        except (DecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"saved SecAgg client state is unusable: {str(exc):.300}") from None
+        return client
+
     def __repr__(self) -> str:
         return f"MaskingClient({self.id!r}, run={self.session.run_id!r}, round={self.session.round})"
 
 
 # -- server ----------------------------------------------------------------------------------------
 UnmaskChannel = Callable[[Message], Message | None]
+# All unmasking requests at once -> the answers that came back, by participant (one round trip in a deployment).
+UnmaskBatch = Callable[[Sequence[Message]], Mapping[str, Message]]
 
 
 @dataclass
@@ -596,32 +655,44 @@ class MaskingAggregator:
         Keyword-only. Sends an unmasking request to a survivor and returns its
         answer, or ``None`` if it has gone silent. :class:`SecAggSimulation`
         provides an in-process one.
+    unmask_batch
+        Keyword-only, instead of ``unmask_channel``: sends every survivor its
+        request at once and returns the answers that came back, by sender (a
+        deployment's single round trip). A malformed answer counts as no answer,
+        and its reason is kept in :attr:`unmask_failures`.
     """
 
     name = "secagg"
     scheme = "secagg"
 
-    def __init__(self, session: MaskingSession, *, unmask_channel: UnmaskChannel | None = None) -> None:
+    def __init__(self, session: MaskingSession, *, unmask_channel: UnmaskChannel | None = None,
+                 unmask_batch: UnmaskBatch | None = None) -> None:
         self.session = session
         self.unmask_channel = unmask_channel
+        self.unmask_batch = unmask_batch
+        self.unmask_failures: list[str] = []
         self._roster: dict[str, tuple[bytes, bytes]] = {}
         self._u2: tuple[str, ...] = ()
         self._unmasked: _Unmasked | None = None
 
     # Round 0 ------------------------------------------------------------------------------------
+    def check_advertisement(self, msg: Message) -> None:
+        """One participant's round-0 message on its own (ValueError naming what is wrong)."""
+        self.session._check(msg, KIND_ADVERTISE)
+        self.session.x_of(msg.sender)
+        for name in ("c_pk", "s_pk"):
+            key = msg.payload.get(name)
+            if not isinstance(key, bytes) or len(key) != 32:
+                raise ValueError(f"advertisement from {msg.sender!r}: {name} must be 32 raw X25519 bytes")
+
     def collect_advertisements(self, adverts: Sequence[Message]) -> Message:
         """Round 0 (server): collect public keys (``U1``) and return the roster to broadcast."""
         roster: dict[str, tuple[bytes, bytes]] = {}
         for msg in adverts:
-            self.session._check(msg, KIND_ADVERTISE)
-            self.session.x_of(msg.sender)
+            self.check_advertisement(msg)
             if msg.sender in roster:
                 raise ValueError(f"two key advertisements from {msg.sender!r}")
-            c_pk, s_pk = msg.payload.get("c_pk"), msg.payload.get("s_pk")
-            for name, key in (("c_pk", c_pk), ("s_pk", s_pk)):
-                if not isinstance(key, bytes) or len(key) != 32:
-                    raise ValueError(f"advertisement from {msg.sender!r}: {name} must be 32 raw X25519 bytes")
-            roster[msg.sender] = (c_pk, s_pk)  # type: ignore[assignment]
+            roster[msg.sender] = (msg.payload["c_pk"], msg.payload["s_pk"])
         if len(roster) < self.session.threshold:
             raise self.session._abort("AdvertiseKeys", len(roster), "participants advertised keys")
         self._roster = dict(sorted(roster.items()))
@@ -638,6 +709,19 @@ class MaskingAggregator:
         )
 
     # Round 1 ------------------------------------------------------------------------------------
+    def check_share_message(self, msg: Message) -> None:
+        """One participant's round-1 message on its own (ValueError naming what is wrong)."""
+        if not self._roster:
+            raise RuntimeError("shares before collect_advertisements()")
+        self.session._check(msg, KIND_SHARES)
+        if msg.sender not in self._roster:
+            raise ValueError(f"shares from {msg.sender!r}, who did not advertise keys in round 0")
+        to = _ids_from_bytes(msg.payload.get("to"), "share recipients")
+        blobs = _bytes_list(msg, "ciphertexts")
+        expected = set(self._roster) - {msg.sender}
+        if len(to) != len(blobs) or set(to) != expected or len(set(to)) != len(to):
+            raise ValueError(f"share message from {msg.sender!r} must hold one share for each of {sorted(expected)}")
+
     def route_shares(self, share_messages: Sequence[Message]) -> dict[str, Message]:
         """Round 1 (server): forward each encrypted share to its holder; the senders form ``U2``.
 
@@ -650,17 +734,11 @@ class MaskingAggregator:
             raise RuntimeError("route_shares() before collect_advertisements()")
         outgoing: dict[str, dict[str, bytes]] = {}
         for msg in share_messages:
-            self.session._check(msg, KIND_SHARES)
-            if msg.sender not in self._roster:
-                raise ValueError(f"shares from {msg.sender!r}, who did not advertise keys in round 0")
+            self.check_share_message(msg)
             if msg.sender in outgoing:
                 raise ValueError(f"two share messages from {msg.sender!r}")
             to = _ids_from_bytes(msg.payload.get("to"), "share recipients")
-            blobs = _bytes_list(msg, "ciphertexts")
-            expected = set(self._roster) - {msg.sender}
-            if len(to) != len(blobs) or set(to) != expected or len(set(to)) != len(to):
-                raise ValueError(f"share message from {msg.sender!r} must hold one share for each of {sorted(expected)}")
-            outgoing[msg.sender] = dict(zip(to, blobs, strict=True))
+            outgoing[msg.sender] = dict(zip(to, _bytes_list(msg, "ciphertexts"), strict=True))
         u2 = sorted(outgoing)
         if len(u2) < self.session.threshold:
             raise self.session._abort("ShareKeys", len(u2), "participants shared their keys")
@@ -725,33 +803,39 @@ class MaskingAggregator:
                     f"{sorted(self._unmasked.survivors)}; the survivor set cannot change within a session"
                 )
             return self._unmasked
-        if self.unmask_channel is None:
+        if self.unmask_channel is None and self.unmask_batch is None:
             raise RuntimeError("MaskingAggregator needs an unmask_channel to reach the survivors (round 4)")
         dropped = frozenset(self._u2) - survivors
         b_shares: dict[str, list[shamir.Share]] = {u: [] for u in survivors}
         s_shares: dict[str, list[shamir.Share]] = {v: [] for v in dropped}
-        responders = 0
-        for u in sorted(survivors):
-            request = self.session.message(
+        requests = [
+            self.session.message(
                 sender=AGGREGATOR,
                 receiver=u,
                 kind=KIND_UNMASK_REQUEST,
                 payload={"survivors": _ids_to_bytes(sorted(survivors)), "dropped": _ids_to_bytes(sorted(dropped))},
             )
-            answer = self.unmask_channel(request)
-            if answer is None:
+            for u in sorted(survivors)
+        ]
+        if self.unmask_batch is not None:
+            answers = dict(self.unmask_batch(requests))
+        else:
+            answers = {r.receiver: a for r in requests if (a := self.unmask_channel(r)) is not None}  # type: ignore[misc]
+        responders = 0
+        for u in sorted(survivors):
+            if u not in answers:
                 continue
-            self.session._check(answer, KIND_UNMASK)
-            if answer.sender != u:
-                raise ValueError(f"unmasking answer for {u!r} came from {answer.sender!r}")
-            b_owners = _ids_from_bytes(answer.payload.get("b_owners"), "b_owners")
-            s_owners = _ids_from_bytes(answer.payload.get("s_owners"), "s_owners")
-            if set(b_owners) != survivors or set(s_owners) != dropped:
-                raise ValueError(f"unmasking answer from {u!r} does not match the request")
-            for owner, raw in zip(b_owners, _bytes_list(answer, "b_shares"), strict=True):
-                b_shares[owner].append(shamir.Share.from_bytes(raw))
-            for owner, raw in zip(s_owners, _bytes_list(answer, "s_shares"), strict=True):
-                s_shares[owner].append(shamir.Share.from_bytes(raw))
+            try:
+                shares = self._answer_shares(answers[u], u, survivors, dropped)
+            except ValueError as exc:
+                if self.unmask_batch is None:
+                    raise
+                self.unmask_failures.append(str(exc))
+                continue
+            for owner, share in shares[0]:
+                b_shares[owner].append(share)
+            for owner, share in shares[1]:
+                s_shares[owner].append(share)
             responders += 1
         if responders < self.session.threshold:
             raise self.session._abort("Unmasking", responders, "survivors answered the unmasking request")
@@ -768,6 +852,26 @@ class MaskingAggregator:
                 pair_seeds[(u, v)] = _pair_seed(self.session, v, s_v, u, self._roster[u][1])
         self._unmasked = _Unmasked(survivors, dropped, self_keys, pair_seeds)
         return self._unmasked
+
+    def _answer_shares(
+        self, answer: Message, u: str, survivors: frozenset[str], dropped: frozenset[str]
+    ) -> tuple[list[tuple[str, shamir.Share]], list[tuple[str, shamir.Share]]]:
+        """The (owner, share) pairs of one unmasking answer, checked against the request (ValueError if not)."""
+        self.session._check(answer, KIND_UNMASK)
+        if answer.sender != u:
+            raise ValueError(f"unmasking answer for {u!r} came from {answer.sender!r}")
+        b_owners = _ids_from_bytes(answer.payload.get("b_owners"), "b_owners")
+        s_owners = _ids_from_bytes(answer.payload.get("s_owners"), "s_owners")
+        if set(b_owners) != survivors or set(s_owners) != dropped:
+            raise ValueError(f"unmasking answer from {u!r} does not match the request")
+        b_raw, s_raw = _bytes_list(answer, "b_shares"), _bytes_list(answer, "s_shares")
+        if len(b_raw) != len(b_owners) or len(s_raw) != len(s_owners):
+            raise ValueError(f"unmasking answer from {u!r}: owners and shares do not line up")
+        try:
+            return ([(o, shamir.Share.from_bytes(r)) for o, r in zip(b_owners, b_raw, strict=True)],
+                    [(o, shamir.Share.from_bytes(r)) for o, r in zip(s_owners, s_raw, strict=True)])
+        except Exception as exc:  # noqa: BLE001 - any malformed share is this answer's fault
+            raise ValueError(f"unmasking answer from {u!r}: malformed share ({exc!r:.200})") from None
 
     def _ring_sum(self, replies: Sequence[Message], field: str) -> tuple[np.ndarray, SealedTensor]:
         arrays, like = self._load(replies, field)

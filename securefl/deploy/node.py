@@ -33,9 +33,10 @@ import yaml
 from securefl.config import ConfigError, dump_config, parse_config
 from securefl.runtime.codec import DecodeError, decode_message, encode_message
 from securefl.runtime.host import HostReport, ParticipantHost
+from securefl.runtime.message import BROADCAST
 
 NODE_CHECKPOINT = "checkpoints/node.pt"
-PHASES = ("hello", "setup", "prepare", "step", "update", "evaluate", "finish")
+PHASES = ("hello", "setup", "prepare", "layer", "step", "update", "evaluate", "finish")
 
 
 class NodeError(RuntimeError):
@@ -69,6 +70,11 @@ class ParticipantNode:
             if phase == "setup":
                 self._setup(request)
                 return {"ok": True, "participant": self.participant_id}
+            if phase == "layer":
+                # A layer's own conversation with the coordinator (masking's key agreement and unmasking):
+                # it keeps its state itself and needs neither the data nor the models, so a fresh process
+                # answers it without rebuilding the participant.
+                return {"ok": True, "message": encode_message(self._answer_for_layer(request))}
             host = self._open(request)
             reply: dict[str, Any] = {"ok": True}
             if phase == "prepare":
@@ -111,6 +117,29 @@ class ParticipantNode:
                 layer.start_round(rnd, list(request["sampled"]))
             self._layer_round = rnd
         return rnd
+
+    def _answer_for_layer(self, request: dict[str, Any]) -> Any:
+        from securefl.layers.secure_aggregation import MaskingNodeLayer
+
+        run_id = request.get("run_id")
+        saved = self.node_dir / "run.json"
+        if not saved.exists() or json.loads(saved.read_text())["run_id"] != run_id:
+            raise NodeError(f"layer request for run {run_id!r}, but {self.node_dir} holds no such run")
+        try:
+            msg = decode_message(request["message"])
+        except (DecodeError, KeyError) as exc:
+            raise NodeError(f"undecodable layer request ({exc})") from None
+        if msg.run_id != run_id or msg.receiver not in (self.participant_id, BROADCAST):
+            raise NodeError(f"a layer request for {msg.receiver!r} in run {msg.run_id!r} reached "
+                            f"{self.participant_id!r} in run {run_id!r}")
+        config = parse_config(yaml.safe_load((self.node_dir / "config.yaml").read_text()), "node config.yaml")
+        if config.secure_aggregation != "masking":
+            raise NodeError(f"no layer on this node answers a {msg.kind!r} request (secure_aggregation is "
+                            f"{config.secure_aggregation!r})")
+        masking = MaskingNodeLayer(run_id=run_id, threshold_fraction=config.masking.threshold_fraction,
+                                   participant_id=self.participant_id, key_dir=self.node_dir / "keys")
+        masking.start_round(int(request["round"]), list(request["sampled"]))
+        return masking.answer(msg)
 
     def close(self) -> None:
         if self.host is not None:

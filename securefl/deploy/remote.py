@@ -41,6 +41,7 @@ class RemoteParticipants:
         self.facts: dict[str, Any] = {}
         # Metrics that arrived with the phase before an evaluation: {round: {participant: metrics}}.
         self._metrics: dict[int, dict[str, dict[str, float]]] = {}
+        self._pending_rejected: list[dict[str, str]] = []
 
     def connect(self, *, run_id: str, config_text: str) -> None:
         """Send every node the config; any refusal stops the run before round 1, with the node's reason."""
@@ -88,9 +89,36 @@ class RemoteParticipants:
     def close(self) -> None:
         """Nothing to release here: each node keeps its own state."""
 
+    # ----- a layer's conversation with the nodes (masking's key agreement) -------------------------------
+    def ask(self, rnd: int, sampled: Sequence[str], requests: Mapping[str, Message]) -> dict[str, Message]:
+        """Deliver one layer request to each participant's node; return the answers that came back. A node
+        that fails, or answers in someone else's name, is left out and the reason logged with the round."""
+        replies = self._call({pid: {"phase": "layer", "round": rnd, "sampled": list(sampled),
+                                    "message": encode_message(msg)} for pid, msg in requests.items()})
+        answers = {}
+        for pid, reply in replies.items():
+            try:
+                if not reply.get("ok"):
+                    raise DecodeError(reply.get("error", "no reply"))
+                msg = decode_message(reply.get("message"))
+            except DecodeError as exc:
+                self.reject(pid, str(exc))
+                continue
+            if msg.sender != pid:
+                self.reject(pid, f"node of {pid!r} answered as {msg.sender!r}")
+                continue
+            answers[pid] = msg
+        return answers
+
+    def reject(self, sender: str, reason: str) -> None:
+        """Log a refusal that happened outside a phase (it joins the next phase's report, in this round)."""
+        self._pending_rejected.append({"sender": sender, "receiver": "coordinator", "reason": reason})
+
     # ----- plumbing ----------------------------------------------------------------------------------
     def _phase(self, requests: Mapping[str, dict[str, Any]], *, evaluate: int | None = None) -> HostReport:
         report = HostReport()
+        report.rejected.extend(self._pending_rejected)
+        self._pending_rejected.clear()
         for pid, reply in self._call(requests).items():
             if not reply.get("ok"):
                 report.rejected.append({"sender": pid, "receiver": "coordinator",

@@ -43,6 +43,10 @@ class Layer:
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
         """Refuse an unsupported set-up before round 1 (raise :class:`LayerSetupError`)."""
 
+    def connect(self, participants: Any) -> None:
+        """Coordinator side of a deployment: the channel to the participants' nodes, for a layer whose
+        per-round set-up is a conversation with them (pairwise masking's key agreement)."""
+
     def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
         """Per-round set-up (e.g. the key agreement of pairwise masking)."""
 

@@ -37,7 +37,15 @@ import torch
 from securefl.crypto.ckks import CkksAggregator, CkksParams, EncryptedVector, KeyHolderContext, PublicContext
 from securefl.crypto.errors import CiphertextError
 from securefl.crypto.keystore import write_private_file
-from securefl.crypto.masking import MaskingSession, SecAggSimulation
+from securefl.crypto.masking import (
+    KIND_ROSTER,
+    KIND_SHARE_INBOX,
+    KIND_UNMASK_REQUEST,
+    MaskingAggregator,
+    MaskingClient,
+    MaskingSession,
+    SecAggSimulation,
+)
 from securefl.crypto.sealed import SealedTensor, open_sealed_fields
 from securefl.layers.base import Layer, LayerSetupError, Rejected, aggregatable_fields
 from securefl.runtime.message import AGGREGATOR, Message
@@ -190,50 +198,52 @@ class CkksLayer(Layer):
         return self._aggregator
 
 
-class MaskingLayer(Layer):
+def _masking_session(run_id: str, rnd: int, sampled: Sequence[str], threshold_fraction: float) -> MaskingSession:
+    n = len(sampled)
+    # SecAgg needs a strict majority threshold (t > n/2) for its dropout-robustness argument.
+    threshold = min(n, max(n // 2 + 1, int(round(threshold_fraction * n))))
+    return MaskingSession(run_id=run_id, round=rnd, participant_ids=list(sampled), threshold=threshold)
+
+
+def _mask_fields(msg: Message, client: MaskingClient, fields: Sequence[str], party_id: str) -> Message:
+    """Replace each aggregatable field of an uplink by its masked value (pre-weighted when the message says)."""
+    weight = msg.meta.get("aggregation_weight")
+    for name in fields:
+        if name in msg.payload:
+            try:
+                sealed: SealedTensor = client.mask_input(msg.tensor(name), field=name, weight=weight)
+            except ValueError as exc:  # outside the fixed-point ring: withheld, not crashed on
+                raise Rejected(party_id, f"field {name!r} cannot be masked: {str(exc):.300}") from None
+            msg = sealed.attach(msg, name)
+    return msg
+
+
+class _MaskingServer(Layer):
+    """The server's half of masking: it checks masked uplinks and aggregates them with this round's session."""
+
     name = "masking"
 
     def __init__(self, *, run_id: str, threshold_fraction: float) -> None:
         self.run_id = run_id
         self.threshold_fraction = threshold_fraction
-        self._sim: SecAggSimulation | None = None
+        self._session: MaskingSession | None = None
+        self._aggregator: MaskingAggregator | None = None
         self._fields: list[str] = []
 
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
         _refuse_unsupported(protocol, "masking")
         self._fields = aggregatable_fields(protocol)
 
-    def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
-        n = len(sampled)
-        # SecAgg needs a strict majority threshold (t > n/2) for its dropout-robustness argument.
-        threshold = min(n, max(n // 2 + 1, int(round(self.threshold_fraction * n))))
-        session = MaskingSession(run_id=self.run_id, round=rnd, participant_ids=list(sampled), threshold=threshold)
-        self._sim = SecAggSimulation.setup(session)
-
-    def outbound(self, msg: Message, party: Any) -> Message:
-        if msg.receiver != AGGREGATOR or self._sim is None:
-            return msg
-        client = self._sim.clients[party.id]
-        weight = msg.meta.get("aggregation_weight")
-        for name in self._fields:
-            if name in msg.payload:
-                try:
-                    sealed: SealedTensor = client.mask_input(msg.tensor(name), field=name, weight=weight)
-                except ValueError as exc:  # outside the fixed-point ring: withheld, not crashed on
-                    raise Rejected(party.id, f"field {name!r} cannot be masked: {str(exc):.300}") from None
-                msg = sealed.attach(msg, name)
-        return msg
-
     def server_inbound(self, msg: Message) -> Message:
         """A masked field must come from a key-sharing participant, in this session's ring, whole."""
-        if self._sim is None:
+        if self._aggregator is None or self._session is None:
             return msg
-        encoding = self._sim.session.encoding
+        encoding = self._session.encoding
         for name in self._fields:
             sealed = _sealed_field(msg, name, "secagg")
             if sealed is None:
                 continue
-            if msg.sender not in self._sim.aggregator.mask_peers:
+            if msg.sender not in self._aggregator.mask_peers:
                 raise Rejected(msg.sender, f"field {name!r}: {msg.sender!r:.80} did not share keys in this round")
             ring = (sealed.params.get("ring_bits"), sealed.params.get("fractional_bits"))
             if ring != (encoding.ring_bits, encoding.fractional_bits):
@@ -250,10 +260,167 @@ class MaskingLayer(Layer):
         return msg
 
     def wrap_aggregator(self, aggregator: Any, rnd: int) -> Any:
-        assert self._sim is not None, "start_round was not called"
-        return self._sim.aggregator
+        assert self._aggregator is not None, "start_round was not called"
+        return self._aggregator
+
+
+class MaskingLayer(_MaskingServer):
+    """A simulation's masking: every participant's client and the server in one process."""
+
+    def __init__(self, *, run_id: str, threshold_fraction: float) -> None:
+        super().__init__(run_id=run_id, threshold_fraction=threshold_fraction)
+        self._sim: SecAggSimulation | None = None
+
+    def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
+        self._sim = SecAggSimulation.setup(_masking_session(self.run_id, rnd, sampled, self.threshold_fraction))
+        self._session, self._aggregator = self._sim.session, self._sim.aggregator
+
+    def outbound(self, msg: Message, party: Any) -> Message:
+        if msg.receiver != AGGREGATOR or self._sim is None:
+            return msg
+        return _mask_fields(msg, self._sim.clients[party.id], self._fields, party.id)
 
     def drop(self, *participant_ids: str) -> None:
         """Participants that shared keys but will not answer the unmasking request."""
         if self._sim is not None:
             self._sim.drop(*participant_ids)
+
+
+# The coordinator's request that opens a node's session (SecAgg round 0), and the node's word that it holds
+# its peers' shares (end of round 1). The other messages are :mod:`securefl.crypto.masking`'s own.
+KIND_INVITE = "secagg/invite"
+KIND_READY = "secagg/ready"
+
+
+class MaskingCoordinatorLayer(_MaskingServer):
+    """A deployed coordinator's masking: each round it runs SecAgg's key agreement with the sampled nodes
+    (rounds 0-1), then aggregates their masked inputs and asks the survivors for the shares that remove
+    the masks (round 4). It relays the participants' encrypted shares and never holds a secret of theirs.
+
+    The conversation goes through ``participants.ask(round, sampled, {participant: request})``, which
+    returns the answers that came back; a node that fails a phase is left out of the session from then on
+    (recovered as a dropout), and ``participants.reject(participant, reason)`` logs why.
+    """
+
+    def __init__(self, *, run_id: str, threshold_fraction: float) -> None:
+        super().__init__(run_id=run_id, threshold_fraction=threshold_fraction)
+        self._participants: Any = None
+
+    def connect(self, participants: Any) -> None:
+        self._participants = participants
+
+    def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
+        if self._participants is None:
+            raise LayerSetupError("secure_aggregation = 'masking' on a coordinator needs the channel to the nodes")
+        ask = self._participants.ask
+        session = _masking_session(self.run_id, rnd, sampled, self.threshold_fraction)
+        aggregator = MaskingAggregator(session, unmask_batch=lambda requests: self._unmask(rnd, sampled, requests))
+        invites = {pid: session.message(sender=AGGREGATOR, receiver=pid, kind=KIND_INVITE, payload={})
+                   for pid in session.participant_ids}
+        adverts = self._well_formed(ask(rnd, sampled, invites), aggregator.check_advertisement)
+        roster = aggregator.collect_advertisements(list(adverts.values()))  # SecAggAbort below the threshold
+        shares = self._well_formed(ask(rnd, sampled, dict.fromkeys(adverts, roster)), aggregator.check_share_message)
+        inboxes = aggregator.route_shares(list(shares.values()))
+        # A node that cannot take its shares sends no masked input: the survivors' shares recover it.
+        self._well_formed(ask(rnd, sampled, inboxes), lambda msg: session._check(msg, KIND_READY))
+        self._session, self._aggregator = session, aggregator
+
+    def _unmask(self, rnd: int, sampled: Sequence[str], requests: Sequence[Message]) -> dict[str, Message]:
+        assert self._aggregator is not None
+        answers = self._participants.ask(rnd, sampled, {r.receiver: r for r in requests})
+        failures = self._aggregator.unmask_failures
+        for reason in failures:
+            self._participants.reject(AGGREGATOR, f"unmasking: {reason}")
+        failures.clear()
+        return answers
+
+    def _well_formed(self, answers: dict[str, Message], check: Any) -> dict[str, Message]:
+        kept = {}
+        for pid, msg in answers.items():
+            try:
+                check(msg)
+            except (ValueError, TypeError) as exc:
+                self._participants.reject(pid, f"secure aggregation set-up: {str(exc):.300}")
+                continue
+            kept[pid] = msg
+        return kept
+
+
+class MaskingNodeLayer(Layer):
+    """A data owner's node under masking: it answers the coordinator's SecAgg requests and masks its uplinks.
+
+    The client of each round's session is kept between phases in ``key_dir/secagg/`` (a node may run every
+    phase in a fresh process), in a file only the owner can read, and deleted when the next round starts:
+    its secrets are single-use. Keeping it is what makes the client's promises hold across processes: it
+    answers one survivor set only, and never masks a field twice with the same keys.
+    """
+
+    name = "masking"
+    STATE_DIR = "secagg"
+
+    def __init__(self, *, run_id: str, threshold_fraction: float, participant_id: str, key_dir: Path) -> None:
+        self.run_id = run_id
+        self.threshold_fraction = threshold_fraction
+        self.participant_id = participant_id
+        self.state_dir = Path(key_dir) / self.STATE_DIR
+        self._session: MaskingSession | None = None
+        self._fields: list[str] = []
+
+    def check(self, protocol: Any, parties: Sequence[Any]) -> None:
+        _refuse_unsupported(protocol, "masking")
+        self._fields = aggregatable_fields(protocol)
+
+    def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
+        self._session = None
+        if self.participant_id in sampled and len(sampled) >= 2:
+            self._session = _masking_session(self.run_id, rnd, sampled, self.threshold_fraction)
+        for old in self.state_dir.glob(f"{self.participant_id}.round*.state"):
+            if old != self._state_file(rnd):
+                old.unlink()
+
+    def answer(self, request: Message) -> Message:
+        """One SecAgg request from the coordinator -> this node's answer (ValueError if it refuses)."""
+        session = self._current(request.kind)
+        if request.kind == KIND_INVITE:
+            client = MaskingClient(session, self.participant_id)  # fresh secrets for every session
+            reply = client.advertise_keys()
+        else:
+            client = self._load(session)
+            if request.kind == KIND_ROSTER:
+                reply = client.share_keys(request)
+            elif request.kind == KIND_SHARE_INBOX:
+                client.receive_shares(request)
+                reply = session.message(sender=self.participant_id, receiver=AGGREGATOR, kind=KIND_READY, payload={})
+            elif request.kind == KIND_UNMASK_REQUEST:
+                reply = client.unmask(request)
+            else:
+                raise ValueError(f"masking does not answer a {request.kind!r} request")
+        self._save(session, client)
+        return reply
+
+    def outbound(self, msg: Message, party: Any) -> Message:
+        if msg.receiver != AGGREGATOR or not any(name in msg.payload for name in self._fields):
+            return msg
+        session = self._current("masked input")
+        client = self._load(session)
+        msg = _mask_fields(msg, client, self._fields, party.id)
+        self._save(session, client)
+        return msg
+
+    def _current(self, what: str) -> MaskingSession:
+        if self._session is None:
+            raise ValueError(f"{self.participant_id!r} is in no secure-aggregation session this round ({what})")
+        return self._session
+
+    def _state_file(self, rnd: int) -> Path:
+        return self.state_dir / f"{self.participant_id}.round{rnd}.state"
+
+    def _load(self, session: MaskingSession) -> MaskingClient:
+        path = self._state_file(session.round)
+        if not path.exists():
+            raise ValueError(f"{self.participant_id!r} holds no SecAgg keys for round {session.round} (it was not "
+                             "invited to this round's key agreement, or lost them)")
+        return MaskingClient.from_state(session, self.participant_id, path.read_bytes())
+
+    def _save(self, session: MaskingSession, client: MaskingClient) -> None:
+        write_private_file(self._state_file(session.round), client.export_state(), atomic=True)

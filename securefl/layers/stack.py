@@ -7,9 +7,12 @@ hold:
 - ``simulation``: one process plays every participant and the aggregator, so
   one stack carries both the participant hooks and the server hooks;
 - ``participant``: a data owner's node — its own signing key, the CKKS
-  committee secret it was provisioned with, and everyone's public keys;
+  committee secret it was provisioned with, and everyone's public keys; under
+  masking, its own SecAgg client for the round;
 - ``coordinator``: the aggregator's node — its own signing key, the CKKS
-  *public* context (it can add ciphertexts, never decrypt), and the roster.
+  *public* context (it can add ciphertexts, never decrypt), and the roster;
+  under masking, the SecAgg server, which talks to the nodes through the
+  channel the runtime gives it (``Layer.connect``).
 """
 
 from __future__ import annotations
@@ -46,13 +49,17 @@ def build_layers(config: Any, *, side: Side, run_id: str, key_dir: Path, party_i
         else:
             layers.append(CkksLayer.for_coordinator(key_dir))
     elif config.secure_aggregation == "masking":
-        if side != "simulation":
-            raise LayerSetupError(
-                "secure_aggregation = 'masking' runs in simulation only: SecAgg's key-agreement, share and "
-                "unmasking rounds between nodes are not carried by the deployment adapter yet; use 'ckks'")
-        from securefl.layers.secure_aggregation import MaskingLayer
+        from securefl.layers import secure_aggregation as sa
 
-        layers.append(MaskingLayer(run_id=run_id, threshold_fraction=config.masking.threshold_fraction))
+        masking = {"run_id": run_id, "threshold_fraction": config.masking.threshold_fraction}
+        if side == "simulation":
+            layers.append(sa.MaskingLayer(**masking))
+        elif side == "participant":
+            if not hosted or len(hosted) != 1:
+                raise LayerSetupError(f"a masking node hosts exactly one participant, got {hosted}")
+            layers.append(sa.MaskingNodeLayer(**masking, participant_id=hosted[0], key_dir=key_dir))
+        else:
+            layers.append(sa.MaskingCoordinatorLayer(**masking))
     if config.signing:
         from securefl.layers.signing import SigningLayer
 

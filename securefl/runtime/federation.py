@@ -215,6 +215,8 @@ class Federation:
             signers = {AGGREGATOR: self.party_keys(AGGREGATOR)} if config.signing else {}
             self.layers = build_layers(config, side="coordinator", run_id=self.run_id, key_dir=self.out / "keys",
                                        party_ids=[p.id for p in self.parties], signers=signers)
+            for layer in self.layers:
+                layer.connect(remote)
         for layer in self.layers:
             layer.check(self.protocol, self.parties)
 

@@ -1,9 +1,9 @@
 """A real Flower deployment on loopback: one SuperLink and three SuperNodes as separate OS processes.
 
 Each SuperNode hosts one data owner with its own directory (keys, ledger, checkpoints) and runs private
-FedMD with CKKS; the coordinator runs as Flower's ServerApp. The test checks that every node's ledger passes
-``securefl audit``, that the coordinator never held a participant's key, and that the accuracies equal the
-in-process simulation of the same config and seed.
+FedMD with CKKS, or private FML with pairwise masking; the coordinator runs as Flower's ServerApp. The tests
+check that every node's ledger passes ``securefl audit``, that the coordinator never held a participant's
+key, and that the accuracies equal the in-process simulation of the same config and seed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ pytest.importorskip("flwr", reason="the Flower extra is not installed (pip insta
 from securefl.config import load_config  # noqa: E402
 from securefl.deploy.loopback import deploy_loopback  # noqa: E402
 from securefl.runtime.federation import Federation  # noqa: E402
+from tests.conftest import metrics_without_time  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +73,42 @@ def test_private_fedmd_with_ckks_on_a_loopback_flower_deployment(tmp_path: Path)
         assert mine["id"] == theirs["id"]
         assert abs(mine["final_accuracy"] - theirs["final_accuracy"]) <= 0.02, (mine, theirs)
         assert mine["epsilon"] == pytest.approx(theirs["epsilon"], rel=1e-9)
+
+
+MASKING_CONFIG = """
+protocol: fml
+run: {seed: 0, rounds: 2, name: flower-masking}
+data:
+  dataset: digits
+  partition: {kind: dirichlet, alpha: 0.5}
+  val_fraction: 0.15
+training: {optimizer: sgd, lr: 0.1, momentum: 0.9, batch_size: 32, local_epochs: 1}
+privacy: {unit: record, delta: 1.0e-5, accountant: rdp, max_grad_norm: 1.0}
+secure_aggregation: masking
+participants:
+  - {id: site_a, model: mlp_s, target_epsilon: 8}
+  - {id: site_b, model: cnn_s, target_epsilon: 8}
+  - {id: site_c, model: mlp_m, target_epsilon: 4}
+fml: {meme_model: mlp_s}
+"""
+
+
+@pytest.mark.slow  # six Flower phases a round (about 2.5 min); run by `make test-slow` in CI
+def test_private_fml_with_pairwise_masking_on_a_loopback_flower_deployment(tmp_path: Path) -> None:
+    """SecAgg's key agreement, the masked meme deltas and the unmasking all travel as Flower messages; the
+    masked sums are exact, so every metric equals the simulation's."""
+    config_path = tmp_path / "experiment.yaml"
+    config_path.write_text(MASKING_CONFIG)
+    deploy_loopback(config_path, tmp_path / "deployment", timeout=600)
+    coordinator, nodes = tmp_path / "deployment" / "coordinator", tmp_path / "deployment" / "nodes"
+    for node_dir in sorted(nodes.iterdir()):
+        audit = subprocess.run([str(BIN / "securefl"), "audit", str(node_dir), "--json"], capture_output=True, text=True)
+        assert audit.returncode == 0, audit.stdout + audit.stderr
+        # The node kept only its last round's SecAgg client, readable by its owner alone.
+        states = list((node_dir / "keys" / "secagg").iterdir())
+        assert [s.name for s in states] == [f"{node_dir.name}.round2.state"]
+        assert states[0].stat().st_mode & 0o077 == 0
+    assert sorted(p.name for p in (coordinator / "keys").iterdir() if p.is_file()) == ["aggregator.ed25519"]
+
+    Federation(load_config(config_path), tmp_path / "simulation", progress=False).run()
+    assert metrics_without_time(coordinator) == metrics_without_time(tmp_path / "simulation")

@@ -130,6 +130,38 @@ class ProtocolContract:
         # The coordinator's directory holds no participant's private key.
         assert sorted(p.name for p in (tmp_path / "coordinator" / "keys").glob("*.ed25519")) == ["aggregator.ed25519"]
 
+    def test_masking_between_nodes_gives_the_simulations_metrics(self, tmp_path: Path) -> None:
+        """Pairwise masking on separate nodes: the key agreement, the masked inputs and the unmasking travel
+        as messages between the coordinator and nodes rebuilt from disk for every request, and the decoded
+        sums (exact in the ring) give the simulation's metrics. A protocol masking refuses is refused the
+        same way on nodes."""
+        from securefl.deploy.provision import provision
+        from securefl.deploy.remote import RemoteSetupError, isolated_participants
+        from securefl.layers.base import LayerSetupError
+
+        cfg = self.config(run={"rounds": 2}, secure_aggregation="masking")
+        if get_protocol(self.protocol).simulation_only:
+            return  # refused on nodes whatever the layers (the test above)
+        remote, nodes = isolated_participants(cfg, tmp_path / "nodes", fresh_process=True)
+        provision(cfg, coordinator_dir=tmp_path / "coordinator", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
+        try:
+            Federation(cfg, tmp_path / "sim", progress=False).run()
+        except LayerSetupError as refusal:
+            # The nodes refuse first, when they receive the config; the coordinator names their reason.
+            with pytest.raises(RemoteSetupError) as on_nodes:
+                Federation(cfg, tmp_path / "coordinator", progress=False, remote=remote)
+            assert str(refusal) in str(on_nodes.value)
+            return
+        Federation(cfg, tmp_path / "coordinator", progress=False, remote=remote).run()
+        deployed = metrics_without_time(tmp_path / "coordinator")
+        assert deployed == metrics_without_time(tmp_path / "sim")
+        assert all(row["rejected"] == [] for row in deployed)
+        if not self.shares_nothing:
+            # Each node kept only the current round's SecAgg client, readable by its owner alone.
+            states = sorted((tmp_path / "nodes").glob("*/keys/secagg/*.state"))
+            assert [s.name for s in states] == [f"{pid}.round2.state" for pid in sorted(nodes)]
+            assert all(s.stat().st_mode & 0o077 == 0 for s in states)
+
     def test_protocol_file_imports_no_privacy_crypto_or_transport_library(self) -> None:
         source = Path(inspect.getfile(get_protocol(self.protocol))).read_text()
         for node in ast.walk(ast.parse(source)):
