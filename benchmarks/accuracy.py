@@ -115,6 +115,8 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
         return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True}
     raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir), row.overrides)
     raw["protocol"] = row.protocol
+    if row.homogeneous:
+        raw["participants"] = [{"id": p["id"], "model": A1_MODELS[0]} for p in raw["participants"]]
     if epsilon != "inf":
         raw = deep_merge(raw, {"privacy": {"unit": "record", "delta": 1e-5}})
         for i, participant in enumerate(raw["participants"]):
@@ -123,16 +125,19 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
     if quick and "fedh2l" in raw:
         # The quick smoke's public set is smaller than the full run's seed set.
         raw["fedh2l"]["seed_size"] = min(raw["fedh2l"].get("seed_size") or 0, raw["data"]["public_size"]) or None
-    if row.homogeneous:
-        raw["participants"] = [{"id": p["id"], "model": A1_MODELS[0]} for p in raw["participants"]]
-    config = parse_config(raw, f"{setting}/{row.protocol}/{row.variant}")
     t0 = time.perf_counter()
     try:
+        config = parse_config(raw, f"{setting}/{row.protocol}/{row.variant}")
         fed = Federation(config, out, resume=(out / CHECKPOINT).exists(), progress=False)
     except ProtocolSetupError as exc:
-        # e.g. pooled under DP, or FedGen's raw label counts under record-level DP: reported, not run.
+        # e.g. pooled under DP: reported, not run.
         return {"task": task[:4], "refused": str(exc), "reused": False}
-    summary = fed.run()
+    except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the others
+        return {"task": task[:4], "failed": f"{type(exc).__name__}: {exc}", "reused": False}
+    try:
+        summary = fed.run()
+    except Exception as exc:  # noqa: BLE001 - kept resumable: its checkpoint is in the run directory
+        return {"task": task[:4], "failed": f"{type(exc).__name__}: {exc}", "reused": False}
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {"task": task[:4], "summary": summary, "reused": False}
@@ -143,7 +148,7 @@ def per_seed_cells(results: list[dict[str, Any]]) -> dict[tuple[str, str, str, s
     cells: dict[tuple[str, str, str, str], dict[int, dict[str, float]]] = {}
     for res in results:
         setting, row, epsilon, seed = res["task"]
-        if "refused" in res:
+        if "refused" in res or "failed" in res:
             continue
         s = res["summary"]
         cells.setdefault((setting, row.protocol, row.variant, epsilon), {})[seed] = {
@@ -241,7 +246,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool) -> No
     curves: dict[str, list[list[float]]] = {}
     for res in results:
         setting, row, epsilon, seed = res["task"]
-        if epsilon != "inf" or setting != "A1":
+        if epsilon != "inf" or setting != "A1" or "summary" not in res:
             continue
         metrics_path = run_dir(setting, row, epsilon, seed, quick) / "metrics.jsonl"
         if not metrics_path.exists():
@@ -251,9 +256,11 @@ def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool) -> No
     if not curves:
         return
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for label, series in sorted(curves.items()):
+    for i, (label, series) in enumerate(sorted(curves.items())):
         n = min(len(s) for s in series)
-        ax.plot(range(n), np.mean([s[:n] for s in series], axis=0), marker="o", ms=3, label=label)
+        # The default colour cycle has ten colours: from the eleventh curve on, the line style tells them apart.
+        ax.plot(range(n), np.mean([s[:n] for s in series], axis=0), marker="o", ms=3, label=label,
+                linestyle=("-", "--", ":")[i // 10 % 3])
     ax.set_xlabel("round (0 = after local pre-training)")
     ax.set_ylabel("mean test accuracy over participants")
     ax.set_title("Fashion-MNIST, setting A1, ε = ∞")
@@ -319,19 +326,26 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     results: list[dict[str, Any]] = []
+    failures: list[str] = []
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs) as pool, tqdm(total=len(tasks), unit="run", desc="accuracy benchmark") as bar:
         for res in pool.imap_unordered(_one_run, tasks):
             results.append(res)
             setting, row, eps, seed = res["task"]
-            outcome = f"refused ({res['refused'][:60]})" if "refused" in res else f"{res['summary']['mean_accuracy']:.3f}"
+            if "summary" in res:
+                outcome = f"{res['summary']['mean_accuracy']:.3f}"
+            else:
+                outcome = f"{'refused' if 'refused' in res else 'FAILED'} ({res.get('refused', res.get('failed'))[:60]})"
+                failures.append(f"{setting} {row.protocol}/{row.variant} ε={eps} seed {seed}: {outcome}")
             bar.set_postfix_str(f"{setting} {row.protocol}/{row.variant} ε={eps} s{seed}: {outcome}")
             bar.update(1)
             # Rewrite the tables after every finished run: a stopped benchmark keeps what it measured.
             write_results(results, args.out_name, command.strip(), quick=args.quick)
     print((RESULTS / f"{args.out_name}.md").read_text())
-    return 0
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    return 1 if any("FAILED" in f for f in failures) else 0
 
 
 if __name__ == "__main__":

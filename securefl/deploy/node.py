@@ -136,8 +136,8 @@ class ParticipantNode:
         if config.secure_aggregation != "masking":
             raise NodeError(f"no layer on this node answers a {msg.kind!r} request (secure_aggregation is "
                             f"{config.secure_aggregation!r})")
-        masking = MaskingNodeLayer(run_id=run_id, threshold_fraction=config.masking.threshold_fraction,
-                                   participant_id=self.participant_id, key_dir=self.node_dir / "keys")
+        masking = MaskingNodeLayer.for_node(config, run_id=run_id, participant_id=self.participant_id,
+                                            key_dir=self.node_dir / "keys")
         masking.start_round(int(request["round"]), list(request["sampled"]))
         return masking.answer(msg)
 

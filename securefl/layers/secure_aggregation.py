@@ -28,16 +28,18 @@ statistics query, which bypasses the layers).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.exceptions import InvalidSignature
 
 from securefl.crypto.ckks import CkksAggregator, CkksParams, EncryptedVector, KeyHolderContext, PublicContext
 from securefl.crypto.errors import CiphertextError
 from securefl.crypto.keystore import write_private_file
 from securefl.crypto.masking import (
+    KIND_ADVERTISE,
     KIND_ROSTER,
     KIND_SHARE_INBOX,
     KIND_UNMASK_REQUEST,
@@ -47,6 +49,7 @@ from securefl.crypto.masking import (
     SecAggSimulation,
 )
 from securefl.crypto.sealed import SealedTensor, open_sealed_fields
+from securefl.crypto.signing import SIGNATURE_META_KEY, canonical_bytes
 from securefl.layers.base import Layer, LayerSetupError, Rejected, aggregatable_fields
 from securefl.runtime.message import AGGREGATOR, Message
 
@@ -319,6 +322,11 @@ class MaskingCoordinatorLayer(_MaskingServer):
                    for pid in session.participant_ids}
         adverts = self._well_formed(ask(rnd, sampled, invites), aggregator.check_advertisement)
         roster = aggregator.collect_advertisements(list(adverts.values()))  # SecAggAbort below the threshold
+        # Each node's signature on its own keys rides along, so every node can check that the roster's keys
+        # are its peers' and not the coordinator's (a man in the middle); unsigned where signing is off.
+        ids = [raw.decode() for raw in roster.payload["ids"]]
+        roster = roster.model_copy(update={"payload": {**roster.payload, "signatures": [
+            bytes.fromhex(adverts[pid].meta.get(SIGNATURE_META_KEY, "")) for pid in ids]}})
         shares = self._well_formed(ask(rnd, sampled, dict.fromkeys(adverts, roster)), aggregator.check_share_message)
         inboxes = aggregator.route_shares(list(shares.values()))
         # A node that cannot take its shares sends no masked input: the survivors' shares recover it.
@@ -358,13 +366,35 @@ class MaskingNodeLayer(Layer):
     name = "masking"
     STATE_DIR = "secagg"
 
-    def __init__(self, *, run_id: str, threshold_fraction: float, participant_id: str, key_dir: Path) -> None:
+    def __init__(self, *, run_id: str, threshold_fraction: float, participant_id: str, key_dir: Path,
+                 signing_key: Any = None, public_keys: Mapping[str, Any] | None = None) -> None:
+        """``signing_key`` (this participant's :class:`~securefl.crypto.signing.PartyKeys`) and
+        ``public_keys`` (everyone's, from the provisioned roster): sign this node's SecAgg keys, and refuse a
+        roster whose keys its peers did not sign. Both or neither."""
+        if (signing_key is None) != (public_keys is None):
+            raise LayerSetupError("MaskingNodeLayer needs both signing_key and public_keys, or neither")
         self.run_id = run_id
         self.threshold_fraction = threshold_fraction
         self.participant_id = participant_id
         self.state_dir = Path(key_dir) / self.STATE_DIR
+        self.signing_key = signing_key
+        self.public_keys = dict(public_keys or {})
         self._session: MaskingSession | None = None
         self._fields: list[str] = []
+
+    @classmethod
+    def for_node(cls, config: Any, *, run_id: str, participant_id: str, key_dir: Path) -> MaskingNodeLayer:
+        """The layer a node builds from its config and provisioned keys."""
+        keys: dict[str, Any] = {}
+        if config.signing:
+            from securefl.crypto.keystore import load_or_create_party_keys, load_roster
+
+            # Sign with the node's own provisioned key (never create one here: the roster would not know it).
+            _provisioned(Path(key_dir) / f"{participant_id}.ed25519", f"signing key of {participant_id!r}")
+            keys = {"signing_key": load_or_create_party_keys(key_dir, participant_id),
+                    "public_keys": load_roster(key_dir, [p.id for p in config.participants])}
+        return cls(run_id=run_id, threshold_fraction=config.masking.threshold_fraction,
+                   participant_id=participant_id, key_dir=key_dir, **keys)
 
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
         _refuse_unsupported(protocol, "masking")
@@ -384,9 +414,12 @@ class MaskingNodeLayer(Layer):
         if request.kind == KIND_INVITE:
             client = MaskingClient(session, self.participant_id)  # fresh secrets for every session
             reply = client.advertise_keys()
+            if self.signing_key is not None:
+                reply = self.signing_key.sign(reply)
         else:
             client = self._load(session)
             if request.kind == KIND_ROSTER:
+                self._check_roster_signatures(request)
                 reply = client.share_keys(request)
             elif request.kind == KIND_SHARE_INBOX:
                 client.receive_shares(request)
@@ -406,6 +439,25 @@ class MaskingNodeLayer(Layer):
         msg = _mask_fields(msg, client, self._fields, party.id)
         self._save(session, client)
         return msg
+
+    def _check_roster_signatures(self, roster: Message) -> None:
+        """Every peer's keys in the roster must carry that peer's signature, as it advertised them."""
+        if self.signing_key is None:
+            return
+        ids, c_pks, s_pks = (roster.payload.get(k) for k in ("ids", "c_pks", "s_pks"))
+        signatures = roster.payload.get("signatures")
+        if not all(isinstance(v, list) for v in (ids, c_pks, s_pks, signatures)) or not (
+                len(ids) == len(c_pks) == len(s_pks) == len(signatures)):
+            raise ValueError("the roster carries no signature for every participant's keys; refusing to share")
+        for raw_id, c_pk, s_pk, signature in zip(ids, c_pks, s_pks, signatures, strict=True):
+            pid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            advert = Message(sender=pid, receiver=AGGREGATOR, run_id=roster.run_id, round=roster.round,
+                             kind=KIND_ADVERTISE, payload={"c_pk": c_pk, "s_pk": s_pk})
+            try:
+                self.public_keys[pid].verify(bytes(signature), canonical_bytes(advert))
+            except (KeyError, InvalidSignature, TypeError, ValueError):
+                raise ValueError(f"the roster's keys for {pid!r} are not signed by {pid!r}: the coordinator may "
+                                 "have substituted them (a man in the middle); refusing to share keys") from None
 
     def _current(self, what: str) -> MaskingSession:
         if self._session is None:

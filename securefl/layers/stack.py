@@ -57,7 +57,7 @@ def build_layers(config: Any, *, side: Side, run_id: str, key_dir: Path, party_i
         elif side == "participant":
             if not hosted or len(hosted) != 1:
                 raise LayerSetupError(f"a masking node hosts exactly one participant, got {hosted}")
-            layers.append(sa.MaskingNodeLayer(**masking, participant_id=hosted[0], key_dir=key_dir))
+            layers.append(sa.MaskingNodeLayer.for_node(config, run_id=run_id, participant_id=hosted[0], key_dir=key_dir))
         else:
             layers.append(sa.MaskingCoordinatorLayer(**masking))
     if config.signing:

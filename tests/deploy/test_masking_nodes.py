@@ -10,6 +10,7 @@ each request may reach a fresh process.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,7 +19,8 @@ import pytest
 import torch
 
 from securefl.crypto.errors import SecAggAbort
-from securefl.crypto.masking import KIND_UNMASK_REQUEST, _ids_to_bytes
+from securefl.crypto.masking import KIND_ROSTER, KIND_UNMASK_REQUEST, _ids_to_bytes
+from securefl.crypto.signing import PartyKeys
 from securefl.deploy.provision import provision
 from securefl.deploy.remote import isolated_participants
 from securefl.layers.base import LayerSetupError, Rejected
@@ -36,12 +38,17 @@ FAKE_PROTOCOL = SimpleNamespace(name="fake", uplink=SimpleNamespace(
 class FreshProcessNodes:
     """The coordinator layer's channel to nodes that start a new process (a new layer object) per request."""
 
-    def __init__(self, key_root: Path, ids: list[str], *, silent: set[str] | None = None) -> None:
+    def __init__(self, key_root: Path, ids: list[str], *, silent: set[str] | None = None,
+                 tamper: Callable[[Message], Message] | None = None) -> None:
         self.key_root, self.ids, self.silent = key_root, ids, silent if silent is not None else set()
+        self.tamper = tamper  # a coordinator that rewrites what it relays
+        self.keys = {pid: PartyKeys.generate(pid) for pid in ids}
         self.rejected: list[tuple[str, str]] = []
 
     def node(self, pid: str, rnd: int, sampled: list[str]) -> MaskingNodeLayer:
-        layer = MaskingNodeLayer(run_id=RUN, threshold_fraction=0.5, participant_id=pid, key_dir=self.key_root / pid)
+        layer = MaskingNodeLayer(run_id=RUN, threshold_fraction=0.5, participant_id=pid, key_dir=self.key_root / pid,
+                                 signing_key=self.keys[pid],
+                                 public_keys={q: k.public_key for q, k in self.keys.items()})
         layer.check(FAKE_PROTOCOL, [])
         layer.start_round(rnd, sampled)
         return layer
@@ -51,6 +58,8 @@ class FreshProcessNodes:
         for pid, request in requests.items():
             if pid in self.silent:
                 continue
+            if self.tamper is not None:
+                request = self.tamper(request)
             try:
                 answers[pid] = self.node(pid, rnd, sampled).answer(request)
             except (ValueError, SecAggAbort) as exc:
@@ -114,6 +123,33 @@ def test_the_coordinator_layer_aborts_below_the_threshold_and_names_who_failed(t
     coordinator.connect(nodes)
     with pytest.raises(SecAggAbort, match="only 2 participants advertised keys, below the threshold t=3"):
         coordinator.start_round(1, ids)
+
+
+def test_nodes_refuse_a_roster_whose_keys_the_coordinator_substituted(tmp_path: Path) -> None:
+    """A coordinator that swaps b's mask key for one of its own could strip b's pairwise masks; b's signature
+    on the keys it advertised does not cover the substitute, so no node shares its keys."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from securefl.crypto.masking import _raw_public
+
+    mine = _raw_public(X25519PrivateKey.generate().public_key())
+
+    def substitute_b(msg: Message) -> Message:
+        if msg.kind != KIND_ROSTER:
+            return msg
+        s_pks = list(msg.payload["s_pks"])
+        s_pks[[i.decode() for i in msg.payload["ids"]].index("b")] = mine
+        return msg.model_copy(update={"payload": {**msg.payload, "s_pks": s_pks}})
+
+    ids = ["a", "b", "c"]
+    nodes = FreshProcessNodes(tmp_path, ids, tamper=substitute_b)
+    coordinator = MaskingCoordinatorLayer(run_id=RUN, threshold_fraction=0.5)
+    coordinator.check(FAKE_PROTOCOL, [])
+    coordinator.connect(nodes)
+    with pytest.raises(SecAggAbort, match="only 0 participants shared their keys"):
+        coordinator.start_round(1, ids)
+    reasons = dict(nodes.rejected)
+    assert sorted(reasons) == ids and all("not signed by 'b'" in reason for reason in reasons.values())
 
 
 def fedmd_config(secure_aggregation: str) -> Any:
