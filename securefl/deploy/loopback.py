@@ -77,12 +77,40 @@ class LoopbackFederation:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def run(self, run_config: Mapping[str, Any], *, timeout: float = 1800.0) -> subprocess.CompletedProcess:
-        """``flwr run`` of the securefl app with ``run_config`` (config, out, timeout, wait-for-nodes)."""
+    def run(self, run_config: Mapping[str, Any], *, timeout: float = 1800.0,
+            stream: bool = True) -> subprocess.CompletedProcess:
+        """``flwr run`` of the securefl app with ``run_config`` (config, out, timeout, wait-for-nodes).
+        ``stream``: wait for the run and return its log; otherwise return once the run is submitted."""
         overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
-        return subprocess.run([self._bin("flwr"), "run", str(APP_DIR), "loopback", "--stream",
+        return subprocess.run([self._bin("flwr"), "run", str(APP_DIR), "loopback", *(["--stream"] if stream else []),
                                "--run-config", overrides], env=self.env, capture_output=True, text=True,
                               timeout=timeout)
+
+    def server_app_pids(self) -> list[int]:
+        """The running ServerApp processes (``flwr-serverapp``) the SuperLink started."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"flwr-serverapp") for part in cmdline[:2]) and self._launched_here(int(proc.name)):
+                pids.append(int(proc.name))
+        return pids
+
+    def _launched_here(self, pid: int) -> bool:
+        """Whether ``pid`` descends from one of this federation's processes."""
+        ours = {p.pid for _, p in self.processes}
+        while pid > 1:
+            if pid in ours:
+                return True
+            try:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                return False
+        return False
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"

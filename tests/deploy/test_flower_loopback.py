@@ -112,3 +112,79 @@ def test_private_fml_with_pairwise_masking_on_a_loopback_flower_deployment(tmp_p
 
     Federation(load_config(config_path), tmp_path / "simulation", progress=False).run()
     assert metrics_without_time(coordinator) == metrics_without_time(tmp_path / "simulation")
+
+
+RESUME_CONFIG = """
+protocol: fedh2l
+run: {seed: 0, rounds: 3, name: flower-resume}
+data:
+  dataset: digits
+  partition: {kind: dirichlet, alpha: 0.5}
+  public_size: 200
+  val_fraction: 0.15
+training: {optimizer: sgd, lr: 0.1, momentum: 0.9, batch_size: 32, local_epochs: 1}
+participants:
+  - {id: site_a, model: mlp_s}
+  - {id: site_b, model: cnn_s}
+  - {id: site_c, model: mlp_m}
+fedh2l: {seed_size: 100, seed_batch_size: 32}
+"""
+
+
+@pytest.mark.slow  # two flwr runs of three FedH2L rounds (about 3 min)
+def test_a_coordinator_killed_mid_run_on_flower_resumes_and_fedh2l_peers_talk_through_the_relay(tmp_path: Path) -> None:
+    """The ServerApp process is killed (SIGKILL) once round 1 is checkpointed; `flwr run` with the same `out`
+    resumes it. FedH2L's posteriors go peer to peer through the ServerApp, which only relays them. The nodes
+    rewind the interrupted round, so the metrics equal an uninterrupted simulation's. (That a redone round
+    stays charged in the ledgers is checked with in-process nodes in tests/deploy/test_nodes.py.)"""
+    import os
+    import signal
+    import threading
+    import time
+
+    from securefl.deploy.loopback import LoopbackFederation, NodeSpec
+    from securefl.deploy.provision import provision
+
+    config_path = tmp_path / "experiment.yaml"
+    config_path.write_text(RESUME_CONFIG)
+    config = load_config(config_path)
+    coordinator, nodes = tmp_path / "coordinator", tmp_path / "nodes"
+    specs = [NodeSpec(p.id, nodes / p.id) for p in config.participants]
+    provision(config, coordinator_dir=coordinator, node_dirs={s.participant_id: s.node_dir for s in specs})
+    run_config = {"config": str(config_path), "out": str(coordinator), "timeout": 300.0, "wait-for-nodes": 120.0}
+    killed: list[int] = []
+
+    with LoopbackFederation(tmp_path / "logs", specs) as federation:
+        def kill_after_round_one() -> None:
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline and not killed:
+                metrics = coordinator / "metrics.jsonl"
+                if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # rounds 0 and 1 logged
+                    for pid in federation.server_app_pids():
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=kill_after_round_one)
+        watcher.start()
+        federation.run(run_config, timeout=600)
+        watcher.join()
+        assert killed, "the ServerApp was never seen running"
+        assert not (coordinator / "summary.json").exists()
+        interrupted = len((coordinator / "metrics.jsonl").read_text().splitlines()) - 1
+        assert 1 <= interrupted < 3
+
+        result = federation.run(run_config, timeout=600)  # the same out: the coordinator resumes
+        assert (coordinator / "summary.json").exists(), result.stdout[-3000:] + federation.log("superlink")
+
+    relayed = [r for line in (coordinator / "metrics.jsonl").read_text().splitlines()
+               for r in json.loads(line)["rejected"]]
+    assert relayed == []
+    simulated = tmp_path / "simulation"
+    Federation(config, simulated, progress=False).run()
+    deployed_rows, simulated_rows = metrics_without_time(coordinator), metrics_without_time(simulated)
+    assert [r["round"] for r in deployed_rows] == [0, 1, 2, 3]
+    for mine, theirs in zip(deployed_rows, simulated_rows, strict=True):
+        for pid, metrics in theirs["participants"].items():
+            assert mine["participants"][pid]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert simulated_rows[-1]["mean_accuracy"] > 0.3  # learning happened: the comparison means something
