@@ -6,12 +6,19 @@ message be rejected with a clear error (the round goes on without it, and the
 rejection is logged). Signatures use Ed25519 (Bernstein et al., "High-speed
 high-security signatures", 2012; RFC 8032) from the ``cryptography`` library.
 
-What is signed: :func:`canonical_bytes` encodes, unambiguously and with type
-tags and length prefixes, the sender, receiver, run id, round, kind, every
-payload field (sorted by name; tensors as dtype + shape + raw little-endian
-bytes; bytes as-is; ``list[bytes]`` with each length) and the meta dict except
-``meta["signature"]`` itself. The signature is stored as a hex string in
-``meta["signature"]``.
+What is signed (format v2, hash-then-sign): :func:`message_digest` streams an
+unambiguous encoding, with type tags and length prefixes, of the sender,
+receiver, run id, round, kind, every payload field (sorted by name; tensors as
+dtype + shape + the SHA-256 of their raw little-endian bytes; bytes as their
+length and SHA-256; ``list[bytes]`` item by item) and the meta dict except
+``meta["signature"]`` itself into one SHA-256. Ed25519 signs
+:func:`canonical_bytes`: the domain-separation and version prefix
+``b"securefl/message/v2\x00sha256\x00"`` followed by that 32-byte digest. A
+change to any of those fields changes the digest (SHA-256 collision
+resistance), so it breaks the signature. Format v1 signed the whole encoding
+(Ed25519 then hashed megabytes of ciphertext twice with SHA-512); its
+signatures do not verify as v2, and v2 nodes reject them as ``"bad
+signature"``. The signature is stored as a hex string in ``meta["signature"]``.
 
 What :class:`MessageVerifier` rejects, and the ``reason`` it gives
 (:class:`~securefl.crypto.errors.RejectedMessage`):
@@ -27,6 +34,7 @@ What :class:`MessageVerifier` rejects, and the ``reason`` it gives
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import threading
@@ -49,12 +57,12 @@ __all__ = [
     "canonical_bytes",
     "generate_signing_key",
     "load_public_key",
+    "message_digest",
     "public_key_bytes",
     "sign_message",
 ]
 
 SIGNATURE_META_KEY = "signature"
-_DOMAIN = b"securefl/message/v1\x00"
 _SIG_LEN = 64
 
 
@@ -87,6 +95,10 @@ class PartyKeys(SecretHolder):
     def __init__(self, party_id: str, private_key: Ed25519PrivateKey) -> None:
         self.party_id = party_id
         self.private_key = private_key
+        # Digests of the large bytes of the last message signed: the server signs the same aggregate
+        # once per receiver, and hashes it once.
+        self._leaf_digests = _LeafDigests()
+        self._lock = threading.Lock()
 
     @classmethod
     def generate(cls, party_id: str) -> PartyKeys:
@@ -100,98 +112,149 @@ class PartyKeys(SecretHolder):
         """Sign ``msg``; its sender must be this party."""
         if msg.sender != self.party_id:
             raise ValueError(f"PartyKeys of {self.party_id!r} cannot sign a message from {msg.sender!r}")
-        return sign_message(msg, self.private_key)
+        with self._lock:
+            try:
+                return _sign(msg, self.private_key, self._leaf_digests)
+            finally:
+                self._leaf_digests.rotate()
 
     def __repr__(self) -> str:
         return f"PartyKeys({self.party_id!r}, public={public_key_bytes(self.public_key).hex()[:16]}..)"
 
 
 # -- canonical encoding ----------------------------------------------------------------------------
-# The encoder appends parts to a list and the caller joins them once: a ciphertext payload is
-# megabytes, and copying it into every enclosing container cost more than the signature's hashing.
-def _put(parts: list[Any], tag: bytes, raw: bytes | memoryview) -> int:
-    parts.append(tag + struct.pack("<Q", len(raw)))
-    parts.append(raw)
-    return 9 + len(raw)
+# Hash-then-sign (format v2). The encoding is streamed into one SHA-256, so no copy of a payload is
+# ever built, and Ed25519 signs a short statement holding the digest: Ed25519 itself hashes what it
+# signs twice with SHA-512, which for megabytes of ciphertext cost more than everything else in
+# signing. Each raw byte string (a bytes value, a tensor's body) enters the stream as its length and
+# its own SHA-256, which lets a signer reuse the digest of an immutable ``bytes`` object it has just
+# signed (the server sends one aggregate to every participant, each copy signed for its receiver).
+_STATEMENT = b"securefl/message/v2\x00sha256\x00"  # what Ed25519 signs: this prefix + the 32-byte digest
+_U64 = struct.Struct("<Q")
+# Large immutable bytes whose digests a signer keeps from one message to the next (smaller ones are
+# cheaper to hash again than to look up).
+_MEMO_MIN = 1 << 16
 
 
-def _open(parts: list[Any]) -> int:
-    """Reserve the tag and length of a container whose content follows; :func:`_close` fills them."""
-    parts.append(b"")
-    return len(parts) - 1
+class _LeafDigests:
+    """SHA-256 of the ``bytes`` objects of the last message a signer signed, by object identity.
+
+    Each entry holds the object itself, so its id cannot be reused for another object while the entry
+    lives, and ``bytes`` cannot change: a hit is the digest of exactly these bytes.
+    """
+
+    __slots__ = ("_last", "_next")
+
+    def __init__(self) -> None:
+        self._last: dict[int, tuple[bytes, bytes]] = {}
+        self._next: dict[int, tuple[bytes, bytes]] = {}
+
+    def digest(self, raw: bytes) -> bytes:
+        entry = self._last.get(id(raw))
+        if entry is not None and entry[0] is raw:
+            value = entry[1]
+        else:
+            value = hashlib.sha256(raw).digest()
+        self._next[id(raw)] = (raw, value)
+        return value
+
+    def rotate(self) -> None:
+        """Keep only the digests of the message just signed."""
+        self._last, self._next = self._next, {}
 
 
-def _close(parts: list[Any], slot: int, tag: bytes, length: int) -> int:
-    parts[slot] = tag + struct.pack("<Q", length)
-    return 9 + length
+def _blob(h: Any, tag: bytes, raw: bytes | bytearray | memoryview, memo: _LeafDigests | None) -> None:
+    if memo is not None and type(raw) is bytes and len(raw) >= _MEMO_MIN:
+        digest = memo.digest(raw)
+    else:
+        digest = hashlib.sha256(raw).digest()
+    h.update(tag + _U64.pack(len(raw)) + digest)
 
 
-def _encode(value: Any, parts: list[Any], path: str) -> int:
-    """Append ``value``'s encoding to ``parts``; returns its length in bytes."""
-    # Each value is a 1-byte type tag + 8-byte length + content, so no two
-    # different structures can produce the same bytes.
+def _feed(h: Any, value: Any, path: str, memo: _LeafDigests | None) -> None:
+    """Stream ``value``'s encoding into the hash ``h``.
+
+    Every item is a 1-byte type tag followed by content whose size the tag and an 8-byte length (or
+    item count) determine, so the encoding is prefix-free: no two different structures give the same
+    stream, and with SHA-256 collision resistance no two give the same digest.
+    """
     if value is None:
-        return _put(parts, b"N", b"")
-    if isinstance(value, bool):
-        return _put(parts, b"?", b"\x01" if value else b"\x00")
-    if isinstance(value, int):
-        return _put(parts, b"i", str(value).encode())
-    if isinstance(value, float):
-        return _put(parts, b"f", struct.pack("<d", value if not math.isnan(value) else math.nan))
-    if isinstance(value, str):
-        return _put(parts, b"s", value.encode("utf-8"))
-    if isinstance(value, bytes | bytearray):
-        return _put(parts, b"b", bytes(value))
-    if isinstance(value, torch.Tensor):
+        h.update(b"N")
+    elif isinstance(value, bool):
+        h.update(b"?\x01" if value else b"?\x00")
+    elif isinstance(value, int):
+        raw = str(value).encode()
+        h.update(b"i" + _U64.pack(len(raw)) + raw)
+    elif isinstance(value, float):
+        h.update(b"f" + struct.pack("<d", value if not math.isnan(value) else math.nan))
+    elif isinstance(value, str):
+        raw = value.encode("utf-8")
+        h.update(b"s" + _U64.pack(len(raw)) + raw)
+    elif isinstance(value, bytes | bytearray):
+        _blob(h, b"b", value, memo)
+    elif isinstance(value, torch.Tensor):
         if value.layout != torch.strided or value.is_quantized:
             raise TypeError(f"{path}: only dense tensors can be signed, got layout {value.layout}")
         flat = value.detach().to("cpu").contiguous().reshape(-1)
         header = f"{str(value.dtype).removeprefix('torch.')}|{','.join(str(d) for d in value.shape)}".encode()
-        # A view of the tensor's bytes (it keeps the tensor alive until the join), not a copy.
-        body = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
-        slot = _open(parts)
-        return _close(parts, slot, b"T", _put(parts, b"h", header) + _put(parts, b"r", body))
-    if isinstance(value, list | tuple):
-        slot = _open(parts)
-        parts.append(struct.pack("<Q", len(value)))
-        length = 8 + sum(_encode(item, parts, f"{path}[{i}]") for i, item in enumerate(value))
-        return _close(parts, slot, b"L", length)
-    if isinstance(value, Mapping):
+        h.update(b"T" + _U64.pack(len(header)) + header)
+        # The tensor's own bytes, not a copy.
+        _blob(h, b"r", memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"", None)
+    elif isinstance(value, list | tuple):
+        h.update(b"L" + _U64.pack(len(value)))
+        for i, item in enumerate(value):
+            _feed(h, item, f"{path}[{i}]", memo)
+    elif isinstance(value, Mapping):
         keys = list(value)
         if not all(isinstance(k, str) for k in keys):
             raise TypeError(f"{path}: dict keys must be str to be signed, got {[type(k).__name__ for k in keys]}")
-        slot = _open(parts)
-        parts.append(struct.pack("<Q", len(keys)))
-        length = 8
+        h.update(b"D" + _U64.pack(len(keys)))
         for key in sorted(keys):
-            length += _encode(key, parts, path)
-            length += _encode(value[key], parts, f"{path}[{key!r}]")
-        return _close(parts, slot, b"D", length)
-    raise TypeError(f"{path}: values of type {type(value).__name__} cannot be signed")
+            _feed(h, key, path, memo)
+            _feed(h, value[key], f"{path}[{key!r}]", memo)
+    else:
+        raise TypeError(f"{path}: values of type {type(value).__name__} cannot be signed")
 
 
-def canonical_bytes(msg: Message) -> bytes:
-    """The exact bytes that are signed: everything in ``msg`` except ``meta["signature"]``.
+def message_digest(msg: Message, *, _memo: _LeafDigests | None = None) -> bytes:
+    """SHA-256 of the canonical encoding of everything in ``msg`` except ``meta["signature"]``.
 
     Raises
     ------
     TypeError
         If the payload or meta holds a value with no canonical encoding.
     """
-    parts: list[Any] = [_DOMAIN]
+    h = hashlib.sha256()
     for name in ("sender", "receiver", "run_id", "kind"):
-        _encode(getattr(msg, name), parts, name)
-    _encode(int(msg.round), parts, "round")
-    _encode(dict(msg.payload), parts, "payload")
-    _encode({k: v for k, v in msg.meta.items() if k != SIGNATURE_META_KEY}, parts, "meta")
-    return b"".join(parts)
+        _feed(h, getattr(msg, name), name, _memo)
+    _feed(h, int(msg.round), "round", _memo)
+    _feed(h, dict(msg.payload), "payload", _memo)
+    _feed(h, {k: v for k, v in msg.meta.items() if k != SIGNATURE_META_KEY}, "meta", _memo)
+    return h.digest()
+
+
+def canonical_bytes(msg: Message) -> bytes:
+    """The exact bytes that are signed: a versioned, domain-separated statement of :func:`message_digest`.
+
+    They cover everything in ``msg`` except ``meta["signature"]`` (through the digest).
+
+    Raises
+    ------
+    TypeError
+        If the payload or meta holds a value with no canonical encoding.
+    """
+    return _STATEMENT + message_digest(msg)
 
 
 def sign_message(msg: Message, private_key: Ed25519PrivateKey) -> Message:
     """Return a copy of ``msg`` with an Ed25519 signature (hex) in ``meta["signature"]``."""
+    return _sign(msg, private_key, None)
+
+
+def _sign(msg: Message, private_key: Ed25519PrivateKey, memo: _LeafDigests | None) -> Message:
     if not isinstance(private_key, Ed25519PrivateKey):
         raise TypeError(f"sign_message needs an Ed25519PrivateKey, got {type(private_key).__name__}")
-    signature = private_key.sign(canonical_bytes(msg))
+    signature = private_key.sign(_STATEMENT + message_digest(msg, _memo=memo))
     return msg.with_meta(**{SIGNATURE_META_KEY: signature.hex()})
 
 
@@ -281,7 +344,9 @@ class MessageVerifier:
         try:
             key.verify(signature, signed)
         except InvalidSignature:
-            raise RejectedMessage("bad signature", f"{who}: forged, or modified after signing") from None
+            raise RejectedMessage(
+                "bad signature", f"{who}: forged, modified after signing, or signed in another format than v2"
+            ) from None
         slot = (msg.sender, msg.receiver, msg.kind)
         with self._lock:
             latest = self._latest.get(slot)

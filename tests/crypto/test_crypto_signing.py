@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import struct
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from securefl.crypto.signing import (
     PartyKeys,
     canonical_bytes,
     generate_signing_key,
+    message_digest,
     public_key_bytes,
     sign_message,
 )
@@ -169,19 +171,143 @@ def test_canonical_bytes_ignore_dict_order_and_the_signature() -> None:
     assert canonical_bytes(a) != canonical_bytes(msg(payload={"x": b"1", "y": b"2"}, meta={"p": 1, "q": [1, 2.5, None, 1]}))
 
 
+def _frozen_message() -> Message:
+    return msg(sender="p0", run_id="run-7", round=3,
+               payload={"logits": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8,
+                        "chunks": [b"\x00\x01", b"abc"]},
+               meta={"rate": 0.5, "label_split": [1, 3], "sealed.x": {"scheme": "ckks", "shape": [2]},
+                     "flag": True, "none": None, "signature": "00"})
+
+
+def _spec_digest(m: Message) -> bytes:
+    """Format v2 written out by hand from the module docstring, independently of the encoder."""
+    def u64(n: int) -> bytes:
+        return struct.pack("<Q", n)
+
+    def enc(v) -> bytes:  # type: ignore[no-untyped-def]
+        if v is None:
+            return b"N"
+        if isinstance(v, bool):
+            return b"?" + bytes([v])
+        if isinstance(v, int):
+            return b"i" + u64(len(str(v))) + str(v).encode()
+        if isinstance(v, float):
+            return b"f" + struct.pack("<d", v)
+        if isinstance(v, str):
+            return b"s" + u64(len(v.encode())) + v.encode()
+        if isinstance(v, bytes):
+            return b"b" + u64(len(v)) + hashlib.sha256(v).digest()
+        if isinstance(v, torch.Tensor):
+            header = f"{str(v.dtype).removeprefix('torch.')}|{','.join(map(str, v.shape))}".encode()
+            body = v.contiguous().numpy().tobytes()
+            return b"T" + u64(len(header)) + header + b"r" + u64(len(body)) + hashlib.sha256(body).digest()
+        if isinstance(v, list):
+            return b"L" + u64(len(v)) + b"".join(enc(x) for x in v)
+        assert isinstance(v, dict)
+        return b"D" + u64(len(v)) + b"".join(enc(k) + enc(v[k]) for k in sorted(v))
+
+    meta = {k: v for k, v in m.meta.items() if k != "signature"}
+    stream = b"".join(enc(x) for x in (m.sender, m.receiver, m.run_id, m.kind, m.round, m.payload, meta))
+    return hashlib.sha256(stream).digest()
+
+
+def test_signed_bytes_follow_the_documented_v2_format() -> None:
+    m = _frozen_message()
+    assert message_digest(m) == _spec_digest(m)
+    assert canonical_bytes(m) == b"securefl/message/v2\x00sha256\x00" + _spec_digest(m)
+
+
 def test_canonical_bytes_format_is_frozen() -> None:
     """Nodes of different versions verify each other's signatures only if the signed bytes never change.
 
-    The digest was computed with the first encoder (one bytearray per container); the encoder that
-    joins its parts once must produce exactly the same bytes.
+    Format v2 (hash-then-sign) replaced v1 (Ed25519 over the whole encoding); this digest pins v2.
     """
-    frozen = msg(sender="p0", run_id="run-7", round=3,
-                 payload={"logits": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8,
-                          "chunks": [b"\x00\x01", b"abc"]},
-                 meta={"rate": 0.5, "label_split": [1, 3], "sealed.x": {"scheme": "ckks", "shape": [2]},
-                       "flag": True, "none": None, "signature": "00"})
-    assert hashlib.sha256(canonical_bytes(frozen)).hexdigest() == (
-        "d5b2d2685713def5eedf71f10b062b4183f56ef2917115654b8d14431ca7ec0a")
+    assert hashlib.sha256(canonical_bytes(_frozen_message())).hexdigest() == (
+        "48d58276ad26f5a6ada85d05789cf2098e830d8137481bf1e74f8314cbae59d9")
+
+
+def test_a_v1_signature_does_not_verify(keys, verifier) -> None:
+    """Ed25519 over something else than the v2 statement (e.g. an older node's v1 bytes) is a bad signature."""
+    m = msg()
+    others = (message_digest(m), b"securefl/message/v1\x00" + message_digest(m), canonical_bytes(m)[:-1],
+              b"securefl/message/v1\x00" + b"".join(str(getattr(m, f)).encode() for f in ("sender", "kind")))
+    for other in others:
+        sig = keys["alice"].private_key.sign(other).hex()
+        assert reason(verifier, m.with_meta(signature=sig)) == "bad signature"
+
+
+def _flip(raw: bytes, at: int) -> bytes:
+    return raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1 :]
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_one_flipped_byte_anywhere_in_a_large_payload_is_rejected(keys, where) -> None:
+    """A 4 MB tensor and a CKKS-like list of 330 kB chunks: one bit anywhere breaks the signature."""
+    gen = torch.Generator().manual_seed(0)
+    tensor = torch.randn(1_000_000, generator=gen)
+    chunks = [bytes(torch.randint(0, 256, (330_000,), dtype=torch.uint8, generator=gen).numpy()) for _ in range(3)]
+    signed = keys["alice"].sign(msg(payload={"logits": tensor, "chunks": chunks}))
+    MessageVerifier("run-1", {"alice": keys["alice"].public_key}).verify(signed)
+
+    raw = tensor.numpy().tobytes()
+    at = {"first": 0, "middle": len(raw) // 2 + 1, "last": len(raw) - 1}[where]
+    flipped_tensor = torch.frombuffer(bytearray(_flip(raw, at)), dtype=torch.float32)
+    c = {"first": 0, "middle": 1, "last": 2}[where]
+    at_chunk = {"first": 0, "middle": 165_001, "last": 329_999}[where]
+    flipped_chunks = [_flip(x, at_chunk) if i == c else x for i, x in enumerate(chunks)]
+    for tampered in (signed.with_payload(logits=flipped_tensor), signed.with_payload(chunks=flipped_chunks)):
+        verifier = MessageVerifier("run-1", {"alice": keys["alice"].public_key})
+        assert reason(verifier, tampered) == "bad signature"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda meta: {**meta, "n": 6},
+        lambda meta: {**meta, "new": None},
+        lambda meta: {k: v for k, v in meta.items() if k != "n"},
+        lambda meta: {**meta, "sealed.x": {**meta["sealed.x"], "length": 4}},
+        lambda meta: {**meta, "sealed.x": {**meta["sealed.x"], "extra": b""}},
+        lambda meta: {**meta, "n": 5.0},  # same value, other type
+        lambda meta: {**meta, "n": "5"},
+    ],
+)
+def test_the_digest_covers_meta(keys, verifier, change) -> None:
+    signed = keys["alice"].sign(msg())
+    tampered = signed.model_copy(update={"meta": change(dict(signed.meta))})
+    assert message_digest(tampered) != message_digest(signed)
+    assert reason(verifier, tampered) == "bad signature"
+
+
+def test_a_signer_reuses_digests_only_of_the_very_same_bytes(keys) -> None:
+    """The server signs one aggregate per receiver and hashes it once; a new or mutable value is hashed again."""
+    server = PartyKeys.generate("aggregator")
+    chunk = bytes(200_000)
+    down = Message(sender="aggregator", receiver="p0", run_id="run-1", round=1, kind="consensus",
+                   payload={"consensus": [chunk, b"tail"]})
+    signed = {pid: server.sign(down.model_copy(update={"receiver": pid})) for pid in ("p0", "p1")}
+    for pid, m in signed.items():
+        MessageVerifier("run-1", {"aggregator": server.public_key}, receiver=pid).verify(m)
+    # Each signature binds its receiver: swapped, both fail.
+    p1_sig = signed["p1"].meta["signature"]
+    assert reason(MessageVerifier("run-1", {"aggregator": server.public_key}, receiver="p0"),
+                  signed["p0"].with_meta(signature=p1_sig)) == "bad signature"
+
+    # Equal length, other content, another object: hashed afresh.
+    other = bytearray(chunk)
+    other[100_000] = 1
+    changed = server.sign(down.with_payload(consensus=[bytes(other), b"tail"]))
+    assert message_digest(changed) != message_digest(signed["p0"])
+    MessageVerifier("run-1", {"aggregator": server.public_key}).verify(changed)
+
+    # A bytearray in meta can change in place between two signatures: never taken from the memo.
+    blob = bytearray(100_000)
+    first = server.sign(down.with_meta(blob=blob))
+    blob[0] = 7
+    second = server.sign(down.model_copy(update={"round": 2}).with_meta(blob=blob))
+    MessageVerifier("run-1", {"aggregator": server.public_key}).verify(second)  # not the stale digest
+    # ``first`` holds the same bytearray: changed after signing, it no longer verifies.
+    assert reason(MessageVerifier("run-1", {"aggregator": server.public_key}), first) == "bad signature"
 
 
 def test_signing_keys_stay_off_the_wire(keys) -> None:
