@@ -65,6 +65,13 @@ class DPSGDTrainer:
         self.commit = commit
         self.histogram_noise_multiplier = histogram_noise_multiplier
 
+    def validation(self, score: Callable[[], float]) -> None:
+        """No selection on private validation records: choosing when to stop, or which weights to keep, by
+        the score of held-out private records is a release that no ledger entry covers (those records are
+        not even in DP-SGD's sample). A DP participant trains the epochs its noise was calibrated for and
+        keeps its latest weights, so its ε is exactly what was planned and booked."""
+        return None
+
     def label_histogram(self, labels: torch.Tensor, num_classes: int, *, generator: torch.Generator) -> torch.Tensor:
         """Label counts released with the Gaussian mechanism at sensitivity 1 (adding or removing one record
         moves one count by one), committed to the ledger before they exist outside this call."""

@@ -164,5 +164,5 @@ class FedMD(Protocol):
             lambda: party.trainer.fit(model, party.state["private_opt"], party.train.x, party.train.y,
                                       batch_size=self.ctx.training.batch_size, epochs=1,
                                       max_grad_norm=self.ctx.training.max_grad_norm, payload="transfer_private"),
-            model, lambda: val_score(party, self.ctx.eval_classes),
+            model, party.trainer.validation(lambda: val_score(party, self.ctx.eval_classes)),
             max_epochs=max_epochs, patience=self.config.transfer_patience)

@@ -42,7 +42,8 @@ class LocalOnly(Protocol):
         model = party.model
         assert model is not None
         _, best = fit_with_early_stopping(
-            lambda: self._train(party, epochs=1), model, lambda: val_score(party, self.ctx.eval_classes),
+            lambda: self._train(party, epochs=1), model,
+            party.trainer.validation(lambda: val_score(party, self.ctx.eval_classes)),
             max_epochs=self.config.max_epochs_first, patience=self.config.patience)
         party.state["best_val"] = best
         party.state["best_model"] = copy.deepcopy(model.state_dict())
@@ -51,7 +52,10 @@ class LocalOnly(Protocol):
         model = party.model
         assert model is not None
         self._train(party, epochs=self.ctx.training.local_epochs)
-        acc = val_score(party, self.ctx.eval_classes)
+        score = party.trainer.validation(lambda: val_score(party, self.ctx.eval_classes))
+        if score is None:
+            return None  # no selection on private validation records (a DP participant): keep the latest
+        acc = score()
         if acc > party.state["best_val"]:
             party.state["best_val"] = acc
             party.state["best_model"] = copy.deepcopy(model.state_dict())

@@ -57,6 +57,10 @@ class PlainTrainer:
 
     name = "plain"
 
+    def validation(self, score: Callable[[], float]) -> Callable[[], float] | None:
+        """The validation score a protocol may select epochs or weights with: without DP, the given one."""
+        return score
+
     def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
             batch_size: int, epochs: int | None = None, steps: int | None = None,
             batch_loss: BatchLoss = cross_entropy_loss, max_grad_norm: float | None = None,
@@ -146,14 +150,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, classes: tor
     return float((pred == y).float().mean())
 
 
-def fit_with_early_stopping(fit_epoch: Callable[[], object], model: nn.Module, validate: Callable[[], float], *,
-                            max_epochs: int, patience: int) -> tuple[int, float]:
+def fit_with_early_stopping(fit_epoch: Callable[[], object], model: nn.Module,
+                            validate: Callable[[], float] | None, *, max_epochs: int,
+                            patience: int) -> tuple[int, float]:
     """Run ``fit_epoch`` until the validation score stops improving; restore the best weights.
 
     ``validate`` returns a score where higher is better. Selection uses the
     validation split only (the FedMD reference code selects on the test set;
-    we never do). Returns (epochs run, best validation score).
+    we never do). ``validate=None`` (what a trainer's :meth:`validation` gives
+    when selecting would leak private records): run ``max_epochs`` and keep the
+    last weights. Returns (epochs run, best validation score, NaN without one).
     """
+    if validate is None:
+        for _ in range(max_epochs):
+            fit_epoch()
+        return max_epochs, float("nan")
     best_acc, best_state, since_best, epochs = -float("inf"), None, 0, 0
     for _ in range(max_epochs):
         fit_epoch()
