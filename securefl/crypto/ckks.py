@@ -47,8 +47,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -225,6 +226,75 @@ def _public_fingerprint(ctx: ts.Context) -> bytes:
     return hashlib.sha256(b"securefl/ckks/public-key/v1" + blob).digest()[:8]
 
 
+def _frame(index: int, count: int, length: int, fingerprint: bytes, body: Sequence[bytes | memoryview]) -> bytes:
+    """One wire chunk: the securefl header (with the digest of header and body), then the TenSEAL bytes.
+
+    ``body`` may come in parts; they are copied once, into the chunk.
+    """
+    prefix = _CHUNK_HEADER.pack(_CHUNK_MAGIC, _CHUNK_VERSION, index, count, length, fingerprint, b"")[:_DIGEST_AT]
+    digest = hashlib.sha256(prefix)
+    for part in body:
+        digest.update(part)
+    return b"".join([prefix, digest.digest()[:16], *body])
+
+
+# -- TenSEAL's protobuf messages (tenseal/proto/tensors.proto) ------------------------------------
+# TenSEAL encrypts the ciphertexts of one CKKSTensor on its own thread pool, but a CKKSVector's on
+# the calling thread only, and it holds the GIL throughout. To encrypt the chunks of a vector on
+# every core, :meth:`KeyHolderContext.seal` encrypts them as the columns of one batched CKKSTensor
+# and re-frames each ciphertext as the CKKSVector message TenSEAL itself would have written for it
+# (byte for byte; the tests check it): ``sizes = 1`` (packed uint32), ``ciphertexts = 2`` (bytes),
+# ``scale = 3`` (double). A CKKSTensor message has ``ciphertexts = 2`` and ``scale = 3`` too.
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, int]]:
+    """``(field number, start, end)`` of each field of a protobuf message (varint, 64-bit or length-delimited)."""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _read_varint(buf, i)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, end = _read_varint(buf, i)
+        elif wire_type == 1:
+            end = i + 8
+        elif wire_type == 2:
+            size, i = _read_varint(buf, i)
+            end = i + size
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire_type} at byte {i}")
+        if end > n:
+            raise ValueError(f"protobuf field {number} runs past the end ({end} > {n})")
+        yield number, i, end
+        i = end
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("truncated or overlong protobuf varint")
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+
+
+def _ckks_vector_message(size: int, ciphertext: bytes | memoryview, scale_field: bytes) -> list[bytes | memoryview]:
+    """The parts of TenSEAL's ``CKKSVectorProto`` for one ciphertext of ``size`` values."""
+    sizes = _varint(size)
+    return [b"\x0a" + _varint(len(sizes)) + sizes + b"\x12" + _varint(len(ciphertext)), ciphertext, b"\x19" + scale_field]
+
+
 class _CkksContext:
     """Common part of the key-holder and public contexts."""
 
@@ -325,18 +395,23 @@ class KeyHolderContext(SecretHolder, _CkksContext):
     _secret_kind = "CKKS secret key"
     _export_hint = "use export_secret_for_committee() to share the key among key holders explicitly"
 
-    def __init__(self, ctx: ts.Context, params: CkksParams) -> None:
+    def __init__(self, ctx: ts.Context, params: CkksParams, *, threads: int | None = None) -> None:
+        """``threads``: the size of ``ctx``'s TenSEAL thread pool, if it was made with one
+        (TenSEAL's default is one thread per core)."""
         if not ctx.is_private():
             raise ValueError("KeyHolderContext needs a TenSEAL context that holds the secret key")
         super().__init__(ctx, params)
         self._public: PublicContext | None = None
+        self.threads = int(threads) if threads else (os.cpu_count() or 1)
 
     @classmethod
-    def generate(cls, params: CkksParams | None = None) -> KeyHolderContext:
+    def generate(cls, params: CkksParams | None = None, *, threads: int | None = None) -> KeyHolderContext:
         """Generate a fresh key pair.
 
         In simulation, generate once and hand the same key to every committee
         member (directly, or via :meth:`export_secret_for_committee`).
+        ``threads``: how many threads TenSEAL may encrypt a payload's chunks on
+        (default: one per core; 1 encrypts them one after another).
         """
         params = params or CkksParams()
         try:
@@ -344,11 +419,12 @@ class KeyHolderContext(SecretHolder, _CkksContext):
                 ts.SCHEME_TYPE.CKKS,
                 poly_modulus_degree=params.poly_modulus_degree,
                 coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+                n_threads=threads,
             )
         except Exception as exc:  # noqa: BLE001 - SEAL cannot always find primes of the asked sizes
             raise ValueError(f"TenSEAL rejected CKKS parameters {params!r}: {exc}") from exc
         ctx.global_scale = 2.0**params.global_scale_bits
-        return cls(ctx, params)
+        return cls(ctx, params, threads=threads)
 
     def public(self) -> PublicContext:
         """Return the public context for the aggregator (TenSEAL's ``make_context_public()``)."""
@@ -370,15 +446,15 @@ class KeyHolderContext(SecretHolder, _CkksContext):
         return _pack_blob(_SECRET_MAGIC, self.params, body)
 
     @classmethod
-    def from_committee_secret(cls, data: bytes) -> KeyHolderContext:
-        """Load a key exported by :meth:`export_secret_for_committee`."""
+    def from_committee_secret(cls, data: bytes, *, threads: int | None = None) -> KeyHolderContext:
+        """Load a key exported by :meth:`export_secret_for_committee` (``threads`` as in :meth:`generate`)."""
         params, body = _unpack_blob(data, _SECRET_MAGIC, "KeyHolderContext.from_committee_secret")
         try:
-            ctx = ts.context_from(body)
+            ctx = ts.context_from(body, n_threads=threads)
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"KeyHolderContext.from_committee_secret: TenSEAL could not load the key ({exc})") from exc
         ctx.global_scale = 2.0**params.global_scale_bits
-        return cls(ctx, params)
+        return cls(ctx, params, threads=threads)
 
     # -- encryption -----------------------------------------------------------------------------
     def encrypt(self, values: np.ndarray | torch.Tensor | Sequence[float]) -> EncryptedVector:
@@ -390,6 +466,13 @@ class KeyHolderContext(SecretHolder, _CkksContext):
             If a value is NaN/Inf or exceeds :attr:`CkksParams.max_abs_value`
             (CKKS would silently wrap it into garbage).
         """
+        flat, shape = self._plaintext(values)
+        slots = self.params.slots
+        chunks = [ts.ckks_vector(self._ctx, flat[i : i + slots]) for i in range(0, flat.size, slots)]
+        return EncryptedVector(self, chunks, length=int(flat.size), shape=shape)
+
+    def _plaintext(self, values: np.ndarray | torch.Tensor | Sequence[float]) -> tuple[np.ndarray, tuple[int, ...]]:
+        """``values`` flattened to float64, and their shape; ValueError for what :meth:`encrypt` refuses."""
         arr = to_float64(values)
         shape = tuple(arr.shape)
         flat = arr.reshape(-1)
@@ -405,9 +488,47 @@ class KeyHolderContext(SecretHolder, _CkksContext):
                 f"value {flat[peak]} at flat index {peak} exceeds the CKKS range |x| < {bound:g} for "
                 f"coeff_mod_bit_sizes={self.params.coeff_mod_bit_sizes}, global_scale_bits={self.params.global_scale_bits}"
             )
+        return flat, shape
+
+    def _encrypt_serialized(self, flat: np.ndarray) -> list[list[bytes | memoryview]]:
+        """Each chunk of ``flat`` encrypted and serialized as TenSEAL's CKKSVector (in parts).
+
+        The same bytes as ``ts.ckks_vector(ctx, chunk).serialize()`` for every chunk, but with more
+        than one thread the chunks are encrypted in parallel (see :func:`_ckks_vector_message`).
+        """
         slots = self.params.slots
-        chunks = [ts.ckks_vector(self._ctx, flat[i : i + slots]) for i in range(0, flat.size, slots)]
-        return EncryptedVector(self, chunks, length=int(flat.size), shape=shape)
+        n = self.params.n_chunks(flat.size)
+        if n > 1 and self.threads > 1:
+            bodies = self._encrypt_batched(flat, n)
+            if bodies is not None:
+                return bodies
+        return [[ts.ckks_vector(self._ctx, flat[i : i + slots]).serialize()] for i in range(0, flat.size, slots)]
+
+    def _encrypt_batched(self, flat: np.ndarray, n: int) -> list[list[bytes | memoryview]] | None:
+        slots = self.params.slots
+        columns = np.empty((slots, n), dtype=np.float64)
+        full = flat.size // slots
+        columns[:, :full] = flat[: full * slots].reshape(full, slots).T
+        if full < n:
+            # A CKKSVector repeats a short chunk cyclically over all its slots before encoding it.
+            columns[:, full] = np.resize(flat[full * slots :], slots)
+        blob = ts.ckks_tensor(self._ctx, ts.plain_tensor(columns), batch=True).serialize()
+        view = memoryview(blob)
+        ciphertexts, scale = [], None
+        try:
+            for number, start, end in _proto_fields(blob):
+                if number == 2:
+                    ciphertexts.append(view[start:end])
+                elif number == 3 and end - start == 8:
+                    scale = blob[start:end]
+        except ValueError:
+            return None
+        if len(ciphertexts) != n or scale is None:
+            return None  # not the message this TenSEAL version was checked against: encrypt chunk by chunk
+        return [
+            _ckks_vector_message(min(slots, flat.size - i * slots), ciphertext, scale)
+            for i, ciphertext in enumerate(ciphertexts)
+        ]
 
     def decrypt(self, enc: EncryptedVector) -> np.ndarray:
         """Decrypt to a float64 array of the vector's shape."""
@@ -417,12 +538,18 @@ class KeyHolderContext(SecretHolder, _CkksContext):
 
     # -- sealed tensors (the Sealer / Opener protocols) ----------------------------------------
     def seal(self, tensor: torch.Tensor, *, field: str | None = None) -> SealedTensor:
-        """Encrypt a tensor into a :class:`SealedTensor` for a message payload (``field`` is unused)."""
-        enc = self.encrypt(tensor)
+        """Encrypt a tensor into a :class:`SealedTensor` for a message payload (``field`` is unused).
+
+        The chunks are what ``self.encrypt(tensor).to_wire()`` gives, without building the
+        ciphertext objects that only serialize would read.
+        """
+        flat, shape = self._plaintext(tensor)
+        bodies = self._encrypt_serialized(flat)
+        fp = self.fingerprint
         return SealedTensor(
-            chunks=tuple(enc.to_wire()),
-            length=enc.length,
-            shape=enc.shape,
+            chunks=tuple(_frame(i, len(bodies), flat.size, fp, body) for i, body in enumerate(bodies)),
+            length=int(flat.size),
+            shape=shape,
             scheme="ckks",
             dtype=dtype_name(tensor.dtype),
         )
@@ -526,14 +653,7 @@ class EncryptedVector:
         """Serialize every chunk (TenSEAL ``serialize()`` behind a 45-byte securefl header)."""
         n = len(self.chunks)
         fp = self.ctx.fingerprint
-        out = []
-        for i, chunk in enumerate(self.chunks):
-            body = chunk.serialize()
-            prefix = _CHUNK_HEADER.pack(_CHUNK_MAGIC, _CHUNK_VERSION, i, n, self.length, fp, b"")[:_DIGEST_AT]
-            digest = hashlib.sha256(prefix)
-            digest.update(body)
-            out.append(prefix + digest.digest()[:16] + body)
-        return out
+        return [_frame(i, n, self.length, fp, [chunk.serialize()]) for i, chunk in enumerate(self.chunks)]
 
     @classmethod
     def from_wire(

@@ -398,3 +398,80 @@ def test_inbound_layer_opens_every_sealed_field(key_ctx: KeyHolderContext, make_
     assert torch.equal(opened.tensor("plain"), torch.zeros(1))
     plain = make_msg(payload={"x": torch.ones(1)})
     assert open_sealed_fields(plain, key_ctx) is plain
+
+
+# -- seal: the chunks encrypted on TenSEAL's thread pool -------------------------------------------
+@pytest.fixture(scope="module")
+def one_thread(key_ctx: KeyHolderContext) -> KeyHolderContext:
+    """The same key, encrypting one chunk after another."""
+    return KeyHolderContext.from_committee_secret(key_ctx.export_secret_for_committee(), threads=1)
+
+
+@pytest.mark.parametrize("length", [1, SLOTS, SLOTS + 1, 2 * SLOTS, 3 * SLOTS + 5])
+def test_sealed_chunks_are_the_ckks_vectors_tenseal_writes(key_ctx: KeyHolderContext, one_thread: KeyHolderContext,
+                                                           length: int) -> None:
+    """Batched or not, every chunk's body is exactly what TenSEAL serializes for that CKKSVector."""
+    pooled = KeyHolderContext.from_committee_secret(key_ctx.export_secret_for_committee(), threads=2)
+    x = torch.linspace(-9, 9, length)
+    for ctx in (pooled, one_thread):
+        sealed = ctx.seal(x)
+        assert len(sealed.chunks) == ctx.params.n_chunks(length)
+        for i, chunk in enumerate(sealed.chunks):
+            body = chunk[45:]
+            vec = ts.ckks_vector_from(ctx.tenseal_context, body)
+            assert vec.serialize() == body
+            assert vec.size() == min(SLOTS, length - i * SLOTS)
+        # Opened by the other context of the same key: the wire format does not depend on the path.
+        other = one_thread if ctx is pooled else pooled
+        torch.testing.assert_close(other.open(sealed), x, atol=SUM_TOL, rtol=0)
+
+
+def test_a_short_last_chunk_is_encoded_like_tenseal_encodes_it(key_ctx: KeyHolderContext,
+                                                              public_ctx: PublicContext) -> None:
+    """CKKSVector repeats a short chunk over all slots; so does the batched path, so element-wise
+    products with a plaintext vector and sums with chunks encrypted either way stay correct."""
+    pooled = KeyHolderContext.from_committee_secret(key_ctx.export_secret_for_committee(), threads=2)
+    x = np.linspace(-3, 3, 2 * SLOTS + 11)
+    factor = np.linspace(0.5, 2, x.size)
+    sealed = pooled.seal(torch.from_numpy(x))
+    enc = EncryptedVector.from_wire(public_ctx, sealed.chunks, x.size, x.shape)
+    total = enc + key_ctx.encrypt(x)
+    got = key_ctx.decrypt(EncryptedVector.from_wire(key_ctx, (total * factor).to_wire(), x.size, x.shape))
+    np.testing.assert_allclose(got, 2 * x * factor, atol=MEAN_TOL)
+
+
+def test_seal_with_a_pool_encrypts_no_chunk_on_its_own(key_ctx: KeyHolderContext, monkeypatch) -> None:
+    pooled = KeyHolderContext.from_committee_secret(key_ctx.export_secret_for_committee(), threads=2)
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("encrypted chunk by chunk")
+
+    monkeypatch.setattr(ts, "ckks_vector", refuse)
+    x = torch.linspace(-1, 1, 3 * SLOTS)
+    torch.testing.assert_close(pooled.open(pooled.seal(x)), x, atol=SUM_TOL, rtol=0)
+
+
+def test_an_unexpected_tenseal_message_falls_back_to_chunk_by_chunk(key_ctx: KeyHolderContext, monkeypatch) -> None:
+    from securefl.crypto import ckks
+
+    pooled = KeyHolderContext.from_committee_secret(key_ctx.export_secret_for_committee(), threads=2)
+    x = torch.linspace(-1, 1, 2 * SLOTS + 1)
+    monkeypatch.setattr(ckks, "_proto_fields", lambda blob: iter([(2, 0, 10)]))  # one ciphertext, no scale
+    torch.testing.assert_close(pooled.open(pooled.seal(x)), x, atol=SUM_TOL, rtol=0)
+
+    def truncated(blob):  # type: ignore[no-untyped-def]
+        raise ValueError("truncated")
+
+    monkeypatch.setattr(ckks, "_proto_fields", truncated)
+    torch.testing.assert_close(pooled.open(pooled.seal(x)), x, atol=SUM_TOL, rtol=0)
+
+
+def test_protobuf_reader_refuses_truncated_messages() -> None:
+    from securefl.crypto.ckks import _proto_fields, _varint
+
+    good = b"\x0a\x02" + _varint(4096) + b"\x12\x03abc" + b"\x19" + struct.pack("<d", 2.0**40)
+    assert [(n, good[s:e]) for n, s, e in _proto_fields(good)] == [
+        (1, _varint(4096)), (2, b"abc"), (3, struct.pack("<d", 2.0**40))]
+    for bad in (good[:-1], good[:5], b"\x12\x05abc", b"\x12\xff", b"\x0b"):
+        with pytest.raises(ValueError):
+            list(_proto_fields(bad))
