@@ -269,19 +269,24 @@ class GlobalUpdate:
 class UpdateLog:
     """The server's record of the updates it broadcast, for participants that missed some.
 
-    ``holds`` is the version the server has sent each participant; the log
-    keeps only the updates some participant still lacks, so under full
-    participation it holds at most the latest one. Its size grows with how
-    long a participant sits out (every update since, sealed under CKKS).
+    ``holds`` is the version the server has sent each participant; ``acked``
+    the version each one last said (in its uplink, ``replica_version``) that
+    its replica holds. An ack behind what was sent means a message was lost:
+    the participant is sent everything after its ack again. The log keeps the
+    updates some participant has not acknowledged, so under full participation
+    it holds at most the latest one. Its size grows with how long a participant
+    sits out (every update since, sealed under CKKS).
     """
 
     def __init__(self) -> None:
         self.updates: list[GlobalUpdate] = []
         self.holds: dict[str, int] = {}
+        self.acked: dict[str, int] = {}
         self.version = 0
 
     def register(self, party_id: str) -> None:
         self.holds.setdefault(party_id, 0)
+        self.acked.setdefault(party_id, 0)
 
     def record(self, rnd: int, fields: dict[str, Any], meta: dict[str, Any] | None = None) -> GlobalUpdate:
         self.version += 1
@@ -294,19 +299,30 @@ class UpdateLog:
         held = self.holds.get(party_id, 0)
         return [u for u in self.updates if u.version > held]
 
+    def acknowledge(self, party_id: str, version: Any) -> None:
+        """``party_id``'s uplink says its replica holds ``version`` (anything else than a version this log
+        made is ignored: the ack only decides what to send again, never what is applied)."""
+        if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= self.version:
+            return
+        self.acked[party_id] = version
+        if version < self.holds.get(party_id, 0):
+            self.holds[party_id] = version  # an update it was sent never arrived: send again from there
+
     def delivered(self, party_ids: Sequence[str]) -> None:
-        """``party_ids`` now hold every recorded update."""
+        """``party_ids`` have been sent every recorded update."""
         for pid in party_ids:
             self.holds[pid] = self.version
-        oldest = min(self.holds.values(), default=self.version)
+        oldest = min(self.acked.values(), default=self.version)
         self.updates = [u for u in self.updates if u.version > oldest]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": list(self.updates), "holds": dict(self.holds), "version": self.version}
+        return {"updates": list(self.updates), "holds": dict(self.holds), "acked": dict(self.acked),
+                "version": self.version}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.updates = list(state["updates"])
         self.holds = dict(state["holds"])
+        self.acked = dict(state.get("acked", state["holds"]))  # a checkpoint from before acks
         self.version = int(state["version"])
 
 
@@ -319,6 +335,14 @@ def attach_updates(msg: Message, updates: Sequence[GlobalUpdate]) -> Message:
     payload = {f"{name}@{u.version}": value for u in updates for name, value in u.fields.items()}
     index = [{"version": u.version, "round": u.round, "fields": sorted(u.fields), "meta": u.meta} for u in updates]
     return _with_fields(msg, payload).with_meta(**{UPDATES_META: index})
+
+
+def send_updates(template: Message, log: UpdateLog, receivers: Sequence[str]) -> dict[str, Message]:
+    """The end of a round: ``template`` to each receiver with every update it has not been sent (this
+    round's, and any it lost before), then the log notes them as sent."""
+    out = {pid: attach_updates(template.model_copy(update={"receiver": pid}), log.missed(pid)) for pid in receivers}
+    log.delivered(receivers)
+    return out
 
 
 def read_updates(msg: Message) -> list[GlobalUpdate]:
@@ -337,15 +361,17 @@ class Replica:
 
     def catch_up(self, updates: Sequence[GlobalUpdate], apply: Callable[[Any, GlobalUpdate], None],
                  owner: str) -> None:
-        """Apply the updates not applied yet, in order; refuse to skip one."""
-        for update in updates:
+        """Apply the updates not applied yet, in order, and never skip one.
+
+        After a gap (a lost downlink) nothing later is applied: applying it without the missing one would
+        make this replica differ from everyone else's. The replica stays where it is; its owner's next
+        uplink says which version it holds (``replica_version``), and the server sends the rest again.
+        """
+        for update in sorted(updates, key=lambda u: u.version):
             if update.version <= self.version:
                 continue  # already applied (the same update delivered twice)
             if update.version != self.version + 1:
-                raise RuntimeError(
-                    f"{owner}'s replica holds update {self.version} but the next update it received is "
-                    f"{update.version}: a downlink message was lost, and applying later updates without it "
-                    "would make this replica differ from everyone else's")
+                return
             apply(self, update)
             self.version, self.round = update.version, update.round
 

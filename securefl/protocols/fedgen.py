@@ -154,6 +154,7 @@ from securefl.protocols.base import (
     load_flat_parameters,
     only_message,
     read_updates,
+    send_updates,
 )
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import AGGREGATOR, Message
@@ -516,7 +517,8 @@ class FedGen(Protocol):
             n_sampled = int(down.meta.get("num_sampled", 1))
             updated = self.local_generator_update(generator, _head_of(model), counts, prior, n_sampled, rnd)
             payload["generator_update"] = flat_parameters(updated) - generator_flat
-        msg = self.reply(party, rnd, **payload)
+        # Which global update this user built on: the server sends again whatever it lost.
+        msg = self.reply(party, rnd, **payload).with_meta(replica_version=replica.version)
         if self.head_weighting == "weighted_mean":
             # Sample counts are then public metadata, as in FedAvg (they set the head weights).
             msg = msg.with_meta(num_samples=party.num_samples)
@@ -576,9 +578,10 @@ class FedGen(Protocol):
                                                         [float(r.meta["num_samples"]) for r in replies])
         else:
             fields["shared"] = aggregator.mean(replies, "shared")
-        update = self.log.record(rnd, fields)
-        self.log.delivered(self._sampled)  # the runtime delivers the broadcast to every sampled user
-        return attach_updates(self.broadcast(rnd), [update])
+        for reply in replies:
+            self.log.acknowledge(reply.sender, reply.meta.get("replica_version"))
+        self.log.record(rnd, fields)
+        return send_updates(self.broadcast(rnd), self.log, self._sampled)
 
     def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
         self.replica(party).catch_up(read_updates(only_message(inbox, self.downlink.kind)), self.apply_update,

@@ -137,6 +137,7 @@ from securefl.protocols.base import (
     load_flat_parameters,
     only_message,
     read_updates,
+    send_updates,
 )
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
@@ -562,7 +563,8 @@ class HeteroFL(Protocol):
                           batch_loss=lambda m, xb, yb: masked_cross_entropy(m(xb), yb, mask))
         # Zero what the client does not vouch for: classifier rows of classes it never saw.
         padded = self.layout.pad(model) * self.layout.coverage(self.sub_shapes(rate), classes)
-        return self.reply(party, rnd, padded_update=padded).with_meta(rate=rate, label_split=classes.tolist())
+        return self.reply(party, rnd, padded_update=padded).with_meta(rate=rate, label_split=classes.tolist(),
+                                                                      replica_version=replica.version)
 
     # ----- step 4: sum on the server, element-wise average on every replica --------------------
     def contributors(self, replies: Sequence[Message], rnd: int) -> list[dict]:
@@ -595,9 +597,10 @@ class HeteroFL(Protocol):
             pending = GlobalUpdate(self.log.version + 1, rnd, fields, meta)
             fields["statistics"], meta["statistics"] = pack_statistics(
                 self._federated_sbn_statistics(rnd, replies, aggregator, pending))
-        update = self.log.record(rnd, fields, meta)
-        self.log.delivered(self._sampled)  # the runtime delivers the broadcast to every sampled client
-        return attach_updates(self.broadcast(rnd), [update])
+        for reply in replies:
+            self.log.acknowledge(reply.sender, reply.meta.get("replica_version"))
+        self.log.record(rnd, fields, meta)
+        return send_updates(self.broadcast(rnd), self.log, self._sampled)
 
     def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
         self.replica(party).catch_up(read_updates(only_message(inbox, self.downlink.kind)), self.apply_update,

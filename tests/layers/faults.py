@@ -85,6 +85,7 @@ class Fault:
     at: str = "wire"  # corruptions: "model" (its own output, before its layers) or "wire"
     resign: bool = False  # wire corruption re-signed with the sender's key
     count: int = 1  # kill: die at this message of the round
+    message_kind: str = ""  # only messages of this kind (default: every message of the round)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -208,6 +209,8 @@ class ChaosTransport(InProcessTransport):
         for fault in self._due(rnd, party, downlink=not uplink):
             if fault.kind in ("drop_before_send", "reorder") or (fault.kind in CORRUPTIONS and fault.at == "model"):
                 continue  # happened inside the participant, or when the aggregator drains its inbox
+            if fault.message_kind and fault.message_kind != msg.kind:
+                continue
             out = self._apply(fault, out, party)
         for m in out:
             super().send(m)

@@ -139,7 +139,8 @@ def test_global_state_under_ckks_matches_plaintext_and_the_server_never_reads_it
                 assert SealedTensor.from_message(msg, f"{name}@{entry['version']}").scheme == "ckks"
     # What the server keeps for those who sat out is sealed too: it never holds the global state.
     log = ckks.fed.protocol.log  # type: ignore[attr-defined]
-    assert [u.version for u in log.updates] == [2]  # p0 sat out round 2 and still lacks its update
+    # Kept until acknowledged: p0 sat out round 2 and last said (in round 1) that it holds version 0.
+    assert [u.version for u in log.updates] == [1, 2]
     assert all(isinstance(v, SealedTensor) for u in log.updates for v in u.fields.values())
 
 

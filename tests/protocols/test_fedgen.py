@@ -103,7 +103,7 @@ def test_trained_generator_features_are_classified_as_their_label_by_the_heads(t
     heads = [copy.deepcopy(p.model.head) for p in fed.parties]  # the heads G is trained against
     party = fed.parties[0]
     before = _head_accuracy_on_own_labels(copy.deepcopy(fed.protocol.replica(party).generator), fed, heads)
-    fed.protocol.client_update(party, [fed.protocol.server_step(1, replies, fed.aggregator)], 1)
+    fed.protocol.client_update(party, [fed.protocol.server_step(1, replies, fed.aggregator)[party.id]], 1)
     after = _head_accuracy_on_own_labels(fed.protocol.replica(party).generator, fed, heads)
     assert max(before) < 0.3, before  # an untrained G is at chance
     assert min(after) > 0.8, after
@@ -278,7 +278,7 @@ def test_private_server_result_depends_only_on_the_aggregate(tmp_path: Path) -> 
         shifted[0] = shifted[0].with_payload(**{field: shifted[0].tensor(field) + delta})
         shifted[1] = shifted[1].with_payload(**{field: shifted[1].tensor(field) - delta})
     servers = [copy.deepcopy(fed.protocol) for _ in range(2)]
-    sent = [read_updates(server.server_step(1, msgs, PlainAggregator()))
+    sent = [read_updates(server.server_step(1, msgs, PlainAggregator())[replies[0].sender])
             for server, msgs in zip(servers, (replies, shifted), strict=True)]
     (a,), (b,) = sent
     assert set(a.fields) == set(b.fields) == {"shared", "generator_update", "label_counts"}
@@ -298,18 +298,21 @@ def test_a_user_that_sat_out_catches_up_to_the_same_replica(tmp_path: Path) -> N
         replies = [proto.client_step(p, [down[p.id]], rnd) for p in sampled]
         broadcast = proto.server_step(rnd, replies, fed.aggregator)
         for party in sampled:
-            proto.client_update(party, [broadcast], rnd)
+            proto.client_update(party, [broadcast[party.id]], rnd)
     assert [proto.replica(p).version for p in fed.parties] == [2, 2, 0]
     catch_up = proto.open_round(3, [p2.id])[p2.id]
     assert [u.version for u in read_updates(catch_up)] == [1, 2]  # every update it missed, in order
-    proto.client_step(p2, [catch_up], 3)
+    reply = proto.client_step(p2, [catch_up], 3)
     mine, theirs = proto.replica(p2), proto.replica(p0)
     assert mine.version == 2 and mine.prior_rounds == theirs.prior_rounds == 2
     assert torch.equal(_flat(mine.generator), _flat(theirs.generator))
     assert torch.equal(_flat(mine.shared), _flat(theirs.shared))
     assert torch.equal(mine.label_prior, theirs.label_prior)
-    # The server keeps only what some user still lacks.
-    assert proto.log.updates == []
+    # The server keeps what some user has not acknowledged: p2 now says it holds 2; p0 and p1 last said 1
+    # (in their round-2 uplinks), so update 2 stays until they say otherwise, with this round's 3.
+    assert reply.meta["replica_version"] == 2
+    proto.server_step(3, [reply], fed.aggregator)
+    assert [u.version for u in proto.log.updates] == [2, 3]
 
 
 def test_private_local_weights_make_the_users_shares_sum_to_l_g(tmp_path: Path) -> None:
@@ -378,7 +381,7 @@ def test_headline_accuracy_is_the_users_extractor_with_the_averaged_head(tmp_pat
     fed = _federation(tmp_path, fedgen=FAST)
     replies = _one_round_of_clients(fed)
     party = fed.parties[0]
-    fed.protocol.client_update(party, [fed.protocol.server_step(1, replies, fed.aggregator)], 1)
+    fed.protocol.client_update(party, [fed.protocol.server_step(1, replies, fed.aggregator)[party.id]], 1)
     averaged = fed.protocol.replica(party).shared
     torch.testing.assert_close(_flat(averaged), torch.stack([r.tensor("shared") for r in replies]).mean(0))
     with torch.no_grad():

@@ -121,10 +121,10 @@ def test_aggregation_of_overlapping_slices_equals_hand_computed_element_averages
 
     broadcast = proto.server_step(1, replies, fed.aggregator)
     # The server only sums; the division by the public counts happens on every participant's replica.
-    (update,) = read_updates(broadcast)
+    (update,) = read_updates(broadcast[b.id])
     assert torch.equal(update.fields["sum"], replies[0].tensor("padded_update") + replies[1].tensor("padded_update"))
     for party in (b, c):
-        proto.client_update(party, [broadcast], 1)
+        proto.client_update(party, [broadcast[party.id]], 1)
     new = dict(proto.replica(b).model.named_parameters())
 
     # Hidden layer (Linear 64 -> 8) and its GroupNorm: rows 0-1 both, rows 2-3 only b, rows 4-7 nobody.
@@ -440,3 +440,31 @@ def test_secure_aggregation_refuses_the_sbn_query_before_round_one(scheme: str, 
     assert not (tmp_path / "bn" / "metrics.jsonl").exists()
     gn = tiny_raw(protocol="heterofl", secure_aggregation=scheme, heterofl={**SMALL, "norm": "gn"})
     Federation(parse_config(gn), tmp_path / "gn", progress=False)  # accepted
+
+
+def test_a_replica_never_skips_a_lost_update_and_is_sent_it_again(tmp_path: Path) -> None:
+    """Round 1's update never reaches c; c sits out round 2; in round 3 its catch-up holds update 2 only.
+    It must not apply 2 over 0 (its model would differ from everyone's for good): it stays at 0, trains
+    from there, says so in its uplink, and the end of round 3 brings it 1, 2 and 3."""
+    fed = _federation(tmp_path, norm="gn")
+    proto: HeteroFL = fed.protocol  # type: ignore[assignment]
+    a, b, c = fed.parties
+
+    def play(rnd: int, sampled: list, lost: set) -> list:
+        down = proto.open_round(rnd, [p.id for p in sampled])
+        replies = [proto.client_step(p, [down[p.id]], rnd) for p in sampled]
+        broadcast = proto.server_step(rnd, replies, fed.aggregator)
+        for party in sampled:
+            if party.id not in lost:
+                proto.client_update(party, [broadcast[party.id]], rnd)
+        return replies
+
+    play(1, [a, b, c], lost={c.id})
+    play(2, [a, b], lost=set())
+    assert [proto.replica(p).version for p in (a, b, c)] == [2, 2, 0]
+    replies = play(3, [a, b, c], lost=set())
+    assert replies[2].meta["replica_version"] == 0  # c did not apply update 2 without update 1
+    assert [proto.replica(p).version for p in (a, b, c)] == [3, 3, 3]
+    mine, theirs = proto.replica(c).model.state_dict(), proto.replica(a).model.state_dict()
+    for name, value in theirs.items():
+        assert torch.equal(mine[name], value), name

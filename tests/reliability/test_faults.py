@@ -308,3 +308,34 @@ def test_the_random_schedule_is_seeded_and_respects_its_limits() -> None:
     # Sealed uplinks: plaintext corruptions can only happen inside the participant.
     assert all(f.at == "model" for f in a if f.kind in ("nan", "inf", "wrong_shape", "wrong_dtype"))
     assert len({f.kind for f in a}) >= 8
+
+
+@pytest.mark.parametrize("protocol,secure", [("heterofl", "none"), ("heterofl", "ckks"), ("fedgen", "ckks")])
+def test_a_replica_that_lost_an_update_is_sent_it_again_and_rejoins_the_others(
+        tmp_path: Path, protocol: str, secure: str) -> None:
+    """p2's round-1 update is lost (delayed, then refused as stale). Its replica stays at the version before
+    (never skipping one); its round-2 uplink says so, the server sends both updates again, and by the end
+    every replica of the global state is identical."""
+    changes: dict[str, Any] = {"protocol": protocol, "heterofl": {"norm": "gn", "hidden_sizes": [16, 16]},
+                               "fedgen": {"local_steps": 2, "generator_steps": 2}}
+    from securefl.protocols import get_protocol
+
+    end_of_round = get_protocol(protocol).downlink.kind
+    transport = ChaosTransport([Fault("delay", 1, "p2", downlink=True, message_kind=end_of_round)])
+    outcome = run_with_faults(small_config(secure=secure, rounds=3, **changes), tmp_path / "run", transport)
+    assert outcome.summary is not None
+    assert "stale" in _only_rejection(outcome, sender=AGGREGATOR, receiver="p2")
+    proto = outcome.fed.protocol
+    replicas = [proto.replica(p) for p in outcome.fed.parties]
+    assert [r.version for r in replicas] == [3, 3, 3]
+    states = [replica_state(r) for r in replicas]
+    for state in states[1:]:
+        assert state.keys() == states[0].keys()
+        for name in state:
+            torch.testing.assert_close(state[name], states[0][name], rtol=0, atol=0)
+
+
+def replica_state(replica: Any) -> dict[str, torch.Tensor]:
+    modules = {name: value for name, value in vars(replica).items() if isinstance(value, torch.nn.Module)}
+    tensors = {name: value for name, value in vars(replica).items() if isinstance(value, torch.Tensor)}
+    return {**{f"{m}.{k}": v for m, module in modules.items() for k, v in module.state_dict().items()}, **tensors}
