@@ -25,23 +25,28 @@ from tests.conftest import metrics_without_time  # noqa: E402
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
-CONFIG = """
-protocol: fedmd
-run: {seed: 0, rounds: 2, name: flower-loopback}
-data:
-  dataset: digits
-  partition: {kind: dirichlet, alpha: 0.5}
-  public_size: 200
-  val_fraction: 0.15
-training: {optimizer: sgd, lr: 0.1, momentum: 0.9, batch_size: 32, local_epochs: 1}
-privacy: {unit: record, delta: 1.0e-5, accountant: rdp, max_grad_norm: 1.0}
-secure_aggregation: ckks
-participants:
-  - {id: site_a, model: mlp_s, target_epsilon: 4}
-  - {id: site_b, model: cnn_s, target_epsilon: 8}
-  - {id: site_c, model: mlp_m, policy_file: POLICY}
-fedmd: {alignment_size: 200, transfer_max_epochs: 2, revisit_epochs: 1, revisit_batch_size: 32}
-"""
+
+def experiment(protocol: str, *, rounds: int, participants: str, extra: str, secure: str = "none",
+               private: bool = True) -> str:
+    """A short run on digits for three SuperNodes; ``participants``: their YAML list entries."""
+    privacy = "privacy: {unit: record, delta: 1.0e-5, accountant: rdp, max_grad_norm: 1.0}\n" if private else ""
+    return (f"protocol: {protocol}\nrun: {{seed: 0, rounds: {rounds}, name: flower-{protocol}}}\n"
+            "data:\n  dataset: digits\n  partition: {kind: dirichlet, alpha: 0.5}\n  public_size: 200\n"
+            "  val_fraction: 0.15\n"
+            "training: {optimizer: sgd, lr: 0.1, momentum: 0.9, batch_size: 32, local_epochs: 1}\n"
+            f"{privacy}secure_aggregation: {secure}\nparticipants:\n{participants}{extra}\n")
+
+
+CONFIG = experiment("fedmd", rounds=2, secure="ckks", participants=(
+    "  - {id: site_a, model: mlp_s, target_epsilon: 4}\n  - {id: site_b, model: cnn_s, target_epsilon: 8}\n"
+    "  - {id: site_c, model: mlp_m, policy_file: POLICY}\n"),
+    extra="fedmd: {alignment_size: 200, transfer_max_epochs: 2, revisit_epochs: 1, revisit_batch_size: 32}")
+MASKING_CONFIG = experiment("fml", rounds=2, secure="masking", participants=(
+    "  - {id: site_a, model: mlp_s, target_epsilon: 8}\n  - {id: site_b, model: cnn_s, target_epsilon: 8}\n"
+    "  - {id: site_c, model: mlp_m, target_epsilon: 4}\n"), extra="fml: {meme_model: mlp_s}")
+RESUME_CONFIG = experiment("fedh2l", rounds=3, private=False, participants=(
+    "  - {id: site_a, model: mlp_s}\n  - {id: site_b, model: cnn_s}\n  - {id: site_c, model: mlp_m}\n"),
+    extra="fedh2l: {seed_size: 100, seed_batch_size: 32}")
 
 
 def test_private_fedmd_with_ckks_on_a_loopback_flower_deployment(tmp_path: Path) -> None:
@@ -75,22 +80,6 @@ def test_private_fedmd_with_ckks_on_a_loopback_flower_deployment(tmp_path: Path)
         assert mine["epsilon"] == pytest.approx(theirs["epsilon"], rel=1e-9)
 
 
-MASKING_CONFIG = """
-protocol: fml
-run: {seed: 0, rounds: 2, name: flower-masking}
-data:
-  dataset: digits
-  partition: {kind: dirichlet, alpha: 0.5}
-  val_fraction: 0.15
-training: {optimizer: sgd, lr: 0.1, momentum: 0.9, batch_size: 32, local_epochs: 1}
-privacy: {unit: record, delta: 1.0e-5, accountant: rdp, max_grad_norm: 1.0}
-secure_aggregation: masking
-participants:
-  - {id: site_a, model: mlp_s, target_epsilon: 8}
-  - {id: site_b, model: cnn_s, target_epsilon: 8}
-  - {id: site_c, model: mlp_m, target_epsilon: 4}
-fml: {meme_model: mlp_s}
-"""
 
 
 @pytest.mark.slow  # six Flower phases a round (about 2.5 min); run by `make test-slow` in CI
@@ -114,21 +103,6 @@ def test_private_fml_with_pairwise_masking_on_a_loopback_flower_deployment(tmp_p
     assert metrics_without_time(coordinator) == metrics_without_time(tmp_path / "simulation")
 
 
-RESUME_CONFIG = """
-protocol: fedh2l
-run: {seed: 0, rounds: 3, name: flower-resume}
-data:
-  dataset: digits
-  partition: {kind: dirichlet, alpha: 0.5}
-  public_size: 200
-  val_fraction: 0.15
-training: {optimizer: sgd, lr: 0.1, momentum: 0.9, batch_size: 32, local_epochs: 1}
-participants:
-  - {id: site_a, model: mlp_s}
-  - {id: site_b, model: cnn_s}
-  - {id: site_c, model: mlp_m}
-fedh2l: {seed_size: 100, seed_batch_size: 32}
-"""
 
 
 @pytest.mark.slow  # two flwr runs of three FedH2L rounds (about 3 min)
