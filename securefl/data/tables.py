@@ -172,7 +172,7 @@ def owner_tables(config: Any, *, local: set[str] | None,
 
     if files.standardize == "public" and public is None:
         raise DataError("data.files.standardize = 'public' needs data.files.public_file")
-    scale = _public_scaler(public, files.transform) if files.standardize == "public" else None
+    scale = _public_scaler(public, files.transform) if files.standardize == "public" and public is not None else None
 
     def prepared(t: Table) -> np.ndarray:
         x = transform(t.x, files.transform)

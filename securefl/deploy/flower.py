@@ -57,7 +57,8 @@ _nodes: dict[tuple[str, str], ParticipantNode] = {}
 @client_app.query("securefl")
 def answer(message: Message, context: Context) -> Message:
     node = _node(context.node_config)
-    reply = node.handle(decode(message.content["securefl"]["request"]))
+    request = message.content["securefl"]["request"]
+    reply = node.handle(decode(request) if isinstance(request, bytes) else {"phase": "not bytes"})
     return Message(RecordDict({"securefl": ConfigRecord({"reply": encode(reply)})}), reply_to=message)
 
 
@@ -143,5 +144,7 @@ class FlowerParticipants(RemoteParticipants):
                 # A ClientApp that crashed: the node is excluded from this phase with Flower's reason.
                 log.warning("node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
-            replies[reply.metadata.src_node_id] = reply.content["securefl"]["reply"]
+            raw = reply.content["securefl"]["reply"]
+            if isinstance(raw, bytes):  # anything else is no answer (RemoteParticipants names the node)
+                replies[reply.metadata.src_node_id] = raw
         return replies

@@ -148,7 +148,7 @@ class ParticipantNode:
 
     # ----- set-up and state ----------------------------------------------------------------------
     def _setup(self, request: dict[str, Any]) -> None:
-        run_id = request.get("run_id")
+        run_id = str(request.get("run_id") or "")
         config = self._accept_config(request.get("config"), run_id)
         saved = self.node_dir / "run.json"
         if saved.exists():

@@ -100,7 +100,7 @@ class RemoteParticipants:
             try:
                 if not reply.get("ok"):
                     raise DecodeError(reply.get("error", "no reply"))
-                msg = decode_message(reply.get("message"))
+                msg = decode_message(reply.get("message", b""))
             except DecodeError as exc:
                 self.reject(pid, str(exc))
                 continue

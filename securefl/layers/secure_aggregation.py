@@ -444,10 +444,9 @@ class MaskingNodeLayer(Layer):
         """Every peer's keys in the roster must carry that peer's signature, as it advertised them."""
         if self.signing_key is None:
             return
-        ids, c_pks, s_pks = (roster.payload.get(k) for k in ("ids", "c_pks", "s_pks"))
-        signatures = roster.payload.get("signatures")
-        if not all(isinstance(v, list) for v in (ids, c_pks, s_pks, signatures)) or not (
-                len(ids) == len(c_pks) == len(s_pks) == len(signatures)):
+        ids, c_pks, s_pks, signatures = (roster.payload.get(k) for k in ("ids", "c_pks", "s_pks", "signatures"))
+        if not (isinstance(ids, list) and isinstance(c_pks, list) and isinstance(s_pks, list)
+                and isinstance(signatures, list) and len(ids) == len(c_pks) == len(s_pks) == len(signatures)):
             raise ValueError("the roster carries no signature for every participant's keys; refusing to share")
         for raw_id, c_pk, s_pk, signature in zip(ids, c_pks, s_pks, signatures, strict=True):
             pid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)

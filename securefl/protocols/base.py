@@ -221,7 +221,7 @@ class Protocol(ABC):
             party.model.load_state_dict(state["model"])
         for key, value in state["state"].items():
             current = party.state.get(key)
-            if hasattr(current, "load_state_dict"):
+            if current is not None and hasattr(current, "load_state_dict"):
                 current.load_state_dict(value)
             else:
                 party.state[key] = value
@@ -337,10 +337,11 @@ def attach_updates(msg: Message, updates: Sequence[GlobalUpdate]) -> Message:
     return _with_fields(msg, payload).with_meta(**{UPDATES_META: index})
 
 
-def send_updates(template: Message, log: UpdateLog, receivers: Sequence[str]) -> dict[str, Message]:
+def send_updates(template: Message, log: UpdateLog, receivers: Sequence[str]) -> Downlink:
     """The end of a round: ``template`` to each receiver with every update it has not been sent (this
     round's, and any it lost before), then the log notes them as sent."""
-    out = {pid: attach_updates(template.model_copy(update={"receiver": pid}), log.missed(pid)) for pid in receivers}
+    out: dict[str, Message | list[Message]] = {
+        pid: attach_updates(template.model_copy(update={"receiver": pid}), log.missed(pid)) for pid in receivers}
     log.delivered(receivers)
     return out
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from securefl.protocols.base import (
+    Downlink,
     Field,
     Protocol,
     ProtocolConfig,
@@ -68,7 +69,7 @@ class FedAvg(Protocol):
         party.model = self.ctx.build_model(party.model_name, purpose="fedavg-global")
         party.state["private_opt"] = self.ctx.make_optimizer(party.model)
 
-    def open_round(self, rnd: int, sampled: Sequence[str]) -> dict[str, Message] | None:
+    def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:
         # Participants start from the global initialisation and receive every later global model in the
         # downlink of the rounds they take part in; only one that missed a round needs the current model.
         assert self.global_model is not None

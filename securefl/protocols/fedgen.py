@@ -561,7 +561,7 @@ class FedGen(Protocol):
         return local
 
     # ----- steps 3-4: the server aggregates, every user applies -----------------------------
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Downlink:
         cfg = self.config
         fields: dict[str, Any] = {}
         if cfg.mode == "reference":

@@ -589,7 +589,7 @@ class HeteroFL(Protocol):
             count += self.layout.coverage(self.sub_shapes(float(c["rate"])), classes)
         return count
 
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Downlink:
         """Sum the padded slices; the division by the public counts happens on every replica."""
         meta: dict = {"contributors": self.contributors(replies, rnd)}
         fields = {"sum": aggregator.sum(replies, "padded_update")}

@@ -228,5 +228,5 @@ class seeded:
         self._fork.__enter__()
         torch.manual_seed(self.seed)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self._fork.__exit__(*exc)

@@ -19,6 +19,7 @@ participants (every one in a simulation, one per node in a deployment):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -160,7 +161,7 @@ class PrivacyRuntime:
         party.trainer = DPSGDTrainer(noise_multiplier=pp.noise_multiplier,
                                      max_grad_norm=self.fed.config.privacy.max_grad_norm,
                                      histogram_noise_multiplier=self.fed.config.privacy.histogram_noise_multiplier,
-                                     commit=lambda event, pid=party.id: self.commit(pid, event))
+                                     commit=functools.partial(self.commit, party.id))
 
     # ----- during the run ------------------------------------------------------------------
     def commit(self, participant: str, event: AnyEvent) -> None:
