@@ -32,6 +32,12 @@ parser often accepts silently: SEAL's compressed stream has no checksum). It
 is **not** a MAC: deliberate tampering is caught by the Ed25519 signature on
 the message (:mod:`securefl.crypto.signing`).
 
+Cores. :meth:`KeyHolderContext.seal` has TenSEAL encrypt a payload's chunks
+on its thread pool (one thread per core unless ``threads`` says otherwise);
+the bytes on the wire are the same as when each chunk is encrypted alone.
+Serialization, deserialization and decryption stay on the calling thread:
+TenSEAL offers them no pool and holds the GIL while it runs them.
+
 Threat model. The aggregator alone learns nothing about individual payloads
 (semantic security of CKKS under RLWE). It does see the number of chunks,
 hence the payload length. A participant holding the key could decrypt a peer's
