@@ -199,7 +199,7 @@ def _feed(h: Any, value: Any, path: str, memo: _LeafDigests | None) -> None:
         header = f"{str(value.dtype).removeprefix('torch.')}|{','.join(str(d) for d in value.shape)}".encode()
         h.update(b"T" + _U64.pack(len(header)) + header)
         # The tensor's own bytes, not a copy.
-        _blob(h, b"r", memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b"", None)
+        _blob(h, b"r", flat.view(torch.uint8).numpy().data if flat.numel() else b"", None)
     elif isinstance(value, list | tuple):
         h.update(b"L" + _U64.pack(len(value)))
         for i, item in enumerate(value):

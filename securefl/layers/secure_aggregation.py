@@ -166,7 +166,7 @@ class CkksLayer(Layer):
         for name in self._fields:
             if name in msg.payload and msg.receiver == AGGREGATOR:
                 try:
-                    sealed = self._keys.seal(msg.tensor(name), field=name)
+                    sealed = self._key_holder().seal(msg.tensor(name), field=name)
                 except ValueError as exc:  # non-finite or out of the CKKS range: withheld, not crashed on
                     raise Rejected(party.id, f"field {name!r} cannot be sealed: {str(exc):.300}") from None
                 msg = sealed.attach(msg, name)
@@ -174,9 +174,14 @@ class CkksLayer(Layer):
 
     def inbound(self, msg: Message, party: Any) -> Message:
         try:
-            return open_sealed_fields(msg, self._keys)
+            return open_sealed_fields(msg, self._key_holder())
         except (CiphertextError, KeyError, ValueError) as exc:
             raise Rejected(msg.sender, f"cannot open a sealed field: {str(exc):.300}") from None
+
+    def _key_holder(self) -> KeyHolderContext:
+        if self._keys is None:
+            raise LayerSetupError("this CKKS layer is a coordinator's: it holds no committee key to seal or open with")
+        return self._keys
 
     def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
         self._aggregator.forget_parsed()
