@@ -4,6 +4,10 @@ B1  CKKS through securefl against the same steps written directly against
     TenSEAL (same parameters, same payloads): K = 10 payloads of 50,000
     floats, encrypt -> serialize -> aggregate (deserialize + sum + 1/K) ->
     decrypt. Targets: time ratio <= 1.25, bytes per float within 10 %.
+    Participants hold the secret key and securefl encrypts with it (SEAL's
+    symmetric encryption); so do the raw steps (a TenSEAL context with
+    ``encryption_type=SYMMETRIC``; the aggregator gets it without the secret
+    key). Informational rows give raw TenSEAL with public-key encryption.
 B2  Pairwise masking (SecAgg, Bonawitz et al. 2017) against CKKS on the same
     payloads, end to end, with one participant dropping after key sharing
     and recovered. Targets: >= 20x faster, <= 3x the plaintext fp32 bytes.
@@ -182,22 +186,31 @@ def b1_ckks_vs_raw(bench: Bench) -> list[Row]:
     key_ctx = KeyHolderContext.generate(bench.params, threads=1)
     pooled = KeyHolderContext.from_committee_secret(key_ctx.export_secret_for_committee())  # default: all cores
     public_bytes = key_ctx.public().to_bytes()
-    raw_ctx = ts.context(
-        ts.SCHEME_TYPE.CKKS,
-        poly_modulus_degree=bench.params.poly_modulus_degree,
-        coeff_mod_bit_sizes=list(bench.params.coeff_mod_bit_sizes),
-        n_threads=1,
-    )
-    raw_ctx.global_scale = 2.0**bench.params.global_scale_bits
-    raw_pub = raw_ctx.copy()
-    raw_pub.make_context_public()
-    raw_public_bytes = raw_pub.serialize(save_galois_keys=False, save_relin_keys=False)
+    def raw_context(kind: ts.ENCRYPTION_TYPE) -> ts.Context:
+        ctx = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=bench.params.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(bench.params.coeff_mod_bit_sizes),
+            encryption_type=kind,
+            n_threads=1,
+        )
+        ctx.global_scale = 2.0**bench.params.global_scale_bits
+        return ctx
+
+    # Secret-key encryption, like securefl's participants; the aggregator's copy has no key at all.
+    raw_ctx = raw_context(ts.ENCRYPTION_TYPE.SYMMETRIC)
+    raw_public_bytes = raw_ctx.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
+    # Public-key encryption (informational): the aggregator's copy holds the public key only.
+    asym_ctx = raw_context(ts.ENCRYPTION_TYPE.ASYMMETRIC)
+    asym_pub = asym_ctx.copy()
+    asym_pub.make_context_public()
+    asym_public_bytes = asym_pub.serialize(save_galois_keys=False, save_relin_keys=False)
     expected = np.mean(xs_np, axis=0)
 
-    t_ours, t_raw, t_enc, t_pool = [], [], [], []
+    t_ours, t_raw, t_enc, t_pool, t_asym = [], [], [], [], []
     for rep in range(bench.repeats):
         # Alternate which path goes first, so drift in machine load hits both alike.
-        order = ("ours", "raw", "pool") if rep % 2 == 0 else ("pool", "raw", "ours")
+        order = ("ours", "raw", "pool", "asym") if rep % 2 == 0 else ("asym", "pool", "raw", "ours")
         for which in order:
             if which == "ours":
                 dt, (ours, ours_bytes) = _timed(lambda: securefl_ckks_round(key_ctx, public_bytes, xs))
@@ -205,6 +218,10 @@ def b1_ckks_vs_raw(bench: Bench) -> list[Row]:
             elif which == "pool":
                 dt, _ = _timed(lambda: securefl_ckks_round(pooled, public_bytes, xs))
                 t_pool.append(dt)
+            elif which == "asym":
+                dt, (asym, asym_bytes) = _timed(
+                    lambda: raw_tenseal_round(asym_ctx, asym_public_bytes, xs_np, bench.params.slots))
+                t_asym.append(dt)
             else:
                 dt, (raw, raw_bytes) = _timed(lambda: raw_tenseal_round(raw_ctx, raw_public_bytes, xs_np, bench.params.slots))
                 t_raw.append(dt)
@@ -214,7 +231,7 @@ def b1_ckks_vs_raw(bench: Bench) -> list[Row]:
         bench.tick(f"B1 rep {rep + 1}")
 
     floats = bench.participants * bench.length
-    ours_bpf, raw_bpf = ours_bytes / floats, raw_bytes / floats
+    ours_bpf, raw_bpf, asym_bpf = ours_bytes / floats, raw_bytes / floats, asym_bytes / floats
     return [
         Row("B1 CKKS time, securefl / raw TenSEAL", statistics.median(t_ours) / statistics.median(t_raw), 1.25, "lower", "ratio"),
         Row("B1 CKKS bytes per float, securefl / raw TenSEAL", ours_bpf / raw_bpf, 1.10, "lower", "ratio"),
@@ -224,10 +241,15 @@ def b1_ckks_vs_raw(bench: Bench) -> list[Row]:
             "lower", "s"),
         Row("B1 securefl bytes per float (uplink)", ours_bpf, None, "lower", "bytes"),
         Row("B1 raw TenSEAL bytes per float (uplink)", raw_bpf, None, "lower", "bytes"),
+        Row("B1 raw TenSEAL round time, public-key encryption", statistics.median(t_asym), None, "lower", "s"),
+        Row("B1 raw TenSEAL bytes per float (uplink), public-key encryption", asym_bpf, None, "lower", "bytes"),
         Row("B1 CKKS ciphertext size / fp32 size", ours_bpf / 4, None, "lower", "ratio"),
-        Row("B1 raw TenSEAL encryption throughput", bench.length / statistics.median(t_enc), None, "higher", "floats/s"),
+        Row("B1 raw TenSEAL encryption throughput (secret key)", bench.length / statistics.median(t_enc), None, "higher",
+            "floats/s"),
         Row("B1 securefl mean, max abs error", float(np.abs(ours.double().numpy() - expected).max()), 1e-5, "lower", "abs"),
         Row("B1 raw TenSEAL mean, max abs error", float(np.abs(raw - expected).max()), 1e-5, "lower", "abs"),
+        Row("B1 raw TenSEAL mean, max abs error, public-key encryption", float(np.abs(asym - expected).max()), 1e-5,
+            "lower", "abs"),
     ]
 
 
