@@ -69,7 +69,8 @@ MIXED_TARGETS = (1.0, 4.0, 8.0)
 A2_ROWS = ["local_only", "pooled", "fedmd", "fedh2l"]
 
 
-def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None) -> dict[str, Any]:
+def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None,
+                rounds: int | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "dataset": "fashion_mnist",
         "data_dir": data_dir,
@@ -82,7 +83,7 @@ def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None) -
         data.update(public_labelled=True, public_classes=[0, 1, 2, 3, 4], private_classes=[5, 6, 7, 8, 9])
     if quick:
         data.update(max_train_records=6000, public_size=1000)
-    rounds = 2 if quick else 10
+    rounds = rounds or (2 if quick else 10)
     return {
         "protocol": "local_only",
         "run": {"seed": seed, "rounds": rounds},
@@ -95,12 +96,13 @@ def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None) -
     }
 
 
-def run_dir(setting: str, row: Row, epsilon: str, seed: int, quick: bool) -> Path:
+def run_dir(setting: str, row: Row, epsilon: str, seed: int, quick: bool, rounds: int | None = None) -> Path:
     name = f"{row.protocol}-{row.variant}".replace(" ", "_").replace("/", "_")
-    return RESULTS / ("runs_quick" if quick else "runs") / setting / name / f"eps-{epsilon}" / f"seed{seed}"
+    runs = RESULTS / ("runs_quick" if quick else "runs") / setting / name / f"eps-{epsilon}"
+    return runs / (f"seed{seed}-r{rounds}" if rounds else f"seed{seed}")
 
 
-def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any]:
+def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None]) -> dict[str, Any]:
     """Run (or reuse, or resume) one benchmark cell. Runs in a worker process."""
     import torch
 
@@ -109,11 +111,11 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None]) -> dict[str, Any
     from securefl.protocols import ProtocolSetupError
     from securefl.runtime.federation import CHECKPOINT, Federation
 
-    setting, row, epsilon, seed, quick, data_dir = task
-    out = run_dir(setting, row, epsilon, seed, quick)
+    setting, row, epsilon, seed, quick, data_dir, rounds = task
+    out = run_dir(setting, row, epsilon, seed, quick, rounds)
     if (out / "summary.json").exists():
         return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True}
-    raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir), row.overrides)
+    raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir, rounds=rounds), row.overrides)
     raw["protocol"] = row.protocol
     if row.homogeneous:
         raw["participants"] = [{"id": p["id"], "model": A1_MODELS[0]} for p in raw["participants"]]
@@ -236,7 +238,7 @@ def _eps_key(eps: str) -> tuple[int, float]:
     return (1, -float(eps))
 
 
-def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool) -> None:
+def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool, rounds: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,7 +250,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool) -> No
         setting, row, epsilon, seed = res["task"]
         if epsilon != "inf" or setting != "A1" or "summary" not in res:
             continue
-        metrics_path = run_dir(setting, row, epsilon, seed, quick) / "metrics.jsonl"
+        metrics_path = run_dir(setting, row, epsilon, seed, quick, rounds) / "metrics.jsonl"
         if not metrics_path.exists():
             continue
         series = [json.loads(line)["mean_accuracy"] for line in metrics_path.read_text().splitlines()]
@@ -269,7 +271,8 @@ def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool) -> No
     finish_figure(fig, ax, path)
 
 
-def write_results(results: list[dict[str, Any]], out_name: str, command: str, *, quick: bool) -> None:
+def write_results(results: list[dict[str, Any]], out_name: str, command: str, *, quick: bool,
+                  rounds: int | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Merge with the seeds and cells of earlier invocations; a seed measured now replaces the old value.
     path = RESULTS / f"{out_name}.json"
@@ -279,7 +282,7 @@ def write_results(results: list[dict[str, Any]], out_name: str, command: str, *,
     rows = summarise(cells)
     path.write_text(json.dumps(rows, indent=2) + "\n")
     write_markdown(rows, RESULTS / f"{out_name}.md", command)
-    plot_rounds(results, RESULTS / f"{out_name}_rounds.png", quick=quick)
+    plot_rounds(results, RESULTS / f"{out_name}_rounds.png", quick=quick, rounds=rounds)
 
 
 def _cell(row: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -299,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI smoke: 2 rounds, 1 seed, 6,000 records")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out-name", default="accuracy", help="results file stem under benchmarks/results/")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per run instead of 10 (needs its own --out-name: cells of different lengths "
+                             "are never merged)")
     args = parser.parse_args(argv)
+    if args.rounds is not None and (args.rounds < 1 or args.out_name == "accuracy"):
+        parser.error(f"--rounds {args.rounds}: must be >= 1 and come with --out-name other than 'accuracy'")
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out_name = args.out_name if args.out_name != "accuracy" else "accuracy_quick"
@@ -319,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 if eps not in ("inf", "mixed") and not _is_positive_number(eps):
                     parser.error(f"--epsilons: {eps!r} is not inf, mixed or a positive number")
                 for seed in args.seeds:
-                    tasks.append((setting, row, eps, seed, args.quick, args.data_dir))
+                    tasks.append((setting, row, eps, seed, args.quick, args.data_dir, args.rounds))
     # Seed-major order: a benchmark stopped early still has whole seeds of every row.
     tasks.sort(key=lambda t: (settings.index(t[0]), t[3]))
 
@@ -341,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(f"{setting} {row.protocol}/{row.variant} ε={eps} s{seed}: {outcome}")
             bar.update(1)
             # Rewrite the tables after every finished run: a stopped benchmark keeps what it measured.
-            write_results(results, args.out_name, command.strip(), quick=args.quick)
+            write_results(results, args.out_name, command.strip(), quick=args.quick, rounds=args.rounds)
     print((RESULTS / f"{args.out_name}.md").read_text())
     for failure in failures:
         print(failure, file=sys.stderr)
