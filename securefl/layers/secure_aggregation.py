@@ -300,6 +300,14 @@ KIND_INVITE = "secagg/invite"
 KIND_READY = "secagg/ready"
 
 
+def _signature_of(advert: Message) -> bytes:
+    """The advertiser's signature on its keys (empty when signing is off); ValueError if it is not hex."""
+    raw = advert.meta.get(SIGNATURE_META_KEY, "")
+    if not isinstance(raw, str):
+        raise ValueError(f"advertisement from {advert.sender!r}: its signature is not a hex string")
+    return bytes.fromhex(raw)
+
+
 class MaskingCoordinatorLayer(_MaskingServer):
     """A deployed coordinator's masking: each round it runs SecAgg's key agreement with the sampled nodes
     (rounds 0-1), then aggregates their masked inputs and asks the survivors for the shares that remove
@@ -325,13 +333,14 @@ class MaskingCoordinatorLayer(_MaskingServer):
         aggregator = MaskingAggregator(session, unmask_batch=lambda requests: self._unmask(rnd, sampled, requests))
         invites = {pid: session.message(sender=AGGREGATOR, receiver=pid, kind=KIND_INVITE, payload={})
                    for pid in session.participant_ids}
-        adverts = self._well_formed(ask(rnd, sampled, invites), aggregator.check_advertisement)
+        adverts = self._well_formed(ask(rnd, sampled, invites), lambda msg: (aggregator.check_advertisement(msg),
+                                                                              _signature_of(msg)))
         roster = aggregator.collect_advertisements(list(adverts.values()))  # SecAggAbort below the threshold
         # Each node's signature on its own keys rides along, so every node can check that the roster's keys
         # are its peers' and not the coordinator's (a man in the middle); unsigned where signing is off.
         ids = [raw.decode() for raw in roster.payload["ids"]]
         roster = roster.model_copy(update={"payload": {**roster.payload, "signatures": [
-            bytes.fromhex(adverts[pid].meta.get(SIGNATURE_META_KEY, "")) for pid in ids]}})
+            _signature_of(adverts[pid]) for pid in ids]}})
         shares = self._well_formed(ask(rnd, sampled, dict.fromkeys(adverts, roster)), aggregator.check_share_message)
         inboxes = aggregator.route_shares(list(shares.values()))
         # A node that cannot take its shares sends no masked input: the survivors' shares recover it.

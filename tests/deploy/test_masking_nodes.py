@@ -216,3 +216,22 @@ def test_the_coordinator_holds_no_participants_secagg_secret(tmp_path: Path) -> 
     assert len(secrets) == 9
     coordinator_files = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
     assert not any(secret in coordinator_files for secret in secrets)
+
+
+def test_an_advertisement_with_a_malformed_signature_is_left_out_and_the_round_goes_on(tmp_path: Path) -> None:
+    class GarbledSignatureFromD(FreshProcessNodes):
+        def ask(self, rnd, sampled, requests):  # type: ignore[no-untyped-def]
+            answers = super().ask(rnd, sampled, requests)
+            if "d" in answers and answers["d"].kind == "secagg/advertise":
+                answers["d"] = answers["d"].with_meta(signature="not hex")
+            return answers
+
+    ids = ["a", "b", "c", "d"]
+    nodes = GarbledSignatureFromD(tmp_path, ids)
+    coordinator = MaskingCoordinatorLayer(run_id=RUN, threshold_fraction=0.5)
+    coordinator.check(FAKE_PROTOCOL, [])
+    coordinator.connect(nodes)
+    coordinator.start_round(1, ids)
+    assert [pid for pid, _ in nodes.rejected] == ["d"]
+    assert "hex" in nodes.rejected[0][1]
+    assert coordinator.wrap_aggregator(None, 1).mask_peers == ("a", "b", "c")
