@@ -54,7 +54,7 @@ class LocalOnly(Protocol):
         self._train(party, epochs=self.ctx.training.local_epochs)
         score = party.trainer.validation(lambda: val_score(party, self.ctx.eval_classes))
         if score is None:
-            return None  # no selection on private validation records (a DP participant): keep the latest
+            return None  # this participant's trainer allows no selection on validation records: keep the latest
         acc = score()
         if acc > party.state["best_val"]:
             party.state["best_val"] = acc

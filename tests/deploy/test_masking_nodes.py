@@ -40,7 +40,7 @@ class FreshProcessNodes:
 
     def __init__(self, key_root: Path, ids: list[str], *, silent: set[str] | None = None,
                  tamper: Callable[[Message], Message] | None = None) -> None:
-        self.key_root, self.ids, self.silent = key_root, ids, silent if silent is not None else set()
+        self.key_root, self.silent = key_root, silent if silent is not None else set()
         self.tamper = tamper  # a coordinator that rewrites what it relays
         self.keys = {pid: PartyKeys.generate(pid) for pid in ids}
         self.rejected: list[tuple[str, str]] = []
