@@ -17,6 +17,8 @@ Usage::
     python benchmarks/accuracy.py                    # everything registered, 3 seeds
     python benchmarks/accuracy.py --setting A1 --rows fedmd local_only --seeds 0
     python benchmarks/accuracy.py --quick            # CI smoke: few rounds, 1 seed, subsampled data
+    python benchmarks/accuracy.py --rows fedgen/private --seeds 1 \
+        --set fedgen.local_steps=170 --out-name accuracy_fedgen_epoch   # a schedule change, in its own file
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,13 +99,49 @@ def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None,
     }
 
 
-def run_dir(setting: str, row: Row, epsilon: str, seed: int, quick: bool, rounds: int | None = None) -> Path:
+Sets = tuple[tuple[str, Any], ...]  # --set overrides: (dotted config path, value)
+
+
+def run_dir(setting: str, row: Row, epsilon: str, seed: int, quick: bool, rounds: int | None = None,
+            sets: Sets = ()) -> Path:
     name = f"{row.protocol}-{row.variant}".replace(" ", "_").replace("/", "_")
     runs = RESULTS / ("runs_quick" if quick else "runs") / setting / name / f"eps-{epsilon}"
-    return runs / (f"seed{seed}-r{rounds}" if rounds else f"seed{seed}")
+    # A changed schedule is a different experiment: its own directory, never resumed from or reused as another's.
+    suffix = "".join([f"-r{rounds}" if rounds else ""] + [f"-{path}={value}" for path, value in sets])
+    return runs / f"seed{seed}{suffix.replace('/', '_').replace(' ', '')}"
 
 
-def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None]) -> dict[str, Any]:
+def parse_set(text: str) -> tuple[str, Any]:
+    """``section.field=value`` (the value read as YAML: 170, 2e-3, true, [32, 64]) -> (path, value)."""
+    import yaml
+
+    path, sep, value = text.partition("=")
+    if not sep or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", path):
+        raise ValueError(f"--set {text!r}: expected section.field=value, e.g. fedgen.local_steps=170")
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        try:  # YAML 1.1 reads 2e-3 (no dot) as a string
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return path, parsed
+
+
+def with_sets(raw: dict[str, Any], sets: Sets) -> dict[str, Any]:
+    from securefl.config import deep_merge
+
+    for path, value in sets:
+        override: dict[str, Any] = {}
+        node = override
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+        raw = deep_merge(raw, override)
+    return raw
+
+
+def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None, Sets]) -> dict[str, Any]:
     """Run (or reuse, or resume) one benchmark cell. Runs in a worker process."""
     import torch
 
@@ -111,8 +150,8 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None]) -> d
     from securefl.protocols import ProtocolSetupError
     from securefl.runtime.federation import CHECKPOINT, Federation
 
-    setting, row, epsilon, seed, quick, data_dir, rounds = task
-    out = run_dir(setting, row, epsilon, seed, quick, rounds)
+    setting, row, epsilon, seed, quick, data_dir, rounds, sets = task
+    out = run_dir(setting, row, epsilon, seed, quick, rounds, sets)
     if (out / "summary.json").exists():
         return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True}
     raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir, rounds=rounds), row.overrides)
@@ -127,6 +166,7 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None]) -> d
     if quick and "fedh2l" in raw:
         # The quick smoke's public set is smaller than the full run's seed set.
         raw["fedh2l"]["seed_size"] = min(raw["fedh2l"].get("seed_size") or 0, raw["data"]["public_size"]) or None
+    raw = with_sets(raw, sets)
     t0 = time.perf_counter()
     try:
         config = parse_config(raw, f"{setting}/{row.protocol}/{row.variant}")
@@ -238,7 +278,8 @@ def _eps_key(eps: str) -> tuple[int, float]:
     return (1, -float(eps))
 
 
-def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool, rounds: int | None = None) -> None:
+def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool, rounds: int | None = None,
+                sets: Sets = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -250,7 +291,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool, round
         setting, row, epsilon, seed = res["task"]
         if epsilon != "inf" or setting != "A1" or "summary" not in res:
             continue
-        metrics_path = run_dir(setting, row, epsilon, seed, quick, rounds) / "metrics.jsonl"
+        metrics_path = run_dir(setting, row, epsilon, seed, quick, rounds, sets) / "metrics.jsonl"
         if not metrics_path.exists():
             continue
         series = [json.loads(line)["mean_accuracy"] for line in metrics_path.read_text().splitlines()]
@@ -272,7 +313,7 @@ def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool, round
 
 
 def write_results(results: list[dict[str, Any]], out_name: str, command: str, *, quick: bool,
-                  rounds: int | None = None) -> None:
+                  rounds: int | None = None, sets: Sets = ()) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Merge with the seeds and cells of earlier invocations; a seed measured now replaces the old value.
     path = RESULTS / f"{out_name}.json"
@@ -282,11 +323,21 @@ def write_results(results: list[dict[str, Any]], out_name: str, command: str, *,
     rows = summarise(cells)
     path.write_text(json.dumps(rows, indent=2) + "\n")
     write_markdown(rows, RESULTS / f"{out_name}.md", command)
-    plot_rounds(results, RESULTS / f"{out_name}_rounds.png", quick=quick, rounds=rounds)
+    plot_rounds(results, RESULTS / f"{out_name}_rounds.png", quick=quick, rounds=rounds, sets=sets)
 
 
 def _cell(row: dict[str, Any]) -> tuple[str, str, str, str]:
     return (row["setting"], row["protocol"], row["variant"], row["epsilon"])
+
+
+def _check_sets(sets: Sets, parser: argparse.ArgumentParser) -> None:
+    """Refuse a mistyped field or a bad value before any run starts, with the config's own error."""
+    from securefl.config import ConfigError, parse_config
+
+    try:
+        parse_config(with_sets(base_config("A1", 0, quick=True, data_dir=None), sets), "--set")
+    except (ConfigError, ValueError) as exc:
+        parser.error(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,9 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds per run instead of 10 (needs its own --out-name: cells of different lengths "
                              "are never merged)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field in every run, e.g. fedgen.local_steps=170 (repeatable; "
+                             "needs its own --out-name, like --rounds)")
     args = parser.parse_args(argv)
     if args.rounds is not None and (args.rounds < 1 or args.out_name == "accuracy"):
         parser.error(f"--rounds {args.rounds}: must be >= 1 and come with --out-name other than 'accuracy'")
+    try:
+        sets: Sets = tuple(parse_set(text) for text in args.sets)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if sets and args.out_name == "accuracy":
+        parser.error(f"--set {' '.join(args.sets)}: a changed schedule needs its own --out-name, not 'accuracy'")
+    if sets:
+        _check_sets(sets, parser)
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out_name = args.out_name if args.out_name != "accuracy" else "accuracy_quick"
@@ -327,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 if eps not in ("inf", "mixed") and not _is_positive_number(eps):
                     parser.error(f"--epsilons: {eps!r} is not inf, mixed or a positive number")
                 for seed in args.seeds:
-                    tasks.append((setting, row, eps, seed, args.quick, args.data_dir, args.rounds))
+                    tasks.append((setting, row, eps, seed, args.quick, args.data_dir, args.rounds, sets))
     # Seed-major order: a benchmark stopped early still has whole seeds of every row.
     tasks.sort(key=lambda t: (settings.index(t[0]), t[3]))
 
@@ -349,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(f"{setting} {row.protocol}/{row.variant} ε={eps} s{seed}: {outcome}")
             bar.update(1)
             # Rewrite the tables after every finished run: a stopped benchmark keeps what it measured.
-            write_results(results, args.out_name, command.strip(), quick=args.quick, rounds=args.rounds)
+            write_results(results, args.out_name, command.strip(), quick=args.quick, rounds=args.rounds, sets=sets)
     print((RESULTS / f"{args.out_name}.md").read_text())
     for failure in failures:
         print(failure, file=sys.stderr)
