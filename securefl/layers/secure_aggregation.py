@@ -308,6 +308,17 @@ def _signature_of(advert: Message) -> bytes:
     return bytes.fromhex(raw)
 
 
+def _check_key_signature(public_keys: Mapping[str, Any], pid: str, *, run_id: str, rnd: int, c_pk: Any, s_pk: Any,
+                         signature: Any) -> None:
+    """``pid``'s signature on the SecAgg keys it advertised (ValueError if it does not verify)."""
+    advert = Message(sender=pid, receiver=AGGREGATOR, run_id=run_id, round=rnd, kind=KIND_ADVERTISE,
+                     payload={"c_pk": c_pk, "s_pk": s_pk})
+    try:
+        public_keys[pid].verify(bytes(signature), canonical_bytes(advert))
+    except (KeyError, InvalidSignature, TypeError, ValueError):
+        raise ValueError(f"the SecAgg keys advertised for {pid!r} are not signed by {pid!r}") from None
+
+
 class MaskingCoordinatorLayer(_MaskingServer):
     """A deployed coordinator's masking: each round it runs SecAgg's key agreement with the sampled nodes
     (rounds 0-1), then aggregates their masked inputs and asks the survivors for the shares that remove
@@ -316,11 +327,16 @@ class MaskingCoordinatorLayer(_MaskingServer):
     The conversation goes through ``participants.ask(round, sampled, {participant: request})``, which
     returns the answers that came back; a node that fails a phase is left out of the session from then on
     (recovered as a dropout), and ``participants.reject(participant, reason)`` logs why.
+
+    With ``public_keys`` (the nodes' provisioned signing keys; signing on), an advertisement whose signature
+    does not verify is left out like any malformed answer. Otherwise it would reach the roster, every honest
+    node would refuse that roster, and one bad node could abort every round's key agreement.
     """
 
-    def __init__(self, *, run_id: str, threshold_fraction: float) -> None:
+    def __init__(self, *, run_id: str, threshold_fraction: float, public_keys: Mapping[str, Any] | None = None) -> None:
         super().__init__(run_id=run_id, threshold_fraction=threshold_fraction)
         self._participants: Any = None
+        self.public_keys = None if public_keys is None else dict(public_keys)
 
     def connect(self, participants: Any) -> None:
         self._participants = participants
@@ -333,8 +349,7 @@ class MaskingCoordinatorLayer(_MaskingServer):
         aggregator = MaskingAggregator(session, unmask_batch=lambda requests: self._unmask(rnd, sampled, requests))
         invites = {pid: session.message(sender=AGGREGATOR, receiver=pid, kind=KIND_INVITE, payload={})
                    for pid in session.participant_ids}
-        adverts = self._well_formed(ask(rnd, sampled, invites), lambda msg: (aggregator.check_advertisement(msg),
-                                                                              _signature_of(msg)))
+        adverts = self._well_formed(ask(rnd, sampled, invites), lambda msg: self._check_advert(aggregator, msg))
         roster = aggregator.collect_advertisements(list(adverts.values()))  # SecAggAbort below the threshold
         # Each node's signature on its own keys rides along, so every node can check that the roster's keys
         # are its peers' and not the coordinator's (a man in the middle); unsigned where signing is off.
@@ -346,6 +361,13 @@ class MaskingCoordinatorLayer(_MaskingServer):
         # A node that cannot take its shares sends no masked input: the survivors' shares recover it.
         self._well_formed(ask(rnd, sampled, inboxes), lambda msg: session._check(msg, KIND_READY))
         self._session, self._aggregator = session, aggregator
+
+    def _check_advert(self, aggregator: MaskingAggregator, advert: Message) -> None:
+        aggregator.check_advertisement(advert)
+        signature = _signature_of(advert)
+        if self.public_keys is not None:
+            _check_key_signature(self.public_keys, advert.sender, run_id=advert.run_id, rnd=advert.round,
+                                 c_pk=advert.payload["c_pk"], s_pk=advert.payload["s_pk"], signature=signature)
 
     def _unmask(self, rnd: int, sampled: Sequence[str], requests: Sequence[Message]) -> dict[str, Message]:
         assert self._aggregator is not None
@@ -464,11 +486,10 @@ class MaskingNodeLayer(Layer):
             raise ValueError("the roster carries no signature for every participant's keys; refusing to share")
         for raw_id, c_pk, s_pk, signature in zip(ids, c_pks, s_pks, signatures, strict=True):
             pid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-            advert = Message(sender=pid, receiver=AGGREGATOR, run_id=roster.run_id, round=roster.round,
-                             kind=KIND_ADVERTISE, payload={"c_pk": c_pk, "s_pk": s_pk})
             try:
-                self.public_keys[pid].verify(bytes(signature), canonical_bytes(advert))
-            except (KeyError, InvalidSignature, TypeError, ValueError):
+                _check_key_signature(self.public_keys, pid, run_id=roster.run_id, rnd=roster.round, c_pk=c_pk,
+                                     s_pk=s_pk, signature=signature)
+            except ValueError:
                 raise ValueError(f"the roster's keys for {pid!r} are not signed by {pid!r}: the coordinator may "
                                  "have substituted them (a man in the middle); refusing to share keys") from None
 

@@ -59,7 +59,14 @@ def build_layers(config: Any, *, side: Side, run_id: str, key_dir: Path, party_i
                 raise LayerSetupError(f"a masking node hosts exactly one participant, got {hosted}")
             layers.append(sa.MaskingNodeLayer.for_node(config, run_id=run_id, participant_id=hosted[0], key_dir=key_dir))
         else:
-            layers.append(sa.MaskingCoordinatorLayer(**masking))
+            # With signing on, the coordinator drops an advertisement its sender did not sign (one bad node
+            # must not make every honest node refuse the round's roster).
+            node_keys = None
+            if config.signing:
+                from securefl.crypto.keystore import load_roster
+
+                node_keys = load_roster(key_dir, list(party_ids))
+            layers.append(sa.MaskingCoordinatorLayer(**masking, public_keys=node_keys))
     if config.signing:
         from securefl.layers.signing import SigningLayer
 

@@ -235,3 +235,37 @@ def test_an_advertisement_with_a_malformed_signature_is_left_out_and_the_round_g
     assert [pid for pid, _ in nodes.rejected] == ["d"]
     assert "hex" in nodes.rejected[0][1]
     assert coordinator.wrap_aggregator(None, 1).mask_peers == ("a", "b", "c")
+
+
+class ForgedKeysFromD(FreshProcessNodes):
+    """d's advertisement carries a well-formed signature by a key that is not d's provisioned one."""
+
+    def ask(self, rnd, sampled, requests):  # type: ignore[no-untyped-def]
+        answers = super().ask(rnd, sampled, requests)
+        if "d" in answers and answers["d"].kind == "secagg/advertise":
+            answers["d"] = PartyKeys.generate("d").sign(answers["d"].with_meta(signature=""))
+        return answers
+
+
+def test_an_advertisement_signed_by_the_wrong_key_is_left_out_and_the_round_goes_on(tmp_path: Path) -> None:
+    ids = ["a", "b", "c", "d"]
+    nodes = ForgedKeysFromD(tmp_path, ids)
+    coordinator = MaskingCoordinatorLayer(run_id=RUN, threshold_fraction=0.5,
+                                          public_keys={pid: k.public_key for pid, k in nodes.keys.items()})
+    coordinator.check(FAKE_PROTOCOL, [])
+    coordinator.connect(nodes)
+    coordinator.start_round(1, ids)
+    assert nodes.rejected == [("d", "secure aggregation set-up: the SecAgg keys advertised for 'd' are not "
+                                    "signed by 'd'")]
+    assert coordinator.wrap_aggregator(None, 1).mask_peers == ("a", "b", "c")
+
+
+def test_without_the_nodes_keys_one_forged_advertisement_stops_every_honest_node(tmp_path: Path) -> None:
+    """Why the coordinator checks: the honest nodes refuse a roster with d's unsigned keys in it."""
+    nodes = ForgedKeysFromD(tmp_path, ["a", "b", "c", "d"])
+    coordinator = MaskingCoordinatorLayer(run_id=RUN, threshold_fraction=0.5)
+    coordinator.check(FAKE_PROTOCOL, [])
+    coordinator.connect(nodes)
+    with pytest.raises(SecAggAbort, match="shared their keys"):
+        coordinator.start_round(1, ["a", "b", "c", "d"])
+    assert {pid for pid, reason in nodes.rejected if "not signed by 'd'" in reason} == {"a", "b", "c", "d"}
