@@ -99,7 +99,7 @@ def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None,
     }
 
 
-Sets = tuple[tuple[str, Any], ...]  # --set overrides: (dotted config path, value)
+Sets = tuple[str, ...]  # --set overrides, "section.field=value"
 
 
 def run_dir(setting: str, row: Row, epsilon: str, seed: int, quick: bool, rounds: int | None = None,
@@ -107,38 +107,25 @@ def run_dir(setting: str, row: Row, epsilon: str, seed: int, quick: bool, rounds
     name = f"{row.protocol}-{row.variant}".replace(" ", "_").replace("/", "_")
     runs = RESULTS / ("runs_quick" if quick else "runs") / setting / name / f"eps-{epsilon}"
     # A changed schedule is a different experiment: its own directory, never resumed from or reused as another's.
-    suffix = "".join([f"-r{rounds}" if rounds else ""] + [f"-{path}={value}" for path, value in sets])
+    suffix = "".join([f"-r{rounds}" if rounds else ""] + [f"-{item}" for item in sets])
     return runs / f"seed{seed}{suffix.replace('/', '_').replace(' ', '')}"
 
 
-def parse_set(text: str) -> tuple[str, Any]:
-    """``section.field=value`` (the value read as YAML: 170, 2e-3, true, [32, 64]) -> (path, value)."""
-    import yaml
-
-    path, sep, value = text.partition("=")
+def check_set(text: str) -> str:
+    """A ``--set`` item must name a field inside a section (the config's own checks follow)."""
+    path, sep, _ = text.partition("=")
     if not sep or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", path):
         raise ValueError(f"--set {text!r}: expected section.field=value, e.g. fedgen.local_steps=170")
-    parsed = yaml.safe_load(value)
-    if isinstance(parsed, str):
-        try:  # YAML 1.1 reads 2e-3 (no dot) as a string
-            parsed = float(parsed)
-        except ValueError:
-            pass
-    return path, parsed
+    return text
 
 
 def with_sets(raw: dict[str, Any], sets: Sets) -> dict[str, Any]:
-    from securefl.config import deep_merge
+    """``raw`` with the --set items applied as ``securefl run --set`` applies them (values read as YAML)."""
+    import copy
 
-    for path, value in sets:
-        override: dict[str, Any] = {}
-        node = override
-        *parents, leaf = path.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-        raw = deep_merge(raw, override)
-    return raw
+    from securefl.config import apply_overrides
+
+    return apply_overrides(copy.deepcopy(raw), list(sets))
 
 
 def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None, Sets]) -> dict[str, Any]:
@@ -363,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None and (args.rounds < 1 or args.out_name == "accuracy"):
         parser.error(f"--rounds {args.rounds}: must be >= 1 and come with --out-name other than 'accuracy'")
     try:
-        sets: Sets = tuple(parse_set(text) for text in args.sets)
+        sets: Sets = tuple(check_set(text) for text in args.sets)
     except ValueError as exc:
         parser.error(str(exc))
     if sets and args.out_name == "accuracy":

@@ -339,6 +339,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads a float without a dot (2e-3) as a string
+                value = float(value)
+            except ValueError:
+                pass
         node: Any = raw
         parts = key.split(".")
         for depth, part in enumerate(parts):

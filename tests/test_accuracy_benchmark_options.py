@@ -22,9 +22,10 @@ def accuracy():
 
 
 def test_set_values_are_read_as_yaml_and_land_on_the_dotted_path(accuracy):
-    sets = (accuracy.parse_set("fedgen.local_steps=170"), accuracy.parse_set("training.lr=2e-3"),
-            accuracy.parse_set("heterofl.hidden_sizes=[8, 16]"))
-    raw = accuracy.with_sets({"training": {"lr": 1e-3, "batch_size": 64}}, sets)
+    sets = ("fedgen.local_steps=170", "training.lr=2e-3", "heterofl.hidden_sizes=[8, 16]")
+    original = {"training": {"lr": 1e-3, "batch_size": 64}}
+    raw = accuracy.with_sets(original, tuple(accuracy.check_set(item) for item in sets))
+    assert original == {"training": {"lr": 1e-3, "batch_size": 64}}  # the base config is not changed in place
     assert raw["fedgen"] == {"local_steps": 170}
     assert raw["training"] == {"lr": 2e-3, "batch_size": 64}  # the sibling field survives
     assert raw["heterofl"]["hidden_sizes"] == [8, 16]
@@ -33,14 +34,14 @@ def test_set_values_are_read_as_yaml_and_land_on_the_dotted_path(accuracy):
 @pytest.mark.parametrize("text", ["local_steps=3", "fedgen.local_steps", "Fedgen.x=1", "=3"])
 def test_a_malformed_set_is_refused(accuracy, text):
     with pytest.raises(ValueError, match="section.field=value"):
-        accuracy.parse_set(text)
+        accuracy.check_set(text)
 
 
 def test_a_changed_schedule_gets_its_own_run_directory(accuracy):
     row = accuracy.ROWS[0]
     plain = accuracy.run_dir("A1", row, "inf", 1, False)
-    changed = accuracy.run_dir("A1", row, "inf", 1, False, None, (("fedgen.local_steps", 170),))
-    longer = accuracy.run_dir("A1", row, "inf", 1, False, 25, (("fedgen.local_steps", 170),))
+    changed = accuracy.run_dir("A1", row, "inf", 1, False, None, ("fedgen.local_steps=170",))
+    longer = accuracy.run_dir("A1", row, "inf", 1, False, 25, ("fedgen.local_steps=170",))
     assert len({plain, changed, longer}) == 3 and plain.parent == changed.parent
     assert changed.name == "seed1-fedgen.local_steps=170" and longer.name == "seed1-r25-fedgen.local_steps=170"
 
