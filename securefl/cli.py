@@ -26,6 +26,27 @@ BAD_INPUT = (ConfigError, DataError, UnknownModel, ProtocolSetupError, LayerSetu
              LedgerCorrupt, LedgerMismatch, KeyFileError)
 
 
+THREADS_HELP = ("CPU threads for torch (default: torch's own, one per core). On a machine shared with other jobs, "
+                "fewer threads than cores avoids OpenMP threads spinning against each other")
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _use_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="securefl", description="Privacy-preserving heterogeneous federated learning")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     run.add_argument("--data-dir", help="directory of dataset files (sets data.data_dir)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--threads", type=_threads, help=THREADS_HELP)
 
     compare = sub.add_parser("compare", help="run one config under several protocols and print a table")
     compare.add_argument("config")
@@ -45,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     compare.add_argument("--data-dir")
     compare.add_argument("--quiet", action="store_true")
+    compare.add_argument("--threads", type=_threads, help=THREADS_HELP)
 
     audit = sub.add_parser("audit", help="verify a run's privacy ledgers and recompute every ε independently")
     audit.add_argument("run_dir")
@@ -77,6 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from securefl.runtime.federation import Federation
 
     config = _load(args.config, args.overrides, args.data_dir)
+    _use_threads(args.threads)
     summary = Federation(config, args.out, resume=args.resume, progress=not args.quiet).run()
     print(f"{summary['protocol']}: mean accuracy {summary['mean_accuracy']:.4f} "
           f"(min {summary['min_accuracy']:.4f}, max {summary['max_accuracy']:.4f}) -> {args.out}")
@@ -89,6 +113,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name in args.protocols:
         if name not in PROTOCOLS:
             raise ConfigError(f"--protocols: unknown protocol {name!r}; allowed: {', '.join(PROTOCOLS)}")
+    _use_threads(args.threads)
     rows = []
     for name in args.protocols:
         config = _load(args.config, [*args.overrides, f"protocol={name}"], args.data_dir)

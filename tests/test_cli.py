@@ -140,3 +140,20 @@ def test_killed_process_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     assert not (tmp_path / "cut" / "summary.json").exists()
     subprocess.run([*cmd, "--out", str(tmp_path / "cut"), "--resume"], check=True, env=env, timeout=300)
     assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "full")
+
+
+def test_threads_sets_torchs_thread_count_and_refuses_nonsense(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _write(tmp_path, tiny_raw())
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["run", str(cfg), "--out", str(tmp_path / "run"), "--set", "run.rounds=1", "--quiet",
+                     "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", str(cfg), "--out", str(tmp_path / "other"), "--threads", bad])
+        assert exit_info.value.code == 2 and f"--threads: must be a whole number >= 1, got '{bad}'" in capsys.readouterr().err
