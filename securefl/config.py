@@ -370,5 +370,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:
     return parse_config(raw, str(path))
 
 
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths (``fedgen.local_steps``, ``participants.3.model``) at which two dumped configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [path for key in sorted(set(old) | set(new), key=str)
+                for path in config_differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [path for i, (a, b) in enumerate(zip(old, new, strict=True))
+                for path in config_differences(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".") or "(the whole config)"]
+
+
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

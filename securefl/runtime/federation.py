@@ -26,7 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from securefl.config import ConfigError, DirichletPartition, ExplicitPartition, ShardPartition, dump_config
+from securefl.config import (
+    ConfigError,
+    DirichletPartition,
+    ExplicitPartition,
+    ShardPartition,
+    config_differences,
+    dump_config,
+    parse_config_text,
+)
 from securefl.data.datasets import Dataset, load_dataset
 from securefl.data.partition import (
     FederatedSplit,
@@ -229,10 +237,9 @@ class Federation:
                 raise RunDirError(f"{self.out}: --resume given but there is no checkpoint ({checkpoint})")
             saved = (self.out / "config.yaml").read_text()
             if saved != config_text:
-                raise RunDirError(
-                    f"{self.out}/config.yaml differs from the config given to --resume; resume with the same "
-                    "config (and --set overrides) as the original run"
-                )
+                self._check_same_config(saved)
+                # Only fields added since the run started, at their defaults: the record gets them too.
+                (self.out / "config.yaml").write_text(config_text)
             try:
                 self.run_id = str(json.loads((self.out / "run.json").read_text())["run_id"])
             except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -249,6 +256,20 @@ class Federation:
         self.run_id = run_id or self.config.run.name or uuid.uuid4().hex[:12]
         (self.out / "config.yaml").write_text(config_text)
         (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
+
+    def _check_same_config(self, saved_text: str) -> None:
+        """A run resumes only under the config it started with. A run made by an earlier version lacks the fields
+        added since; read with their defaults, it is the same config (so it resumes), and anything else differs."""
+        mismatch = (f"{self.out}/config.yaml differs from the config given to --resume; resume with the same config "
+                    "(and --set overrides) as the original run")
+        try:
+            saved = parse_config_text(saved_text, f"{self.out}/config.yaml")
+        except ConfigError as exc:
+            raise RunDirError(f"{mismatch} ({self.out}/config.yaml no longer parses: {exc})") from None
+        differences = config_differences(saved.model_dump(mode="json"), self.config.model_dump(mode="json"))
+        if differences:
+            shown = ", ".join(differences[:5]) + (f" and {len(differences) - 5} more" if len(differences) > 5 else "")
+            raise RunDirError(f"{mismatch}; they differ at {shown}")
 
     def _run_info(self) -> dict[str, Any]:
         import opacus
