@@ -103,6 +103,8 @@ def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None,
 
 
 Sets = tuple[str, ...]  # --set overrides, "section.field=value"
+# (setting, protocol, variant, ε) -> seed -> {mean, min, max, rounds, curve}
+Cells = dict[tuple[str, str, str, str], dict[int, dict[str, Any]]]
 
 
 def run_dir(setting: str, row: Row, epsilon: str, seed: int, quick: bool, rounds: int | None = None,
@@ -143,7 +145,8 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None, Sets]
     setting, row, epsilon, seed, quick, data_dir, rounds, sets = task
     out = run_dir(setting, row, epsilon, seed, quick, rounds, sets)
     if (out / "summary.json").exists():
-        return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True}
+        return {"task": task[:4], "summary": json.loads((out / "summary.json").read_text()), "reused": True,
+                "run_dir": out}
     raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir, rounds=rounds), row.overrides)
     raw["protocol"] = row.protocol
     if row.homogeneous:
@@ -173,27 +176,46 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None, Sets]
         return {"task": task[:4], "failed": f"{type(exc).__name__}: {exc}", "reused": False}
     summary["wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {"task": task[:4], "summary": summary, "reused": False}
+    return {"task": task[:4], "summary": summary, "reused": False, "run_dir": out}
 
 
-def per_seed_cells(results: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[int, dict[str, float]]]:
+def per_seed_cells(results: list[dict[str, Any]]) -> Cells:
     """(setting, protocol, variant, ε) -> seed -> {mean, min, max} over participants, from finished runs."""
-    cells: dict[tuple[str, str, str, str], dict[int, dict[str, float]]] = {}
+    cells: Cells = {}
     for res in results:
         setting, row, epsilon, seed = res["task"]
         if "refused" in res or "failed" in res:
             continue
         s = res["summary"]
+        curves = read_curves(res["run_dir"]) if "run_dir" in res else {}
         cells.setdefault((setting, row.protocol, row.variant, epsilon), {})[seed] = {
-            "mean": s["mean_accuracy"], "min": s["min_accuracy"], "max": s["max_accuracy"], "rounds": s["rounds"]}
+            "mean": s["mean_accuracy"], "min": s["min_accuracy"], "max": s["max_accuracy"], "rounds": s["rounds"],
+            **({"curve": curves["accuracy"]} if "accuracy" in curves else {})}
         if row.protocol == "fml" and all("meme_accuracy" in p for p in s["participants"]):
             meme = [p["meme_accuracy"] for p in s["participants"]]
             cells.setdefault((setting, row.protocol, "meme", epsilon), {})[seed] = {
-                "mean": sum(meme) / len(meme), "min": min(meme), "max": max(meme), "rounds": s["rounds"]}
+                "mean": sum(meme) / len(meme), "min": min(meme), "max": max(meme), "rounds": s["rounds"],
+                **({"curve": curves["meme_accuracy"]} if "meme_accuracy" in curves else {})}
     return cells
 
 
-def summarise(cells: dict[tuple[str, str, str, str], dict[int, dict[str, float]]]) -> list[dict[str, Any]]:
+def read_curves(run: Path) -> dict[str, list[float]]:
+    """Mean over participants, round by round, of each accuracy a run reports (``accuracy``, FML's
+    ``meme_accuracy``), from its ``metrics.jsonl``; empty if the run directory is gone."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    curves: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines():
+        participants = json.loads(line)["participants"].values()
+        for key in ("accuracy", "meme_accuracy"):
+            values = [p[key] for p in participants if key in p]
+            if values:
+                curves.setdefault(key, []).append(sum(values) / len(values))
+    return curves
+
+
+def summarise(cells: Cells) -> list[dict[str, Any]]:
     """One table row per cell: the mean over seeds of the participants' mean, min and max accuracy."""
     import numpy as np
 
@@ -207,14 +229,15 @@ def summarise(cells: dict[tuple[str, str, str, str], dict[int, dict[str, float]]
             "min": float(np.mean([by_seed[s]["min"] for s in seeds])),
             "max": float(np.mean([by_seed[s]["max"] for s in seeds])),
             "seeds": seeds, "rounds": by_seed[seeds[0]]["rounds"],
-            "per_seed": [{"seed": s, **{k: by_seed[s][k] for k in ("mean", "min", "max")}} for s in seeds],
+            "per_seed": [{"seed": s, **{k: by_seed[s][k] for k in ("mean", "min", "max", "curve") if k in by_seed[s]}}
+                         for s in seeds],
         })
     return rows
 
 
-def _previous_cells(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[int, dict[str, float]]]:
+def _previous_cells(rows: list[dict[str, Any]]) -> Cells:
     """Per-seed cells of an earlier results file, so that a run of new seeds adds to the old ones."""
-    cells: dict[tuple[str, str, str, str], dict[int, dict[str, float]]] = {}
+    cells: Cells = {}
     for r in rows:
         per_seed = r.get("per_seed")
         if per_seed is None and len(r["seeds"]) == 1:  # files written before per-seed values were kept
@@ -269,42 +292,67 @@ def _eps_key(eps: str) -> tuple[int, float]:
     return (1, -float(eps))
 
 
-def plot_rounds(results: list[dict[str, Any]], path: Path, *, quick: bool, rounds: int | None = None,
-                sets: Sets = ()) -> None:
+def plot_rounds(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Mean accuracy over rounds for every cell of the merged table that kept its curves: one panel per ε
+    column of setting A1 (the mean over the seeds whose curves are known; the legend says how many)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    curves: dict[str, list[list[float]]] = {}
-    for res in results:
-        setting, row, epsilon, seed = res["task"]
-        if epsilon != "inf" or setting != "A1" or "summary" not in res:
-            continue
-        metrics_path = run_dir(setting, row, epsilon, seed, quick, rounds, sets) / "metrics.jsonl"
-        if not metrics_path.exists():
-            continue
-        series = [json.loads(line)["mean_accuracy"] for line in metrics_path.read_text().splitlines()]
-        curves.setdefault(f"{row.protocol} {row.variant}".replace(" -", ""), []).append(series)
-    if not curves:
+    panels: dict[str, dict[str, list[list[float]]]] = {}
+    for row in rows:
+        series = [p["curve"] for p in row.get("per_seed", []) if p.get("curve")]
+        if row["setting"] == "A1" and series:
+            label = f"{row['protocol']} {row['variant']}".replace(" -", "")
+            panels.setdefault(row["epsilon"], {})[label] = series
+    if not panels:
         return
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    for i, (label, series) in enumerate(sorted(curves.items())):
-        n = min(len(s) for s in series)
-        # The default colour cycle has ten colours: from the eleventh curve on, the line style tells them apart.
-        ax.plot(range(n), np.mean([s[:n] for s in series], axis=0), marker="o", ms=3, label=label,
-                linestyle=("-", "--", ":")[i // 10 % 3])
-    ax.set_xlabel("round (0 = after local pre-training)")
-    ax.set_ylabel("mean test accuracy over participants")
-    ax.set_title("Fashion-MNIST, setting A1, ε = ∞")
-    from securefl.report import finish_figure
+    columns = sorted(panels, key=_eps_key)
+    fig, axes = plt.subplots(1, len(columns), figsize=(7.5 * len(columns), 4.8), squeeze=False, sharey=True)
+    for ax, eps in zip(axes[0], columns, strict=True):
+        for i, (label, series) in enumerate(sorted(panels[eps].items())):
+            n = min(len(c) for c in series)
+            # The default colour cycle has ten colours: from the eleventh curve on, the line style tells them apart.
+            ax.plot(range(n), np.mean([c[:n] for c in series], axis=0), marker="o", ms=3,
+                    label=f"{label} ({len(series)} seed{'s' if len(series) > 1 else ''})",
+                    linestyle=("-", "--", ":")[i // 10 % 3])
+        ax.set_xlabel("round (0 = after local pre-training)")
+        ax.set_title(f"{title}, ε = {eps}" + (" (record-level, δ = 1e-5)" if eps != "inf" else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    axes[0][0].set_ylabel("mean test accuracy over participants")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    finish_figure(fig, ax, path)
+
+def replot(out_name: str, *, quick: bool, rounds: int | None, sets: Sets) -> None:
+    """Rewrite ``out_name``'s table and plot from its results file, adding the curves of seeds whose run
+    directories are under ``benchmarks/results/runs`` (e.g. copied from another checkout). Runs nothing."""
+    path = RESULTS / f"{out_name}.json"
+    if not path.exists():
+        raise SystemExit(f"--replot: {path} does not exist; nothing to re-plot")
+    cells = _previous_cells(json.loads(path.read_text()))
+    by_name = {(r.protocol, r.variant): r for r in ROWS}
+    for (setting, protocol, variant, epsilon), by_seed in cells.items():
+        row = by_name.get((protocol, "local" if variant == "meme" else variant))
+        for seed, cell in by_seed.items():
+            if row is not None and "curve" not in cell:
+                curves = read_curves(run_dir(setting, row, epsilon, seed, quick, rounds, sets))
+                key = "meme_accuracy" if variant == "meme" else "accuracy"
+                if key in curves:
+                    cell["curve"] = curves[key]
+    rows = summarise(cells)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    md = RESULTS / f"{out_name}.md"
+    made_by = re.search(r"Last made by `([^`]*)`", md.read_text()) if md.exists() else None
+    write_markdown(rows, md, made_by.group(1) if made_by else "(unknown)")
+    plot_rounds(rows, RESULTS / f"{out_name}_rounds.png", title="Fashion-MNIST A1")
 
 
-def write_results(results: list[dict[str, Any]], out_name: str, command: str, *, quick: bool,
-                  rounds: int | None = None, sets: Sets = ()) -> None:
+def write_results(results: list[dict[str, Any]], out_name: str, command: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     # Merge with the seeds and cells of earlier invocations; a seed measured now replaces the old value.
     path = RESULTS / f"{out_name}.json"
@@ -314,7 +362,7 @@ def write_results(results: list[dict[str, Any]], out_name: str, command: str, *,
     rows = summarise(cells)
     path.write_text(json.dumps(rows, indent=2) + "\n")
     write_markdown(rows, RESULTS / f"{out_name}.md", command)
-    plot_rounds(results, RESULTS / f"{out_name}_rounds.png", quick=quick, rounds=rounds, sets=sets)
+    plot_rounds(rows, RESULTS / f"{out_name}_rounds.png", title="Fashion-MNIST A1")
 
 
 def _cell(row: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -350,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field in every run, e.g. fedgen.local_steps=170 (repeatable; "
                              "needs its own --out-name, like --rounds)")
+    parser.add_argument("--replot", action="store_true",
+                        help="run nothing: rewrite the table and plot of --out-name from its results file, with the "
+                             "curves of run directories found under benchmarks/results/runs")
     args = parser.parse_args(argv)
     if args.rounds is not None and (args.rounds < 1 or args.out_name == "accuracy"):
         parser.error(f"--rounds {args.rounds}: must be >= 1 and come with --out-name other than 'accuracy'")
@@ -364,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out_name = args.out_name if args.out_name != "accuracy" else "accuracy_quick"
+
+    if args.replot:
+        replot(args.out_name, quick=args.quick, rounds=args.rounds, sets=sets)
+        print((RESULTS / f"{args.out_name}.md").read_text())
+        return 0
 
     settings = ["A1", "A2"] if args.setting == "all" else [args.setting]
     tasks = []
@@ -397,12 +453,12 @@ def main(argv: list[str] | None = None) -> int:
             if "summary" in res:
                 outcome = f"{res['summary']['mean_accuracy']:.3f}"
             else:
-                outcome = f"{'refused' if 'refused' in res else 'FAILED'} ({res.get('refused', res.get('failed'))[:60]})"
+                outcome = f"{'refused' if 'refused' in res else 'FAILED'} ({str(res.get('refused', res.get('failed')))[:60]})"
                 failures.append(f"{setting} {row.protocol}/{row.variant} ε={eps} seed {seed}: {outcome}")
             bar.set_postfix_str(f"{setting} {row.protocol}/{row.variant} ε={eps} s{seed}: {outcome}")
             bar.update(1)
             # Rewrite the tables after every finished run: a stopped benchmark keeps what it measured.
-            write_results(results, args.out_name, command.strip(), quick=args.quick, rounds=args.rounds, sets=sets)
+            write_results(results, args.out_name, command.strip())
     print((RESULTS / f"{args.out_name}.md").read_text())
     for failure in failures:
         print(failure, file=sys.stderr)

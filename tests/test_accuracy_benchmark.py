@@ -1,0 +1,112 @@
+"""The accuracy benchmark's plumbing: --set, run directories, the merged results file and its plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def accuracy():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file is executed
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_set_values_are_read_as_yaml_and_land_on_the_dotted_path(accuracy):
+    sets = ("fedgen.local_steps=170", "training.lr=2e-3", "heterofl.hidden_sizes=[8, 16]")
+    original = {"training": {"lr": 1e-3, "batch_size": 64}}
+    raw = accuracy.with_sets(original, tuple(accuracy.check_set(item) for item in sets))
+    assert original == {"training": {"lr": 1e-3, "batch_size": 64}}  # the base config is not changed in place
+    assert raw["fedgen"] == {"local_steps": 170}
+    assert raw["training"] == {"lr": 2e-3, "batch_size": 64}  # the sibling field survives
+    assert raw["heterofl"]["hidden_sizes"] == [8, 16]
+
+
+@pytest.mark.parametrize("text", ["local_steps=3", "fedgen.local_steps", "Fedgen.x=1", "=3"])
+def test_a_malformed_set_is_refused(accuracy, text):
+    with pytest.raises(ValueError, match="section.field=value"):
+        accuracy.check_set(text)
+
+
+def test_a_changed_schedule_gets_its_own_run_directory(accuracy):
+    row = accuracy.ROWS[0]
+    plain = accuracy.run_dir("A1", row, "inf", 1, False)
+    changed = accuracy.run_dir("A1", row, "inf", 1, False, None, ("fedgen.local_steps=170",))
+    longer = accuracy.run_dir("A1", row, "inf", 1, False, 25, ("fedgen.local_steps=170",))
+    assert len({plain, changed, longer}) == 3 and plain.parent == changed.parent
+    assert changed.name == "seed1-fedgen.local_steps=170" and longer.name == "seed1-r25-fedgen.local_steps=170"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "fedgen.local_steps=3"], "its own --out-name"),
+    (["--set", "fedgen.local_stepz=3", "--out-name", "x"], "local_stepz"),
+    (["--set", "fedgen.local_steps=-3", "--out-name", "x"], "local_steps"),
+])
+def test_main_refuses_a_bad_set_before_any_run(accuracy, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        accuracy.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def fake_run(run: Path, accuracies: list[list[float]], meme: list[list[float]] | None = None) -> Path:
+    """A run directory whose metrics.jsonl holds one line per round, one accuracy per participant."""
+    run.mkdir(parents=True)
+    lines = []
+    for rnd, values in enumerate(accuracies):
+        participants = {f"p{i}": {"accuracy": v, **({"meme_accuracy": meme[rnd][i]} if meme else {})}
+                        for i, v in enumerate(values)}
+        lines.append(json.dumps({"round": rnd, "mean_accuracy": sum(values) / len(values),
+                                 "participants": participants}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_curves_are_the_mean_over_participants_round_by_round(accuracy, tmp_path):
+    run = fake_run(tmp_path / "r", [[0.1, 0.3], [0.5, 0.7]], meme=[[0.2, 0.2], [0.6, 0.6]])
+    curves = accuracy.read_curves(run)
+    assert curves["accuracy"] == pytest.approx([0.2, 0.6]) and curves["meme_accuracy"] == pytest.approx([0.2, 0.6])
+    assert accuracy.read_curves(tmp_path / "gone") == {}
+
+
+def summary(mean: float) -> dict:
+    return {"mean_accuracy": mean, "min_accuracy": mean - 0.1, "max_accuracy": mean + 0.1, "rounds": 1,
+            "participants": [{"accuracy": mean}]}
+
+
+def test_the_plot_is_drawn_from_every_merged_cell_not_only_this_invocations(accuracy, tmp_path, monkeypatch):
+    """A later invocation of one row must not leave a plot of that row alone (it once did)."""
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    drawn: list[dict] = []
+    monkeypatch.setattr(accuracy, "plot_rounds", lambda rows, path, title: drawn.extend(rows))
+    local, fedgen = accuracy.ROWS[0], next(r for r in accuracy.ROWS if r.protocol == "fedgen")
+    first = {"task": ("A1", local, "inf", 0), "summary": summary(0.5),
+             "run_dir": fake_run(tmp_path / "a", [[0.1], [0.5]])}
+    accuracy.write_results([first], "t", "first command")
+    second = {"task": ("A1", fedgen, "inf", 0), "summary": summary(0.6),
+              "run_dir": fake_run(tmp_path / "b", [[0.2], [0.6]])}
+    drawn.clear()
+    accuracy.write_results([second], "t", "second command")
+    assert {(r["protocol"], tuple(r["per_seed"][0]["curve"])) for r in drawn} == {
+        ("local_only", (0.1, 0.5)), ("fedgen", (0.2, 0.6))}
+
+
+def test_replot_adds_curves_from_run_directories_and_keeps_the_command(accuracy, tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    local = accuracy.ROWS[0]
+    accuracy.write_results([{"task": ("A1", local, "inf", 3), "summary": summary(0.5)}], "t", "the command")
+    assert "curve" not in json.loads((tmp_path / "t.json").read_text())[0]["per_seed"][0]
+    fake_run(accuracy.run_dir("A1", local, "inf", 3, False), [[0.3], [0.5]])
+    assert accuracy.main(["--replot", "--out-name", "t"]) == 0
+    assert json.loads((tmp_path / "t.json").read_text())[0]["per_seed"][0]["curve"] == [0.3, 0.5]
+    assert "Last made by `the command`" in (tmp_path / "t.md").read_text()
+    assert (tmp_path / "t_rounds.png").stat().st_size > 10_000
