@@ -17,8 +17,9 @@ Usage::
     python benchmarks/accuracy.py                    # everything registered, 3 seeds
     python benchmarks/accuracy.py --setting A1 --rows fedmd local_only --seeds 0
     python benchmarks/accuracy.py --quick            # CI smoke: few rounds, 1 seed, subsampled data
-    python benchmarks/accuracy.py --rows fedgen/private --seeds 1 \
-        --set fedgen.local_steps=170 --out-name accuracy_fedgen_epoch   # a schedule change, in its own file
+    python benchmarks/accuracy.py --rows fedgen --seeds 1 \
+        --set fedgen.local_steps=20 --out-name accuracy_fedgen_paper_steps   # a schedule change, in its own file
+    python benchmarks/accuracy.py --replot           # rewrite table and plot from accuracy.json, running nothing
 """
 
 from __future__ import annotations
