@@ -311,8 +311,12 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
     if not panels:
         return
     columns = sorted(panels, key=_eps_key)
-    fig, axes = plt.subplots(1, len(columns), figsize=(7.5 * len(columns), 4.8), squeeze=False, sharey=True)
-    for ax, eps in zip(axes[0], columns, strict=True):
+    ncols = min(2, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(8 * ncols, 5 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(columns):]:
+        ax.set_visible(False)
+    for ax, eps in zip(axes.flat, columns, strict=False):  # a grid may have a spare panel
         for i, (label, series) in enumerate(sorted(panels[eps].items())):
             n = min(len(c) for c in series)
             # The default colour cycle has ten colours: from the eleventh curve on, the line style tells them apart.
@@ -323,7 +327,8 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
         ax.set_title(f"{title}, ε = {eps}" + (" (record-level, δ = 1e-5)" if eps != "inf" else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2, loc="lower right")
-    axes[0][0].set_ylabel("mean test accuracy over participants")
+    for row_axes in axes:
+        row_axes[0].set_ylabel("mean test accuracy over participants")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
