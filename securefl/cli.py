@@ -202,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("securefl: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`securefl audit RUN | head`): stop quietly, and keep Python from complaining
+        # again when it flushes stdout at exit.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

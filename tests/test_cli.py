@@ -157,3 +157,10 @@ def test_threads_sets_torchs_thread_count_and_refuses_nonsense(tmp_path: Path,
         with pytest.raises(SystemExit) as exit_info:
             main(["run", str(cfg), "--out", str(tmp_path / "other"), "--threads", bad])
         assert exit_info.value.code == 2 and f"--threads: must be a whole number >= 1, got '{bad}'" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
+    """`securefl protocols | head -1`: the pipe closes early; the command stops quietly."""
+    shell = subprocess.run(f"{sys.executable} -m securefl.cli protocols | head -c 1", shell=True,
+                           capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr
