@@ -37,6 +37,17 @@ def build_layers(config: Any, *, side: Side, run_id: str, key_dir: Path, party_i
     # First in the stack: its outbound check runs before DP and sealing (a broken payload is withheld
     # before anything is booked for it), and its inbound checks run after verifying and opening.
     layers: list[Layer] = [ValidationLayer(check_data=side != "coordinator", hosted=hosted)]
+    public_keys: dict[str, Any] = {}
+
+    def roster() -> dict[str, Any] | None:
+        """Every party's provisioned public key, read once (None when signing is off)."""
+        if not config.signing:
+            return None
+        if not public_keys:
+            from securefl.crypto.keystore import load_roster
+
+            public_keys.update(load_roster(key_dir, [*party_ids, AGGREGATOR]))
+        return public_keys
     if privacy_layer is not None:
         layers.append(privacy_layer)
     if config.secure_aggregation == "ckks":
@@ -61,20 +72,12 @@ def build_layers(config: Any, *, side: Side, run_id: str, key_dir: Path, party_i
         else:
             # With signing on, the coordinator drops an advertisement its sender did not sign (one bad node
             # must not make every honest node refuse the round's roster).
-            node_keys = None
-            if config.signing:
-                from securefl.crypto.keystore import load_roster
-
-                node_keys = load_roster(key_dir, list(party_ids))
-            layers.append(sa.MaskingCoordinatorLayer(**masking, public_keys=node_keys))
+            layers.append(sa.MaskingCoordinatorLayer(**masking, public_keys=roster()))
     if config.signing:
         from securefl.layers.signing import SigningLayer
 
         if side == "simulation":
             layers.append(SigningLayer(run_id=run_id, keys=signers))
         else:
-            from securefl.crypto.keystore import load_roster
-
-            roster = load_roster(key_dir, [*party_ids, AGGREGATOR])
-            layers.append(SigningLayer(run_id=run_id, keys=signers, public_keys=roster))
+            layers.append(SigningLayer(run_id=run_id, keys=signers, public_keys=roster()))
     return layers
