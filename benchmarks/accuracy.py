@@ -121,7 +121,7 @@ def check_set(text: str) -> str:
     """A ``--set`` item must name a field inside a section (the config's own checks follow)."""
     path, sep, _ = text.partition("=")
     if not sep or not re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", path):
-        raise ValueError(f"--set {text!r}: expected section.field=value, e.g. fedgen.local_steps=170")
+        raise ValueError(f"--set {text!r}: expected section.field=value, e.g. fedgen.local_steps=20")
     return text
 
 
@@ -181,7 +181,8 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None, Sets]
 
 
 def per_seed_cells(results: list[dict[str, Any]]) -> Cells:
-    """(setting, protocol, variant, ε) -> seed -> {mean, min, max} over participants, from finished runs."""
+    """(setting, protocol, variant, ε) -> seed -> {mean, min, max, rounds, curve} over participants, from finished
+    runs."""
     cells: Cells = {}
     for res in results:
         setting, row, epsilon, seed = res["task"]
@@ -325,13 +326,11 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
                     linestyle=("-", "--", ":")[i // 10 % 3])
         ax.set_xlabel("round (0 = after local pre-training)")
         ax.set_title(f"{title}, ε = {eps}" + (" (record-level, δ = 1e-5)" if eps != "inf" else ""))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
     for row_axes in axes:
         row_axes[0].set_ylabel("mean test accuracy over participants")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from securefl.report import finish_figure
+
+    finish_figure(fig, list(axes.flat[:len(columns)]), path, legend_loc="lower right")
 
 
 def replot(out_name: str, *, quick: bool, rounds: int | None, sets: Sets) -> None:
@@ -350,12 +349,9 @@ def replot(out_name: str, *, quick: bool, rounds: int | None, sets: Sets) -> Non
                 key = "meme_accuracy" if variant == "meme" else "accuracy"
                 if key in curves:
                     cell["curve"] = curves[key]
-    rows = summarise(cells)
-    path.write_text(json.dumps(rows, indent=2) + "\n")
     md = RESULTS / f"{out_name}.md"
     made_by = re.search(r"Last made by `([^`]*)`", md.read_text()) if md.exists() else None
-    write_markdown(rows, md, made_by.group(1) if made_by else "(unknown)")
-    plot_rounds(rows, RESULTS / f"{out_name}_rounds.png", title="Fashion-MNIST A1")
+    _write(cells, out_name, made_by.group(1) if made_by else "(unknown)")
 
 
 def write_results(results: list[dict[str, Any]], out_name: str, command: str) -> None:
@@ -365,8 +361,13 @@ def write_results(results: list[dict[str, Any]], out_name: str, command: str) ->
     cells = _previous_cells(json.loads(path.read_text())) if path.exists() else {}
     for key, by_seed in per_seed_cells(results).items():
         cells.setdefault(key, {}).update(by_seed)
+    _write(cells, out_name, command)
+
+
+def _write(cells: Cells, out_name: str, command: str) -> None:
+    """The results file, its Markdown table and its plot, from the merged cells."""
     rows = summarise(cells)
-    path.write_text(json.dumps(rows, indent=2) + "\n")
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     write_markdown(rows, RESULTS / f"{out_name}.md", command)
     plot_rounds(rows, RESULTS / f"{out_name}_rounds.png", title="Fashion-MNIST A1")
 
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds per run instead of 10 (needs its own --out-name: cells of different lengths "
                              "are never merged)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one config field in every run, e.g. fedgen.local_steps=170 (repeatable; "
+                        help="override one config field in every run, e.g. fedgen.local_steps=20 (repeatable; "
                              "needs its own --out-name, like --rounds)")
     parser.add_argument("--replot", action="store_true",
                         help="run nothing: rewrite the table and plot of --out-name from its results file, with the "

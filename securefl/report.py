@@ -118,11 +118,14 @@ def plot_privacy(privacy: Mapping[str, Mapping[str, Any]], ledgers: Mapping[str,
 
 
 def finish_figure(fig: Any, ax: Any, path: Path, *, legend_loc: str = "best") -> None:
-    """The house style every securefl plot ends with: grid, compact legend, saved and closed."""
+    """The house style every securefl plot ends with: grid, compact legend, saved and closed.
+
+    ``ax`` is one axes or a sequence of them (a figure of several panels)."""
     import matplotlib.pyplot as plt
 
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc=legend_loc)
+    for panel in ax if isinstance(ax, (list, tuple)) else [ax]:
+        panel.grid(alpha=0.3)
+        panel.legend(fontsize=7, ncol=2, loc=legend_loc)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
