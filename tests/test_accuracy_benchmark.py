@@ -110,3 +110,38 @@ def test_replot_adds_curves_from_run_directories_and_keeps_the_command(accuracy,
     assert json.loads((tmp_path / "t.json").read_text())[0]["per_seed"][0]["curve"] == [0.3, 0.5]
     assert "Last made by `the command`" in (tmp_path / "t.md").read_text()
     assert (tmp_path / "t_rounds.png").stat().st_size > 10_000
+
+
+def test_dp_columns_get_the_rows_dp_settings_and_the_private_column_does_not(accuracy):
+    fedgen = next(row for row in accuracy.ROWS if (row.protocol, row.variant) == ("fedgen", "private"))
+    cell = {eps: accuracy.cell_config("A1", fedgen, eps, 0, quick=False, data_dir=None, rounds=None, sets=())
+            for eps in ("inf", "8", "mixed")}
+    assert "lr" not in cell["inf"]["fedgen"] and "privacy" not in cell["inf"]
+    for eps in ("8", "mixed"):
+        assert cell[eps]["fedgen"]["lr"] == accuracy.DP_PLAIN_SGD_LR
+        assert cell[eps]["fedgen"]["local_steps"] == accuracy.FEDGEN_EPOCH_STEPS  # the row's settings survive
+        assert cell[eps]["privacy"] == {"unit": "record", "delta": 1e-5}
+    assert [p["target_epsilon"] for p in cell["mixed"]["participants"]][:4] == [1.0, 4.0, 8.0, 1.0]
+
+
+def test_a2_trains_fedmd_transfer_and_the_local_baseline_to_convergence(accuracy):
+    a1, a2 = (accuracy.base_config(setting, 0, quick=False, data_dir=None) for setting in ("A1", "A2"))
+    assert (a2["fedmd"]["transfer_max_epochs"], a2["fedmd"]["transfer_patience"]) == (50, 5)
+    assert (a2["local_only"]["max_epochs_first"], a2["local_only"]["patience"]) == (50, 5)
+    assert (a1["fedmd"]["transfer_max_epochs"], a1["local_only"]["max_epochs_first"]) == (10, 10)
+
+
+def test_a_finished_cell_made_under_another_config_is_not_reused(accuracy, tmp_path):
+    from securefl.config import dump_config, parse_config
+
+    fedgen = next(row for row in accuracy.ROWS if (row.protocol, row.variant) == ("fedgen", "private"))
+    raw = accuracy.cell_config("A1", fedgen, "8", 0, quick=True, data_dir=None, rounds=None, sets=())
+    config = parse_config(raw, "cell")
+    old_raw = {**raw, "fedgen": {**raw["fedgen"], "lr": 0.01}}  # the row's DP lr before it was raised
+    (tmp_path / "config.yaml").write_text(dump_config(parse_config(old_raw, "old cell")))
+    (tmp_path / "summary.json").write_text(json.dumps({"mean_accuracy": 0.29}))
+    task = ("A1", fedgen, "8", 0)
+    stale = accuracy.reuse_finished(task, tmp_path, config)
+    assert "summary" not in stale and "fedgen.lr" in stale["failed"]
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    assert accuracy.reuse_finished(task, tmp_path, config)["summary"] == {"mean_accuracy": 0.29}
