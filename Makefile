@@ -44,9 +44,10 @@ test-slow: $(STAMP)
 test-all: test test-slow
 
 # Every protocol of A1, and A2's rows, for 2 rounds on real Fashion-MNIST (6,000 records, one seed): catches a
-# protocol broken on real data.
+# protocol broken on real data; and the DP learning-rate check for 2 epochs.
 bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py --quick --setting all --jobs 2
+	$(BIN)/python benchmarks/dp_lr.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check securefl tests benchmarks
