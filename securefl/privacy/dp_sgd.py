@@ -36,7 +36,17 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
 from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
-from securefl.runtime.training import BatchLoss, PublicLoss, TrainStats, cross_entropy_loss, fit_public
+from securefl.runtime.training import (
+    BatchLoss,
+    GradientCombine,
+    PublicLoss,
+    TrainStats,
+    cross_entropy_loss,
+    fit_public,
+    flatten_grads,
+    set_flat_grad,
+    trainable_parameters,
+)
 
 Commit = Callable[[AnyEvent], None]
 
@@ -95,15 +105,19 @@ class DPSGDTrainer:
     def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
             batch_size: int, epochs: int | None = None, steps: int | None = None,
             batch_loss: BatchLoss = cross_entropy_loss, max_grad_norm: float | None = None,
-            payload: str = "private_training", public_loss: PublicLoss | None = None) -> TrainStats:
+            payload: str = "private_training", public_loss: PublicLoss | None = None,
+            combine: GradientCombine | None = None) -> TrainStats:
         # ``max_grad_norm`` of the plain trainer is an optimisation knob; here clipping is the
         # privacy mechanism, so the trainer's own bound always applies.
         del max_grad_norm
         if (epochs is None) == (steps is None):
             raise ValueError("give exactly one of epochs or steps")
+        if combine is not None and public_loss is None:
+            raise ValueError("combine joins the private gradient with a public term's: give public_loss too")
         n = len(x)
         if n == 0:
             return TrainStats(0, 0, float("nan"))
+        public = (public_loss, combine)
         sample_rate = min(1.0, batch_size / n)
         total_steps = self.steps_for(n, batch_size=batch_size, epochs=epochs, steps=steps)
         event = PrivacyEvent.dp_sgd(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate,
@@ -124,14 +138,14 @@ class DPSGDTrainer:
             for indices in sampler:
                 dp_opt.zero_grad(set_to_none=True)
                 if len(indices) == 0:
-                    self._noise_only_step(dp_opt, expected_batch, gsm, model, public_loss)
+                    self._noise_only_step(dp_opt, expected_batch, gsm, model, public)
                 else:
                     idx = torch.as_tensor(indices, dtype=torch.long)
                     loss = batch_loss(gsm, x[idx], y[idx])
                     with _quiet_hooks():
                         loss.backward()
                     if dp_opt.pre_step():  # clip per example, sum, add noise, scale: p.grad is now private
-                        self._add_public_gradient(gsm, model, public_loss)
+                        self._add_public_gradient(gsm, model, *public)
                         dp_opt.original_optimizer.step()
                     total += float(loss.detach()) * len(idx)
                     seen += len(idx)
@@ -151,32 +165,37 @@ class DPSGDTrainer:
         return fit_public(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, batch_loss=batch_loss)
 
     def _noise_only_step(self, dp_opt: DPOptimizer, expected_batch: float, gsm: GradSampleModule, model: nn.Module,
-                         public_loss: PublicLoss | None) -> None:
+                         public: tuple[PublicLoss | None, GradientCombine | None]) -> None:
         """An empty Poisson batch: the released update is pure noise, exactly as DPOptimizer would add."""
         std = self.noise_multiplier * self.max_grad_norm
         for group in dp_opt.original_optimizer.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
                     p.grad = torch.normal(0.0, std, size=p.shape) / expected_batch
-        self._add_public_gradient(gsm, model, public_loss)
+        self._add_public_gradient(gsm, model, *public)
         dp_opt.original_optimizer.step()
 
     @staticmethod
-    def _add_public_gradient(gsm: GradSampleModule, model: nn.Module, public_loss: PublicLoss | None) -> None:
-        """Add the gradient of a public-data term after clipping and noise: post-processing, no cost.
+    def _add_public_gradient(gsm: GradSampleModule, model: nn.Module, public_loss: PublicLoss | None,
+                             combine: GradientCombine | None = None) -> None:
+        """Join the gradient of a public-data term to the private one after clipping and noise: post-processing,
+        no cost. Summed, or ``combine(g_private, g_public)`` (e.g. a projection) when given.
 
         The per-sample hooks are off meanwhile, so the public forward pass never mixes into
         the per-record gradients.
         """
         if public_loss is None:
             return
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable_parameters(model)
         gsm.disable_hooks()
         try:
             with _quiet_hooks():
                 grads = torch.autograd.grad(public_loss(model), params, allow_unused=True)
         finally:
             gsm.enable_hooks()
+        if combine is not None:
+            set_flat_grad(params, combine(flatten_grads(params, [p.grad for p in params]), flatten_grads(params, grads)))
+            return
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 if g is not None:

@@ -75,10 +75,13 @@ further privacy; but
 adding it inside the per-sample private loss (as ``batch_loss`` does here)
 would make a per-sample-gradient trainer clip it together with each private
 record's gradient and see two forward passes of different batch sizes. A DP
-trainer should take the public term separately and add its gradient after
-clipping and noising (:meth:`FedH2L.distillation_term` is exposed for that).
-The ``meta`` and ``pcgrad`` variants are batch-level gradient surgery and
-are not compatible with per-sample clipping as written.
+trainer takes the public term separately and adds its gradient after
+clipping and noising (:meth:`FedH2L.public_objective`). ``pcgrad`` stays
+sound the same way: the trainer hands the combination step the private
+gradient *after* clipping and noise, and projecting the public gradient off a
+released vector is post-processing. ``meta`` is refused under record-level DP:
+its look-ahead term is a second gradient of each private record, at θ', and
+would have to be clipped per example jointly with the first (not implemented).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ from securefl.protocols.base import Field, Protocol, ProtocolConfig, ProtocolSet
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import Message
 from securefl.runtime.party import FederationContext, Party
-from securefl.runtime.training import BatchLoss, predict_logits
+from securefl.runtime.training import BatchLoss, GradientCombine, flat_grad, predict_logits
 
 
 class FedH2LConfig(ProtocolConfig):
@@ -224,15 +227,8 @@ def meta_gradient(model: nn.Module, params: Sequence[tuple[str, torch.Tensor]], 
     theta_prime = {name: (p.detach() - alpha * g.view(shape)).requires_grad_()
                    for (name, p), g, shape in zip(params, dist_chunks, shapes, strict=True)}
     loss_prime = local_loss_at(lambda x: functional_call(model, theta_prime, (x,)))
-    g_prime = _flat_grad(loss_prime, list(theta_prime.values()))
+    g_prime = flat_grad(loss_prime, list(theta_prime.values()))
     return g_loc + g_dist + beta * g_prime, loss_prime.detach()
-
-
-def _flat_grad(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """d loss / d params as one vector; a parameter the loss does not reach gets zeros."""
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    flat = [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
-    return torch.cat(flat)
 
 
 def surrogate_loss(params: Sequence[torch.Tensor], direction: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -338,7 +334,8 @@ class FedH2L(Protocol):
         party.trainer.fit(party.model, party.state["opt"], party.train.x, party.train.y,
                           batch_size=self.ctx.training.batch_size, epochs=self.ctx.training.local_epochs,
                           batch_loss=self.local_objective(teachers), max_grad_norm=self.ctx.training.max_grad_norm,
-                          payload="fedh2l_local", public_loss=self.public_objective(teachers))
+                          payload="fedh2l_local", public_loss=self.public_objective(teachers),
+                          combine=self.gradient_combine(teachers))
 
     def received_posteriors(self, party: Party, inbox: Sequence[Message], rnd: int) -> torch.Tensor | None:
         """The round's fixed teachers, (m, |S|, C), or None when no posterior of a neighbour arrived."""
@@ -375,26 +372,24 @@ class FedH2L(Protocol):
     def local_objective(self, teachers: torch.Tensor | None) -> BatchLoss:
         """The per-private-minibatch loss handed to ``party.trainer.fit``.
 
-        CE on the private minibatch, plus the distillation term on a random
-        seed-set minibatch; with alignment on, a surrogate whose gradient is
-        the aligned direction (see :func:`surrogate_loss`).
+        CE on the private minibatch. The distillation term on a random seed-set
+        minibatch is handed to the trainer separately (:meth:`public_objective`,
+        joined by :meth:`gradient_combine` for PCGrad), so a DP trainer clips and
+        noises only the private CE. The ``meta`` variant returns a surrogate whose
+        gradient is the meta direction (see :func:`surrogate_loss`).
         """
         cfg = self.config
         x_seed = self.seed_x()
 
         def batch_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             loss_loc = F.cross_entropy(model(xb), yb)
-            if teachers is None or cfg.alignment == "none":
-                # Plain mutual distillation: the seed-set term is handed to the trainer separately
-                # (public_objective), so a DP trainer clips and noises only the private CE.
+            if teachers is None or cfg.alignment != "meta":
                 return loss_loc
             loss_dist = self.distillation_term(model, x_seed, teachers)
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             params = [p for _, p in named]
-            g_loc = _flat_grad(loss_loc, params)
-            g_dist = _flat_grad(loss_dist, params)
-            if cfg.alignment == "pcgrad":
-                return surrogate_loss(params, g_loc + project_conflicting(g_dist, g_loc), loss_loc + loss_dist)
+            g_loc = flat_grad(loss_loc, params)
+            g_dist = flat_grad(loss_dist, params)
             direction, loss_prime = meta_gradient(
                 model, named, g_loc, g_dist, lambda forward: F.cross_entropy(forward(xb), yb),
                 alpha=cfg.meta_lr, beta=cfg.meta_weight)
@@ -403,16 +398,23 @@ class FedH2L(Protocol):
         return batch_loss
 
     def public_objective(self, teachers: torch.Tensor | None) -> Callable[[nn.Module], torch.Tensor] | None:
-        """The seed-set distillation term of plain mutual distillation (public inputs only)."""
-        if teachers is None or self.config.alignment != "none":
+        """The seed-set distillation term (public inputs only), for plain and PCGrad mutual distillation."""
+        if teachers is None or self.config.alignment == "meta":
             return None
         x_seed = self.seed_x()
         return lambda model: self.distillation_term(model, x_seed, teachers)
 
+    def gradient_combine(self, teachers: torch.Tensor | None) -> GradientCombine | None:
+        """PCGrad: the local gradient plus the distillation gradient with its conflicting component removed."""
+        if teachers is None or self.config.alignment != "pcgrad":
+            return None
+        return lambda g_loc, g_dist: g_loc + project_conflicting(g_dist, g_loc)
+
     def record_level_dp_refusal(self) -> str | None:
-        if self.config.alignment != "none":
-            return (f"fedh2l.alignment = {self.config.alignment!r} combines the local and distillation gradients "
-                    "per step, which per-example clipping cannot do soundly; use alignment: none under record-level DP")
+        if self.config.alignment == "meta":
+            return ("fedh2l.alignment = 'meta' takes a second gradient of each private record, at the look-ahead "
+                    "point θ', which DP-SGD would have to clip jointly with the first per example (not implemented); "
+                    "use alignment: none or pcgrad under record-level DP")
         return None
 
     def distillation_term(self, model: nn.Module, x_seed: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:

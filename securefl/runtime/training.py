@@ -11,7 +11,7 @@ always plain because public data needs no protection.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,10 @@ BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # generated features). It is passed separately because DP-SGD must clip and noise only the
 # per-record private gradient; the public term's gradient is added afterwards at no privacy cost.
 PublicLoss = Callable[[nn.Module], torch.Tensor]
+# How one step joins the private gradient with the public term's: (g_private, g_public) -> direction, both flat
+# over the trainable parameters. None means their sum. Under DP-SGD g_private arrives already clipped and noised,
+# so whatever the combination does with it is post-processing (FedH2L's PCGrad projects g_public off it).
+GradientCombine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -64,16 +68,19 @@ class PlainTrainer:
     def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
             batch_size: int, epochs: int | None = None, steps: int | None = None,
             batch_loss: BatchLoss = cross_entropy_loss, max_grad_norm: float | None = None,
-            payload: str = "private_training", public_loss: PublicLoss | None = None) -> TrainStats:
+            payload: str = "private_training", public_loss: PublicLoss | None = None,
+            combine: GradientCombine | None = None) -> TrainStats:
         """Train for ``epochs`` passes or exactly ``steps`` minibatches (FedGen counts steps).
 
-        Each step minimises ``batch_loss`` on a private minibatch plus ``public_loss`` (if given).
+        Each step minimises ``batch_loss`` on a private minibatch plus ``public_loss`` (if given); with
+        ``combine``, the step follows ``combine(g_private, g_public)`` instead of their sum.
 
         ``payload`` names the step for the privacy ledger of a DP trainer; the
         plain trainer records nothing.
         """
         return _run_minibatches(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, steps=steps,
-                                batch_loss=batch_loss, max_grad_norm=max_grad_norm, public_loss=public_loss)
+                                batch_loss=batch_loss, max_grad_norm=max_grad_norm, public_loss=public_loss,
+                                combine=combine)
 
     def fit_public(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                    batch_size: int, epochs: int, batch_loss: BatchLoss = cross_entropy_loss,
@@ -95,7 +102,10 @@ def fit_public(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 
 def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                      batch_size: int, epochs: int | None, steps: int | None, batch_loss: BatchLoss,
-                     max_grad_norm: float | None, public_loss: PublicLoss | None = None) -> TrainStats:
+                     max_grad_norm: float | None, public_loss: PublicLoss | None = None,
+                     combine: GradientCombine | None = None) -> TrainStats:
+    if combine is not None and public_loss is None:
+        raise ValueError("combine joins the private gradient with a public term's: give public_loss too")
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs or steps")
     n = len(x)
@@ -118,9 +128,16 @@ def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torc
             break
         optimizer.zero_grad(set_to_none=True)
         loss = batch_loss(model, x[idx], y[idx])
-        if public_loss is not None:
+        if public_loss is None:
+            loss.backward()
+        elif combine is None:
             loss = loss + public_loss(model)
-        loss.backward()
+            loss.backward()
+        else:
+            public = public_loss(model)
+            params = trainable_parameters(model)
+            set_flat_grad(params, combine(flat_grad(loss, params), flat_grad(public, params)))
+            loss = loss.detach() + public.detach()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
@@ -128,6 +145,27 @@ def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torc
         seen += len(idx)
         done += 1
     return TrainStats(done, seen, total / max(seen, 1))
+
+
+def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def flat_grad(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """d loss / d params as one vector; a parameter the loss does not reach gets zeros."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return flatten_grads(params, grads)
+
+
+def flatten_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads, strict=True)])
+
+
+@torch.no_grad()
+def set_flat_grad(params: Sequence[torch.Tensor], direction: torch.Tensor) -> None:
+    """Write one flat vector into the parameters' ``.grad``, for the optimizer's next step."""
+    for p, chunk in zip(params, torch.split(direction, [p.numel() for p in params]), strict=True):
+        p.grad = chunk.view_as(p).clone()
 
 
 @torch.no_grad()

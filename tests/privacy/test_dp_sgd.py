@@ -67,6 +67,40 @@ def test_private_gradients_are_clipped_and_public_terms_are_not() -> None:
     assert one_step(public=True) == pytest.approx(big, rel=1e-3)
 
 
+def test_combine_is_handed_the_noised_private_gradient_and_its_result_is_the_step() -> None:
+    """PCGrad-style surgery stays post-processing only if it sees the gradient after clipping AND noise."""
+    x, y = _data(32)
+    seen: dict[str, torch.Tensor] = {}
+    public_direction = torch.tensor([3.0, -1.0, 2.0, 0.5, 0.0, 1.0])
+
+    def combine(g_private: torch.Tensor, g_public: torch.Tensor) -> torch.Tensor:
+        seen["private"], seen["public"] = g_private.clone(), g_public.clone()
+        return g_private + 2 * g_public
+
+    model = nn.Linear(5, 1)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    # σ = 500 with clip 1: the clipped mean alone has norm <= 1, so a larger norm can only come from the noise.
+    trainer = DPSGDTrainer(noise_multiplier=500.0, max_grad_norm=1.0, commit=lambda e: None)
+    torch.manual_seed(0)
+    trainer.fit(model, torch.optim.SGD(model.parameters(), lr=1.0), x, y, batch_size=32, steps=1,
+                batch_loss=lambda m, xb, yb: m(xb).pow(2).mean(),
+                public_loss=lambda m: (torch.cat([m.weight.reshape(-1), m.bias]) * public_direction).sum(),
+                combine=combine)
+    assert float(seen["private"].norm()) > 5.0
+    torch.testing.assert_close(seen["public"], public_direction)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(before - after, seen["private"] + 2 * public_direction)
+
+
+def test_combine_needs_a_public_term() -> None:
+    model = nn.Linear(5, 3)
+    x, y = _data()
+    trainer = DPSGDTrainer(noise_multiplier=1.0, max_grad_norm=1.0, commit=lambda e: None)
+    with pytest.raises(ValueError, match="public_loss"):
+        trainer.fit(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, batch_size=16, epochs=1,
+                    combine=lambda a, b: a)
+
+
 def test_public_steps_are_logged_as_spending_nothing() -> None:
     events: list = []
     model = nn.Linear(5, 3)

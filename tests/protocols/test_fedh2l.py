@@ -119,7 +119,11 @@ def _closure_gradient(fed: Federation, party_index: int, teachers: torch.Tensor,
     xb, yb = party.train.x[:16], party.train.y[:16]
     torch.manual_seed(5)
     loss = fed.protocol.local_objective(teachers)(model, xb, yb)
-    public = fed.protocol.public_objective(teachers)  # plain mode: the seed-set term is passed separately
+    public = fed.protocol.public_objective(teachers)  # the seed-set term is passed to the trainer separately
+    combine = fed.protocol.gradient_combine(teachers)
+    if public is not None and combine is not None:  # as the trainers join them (PCGrad)
+        public_term = public(model)
+        return combine(_grads(model, loss), _grads(model, public_term)), float((loss + public_term).detach())
     if public is not None:
         loss = loss + public(model)
     model.zero_grad()

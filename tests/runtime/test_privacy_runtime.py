@@ -168,13 +168,14 @@ def test_record_level_dp_refuses_what_it_cannot_cover_before_round_one(tmp_path:
     from securefl.protocols import ProtocolSetupError
 
     targets = [{"id": f"p{i}", "model": "mlp_s", "target_epsilon": 8.0} for i in range(3)]
-    with pytest.raises(ProtocolSetupError, match="alignment"):
+    with pytest.raises(ProtocolSetupError, match="alignment = 'meta'"):
         Federation(tiny_config(protocol="fedh2l", privacy={"unit": "record"}, participants=targets,
-                               fedh2l={"alignment": "pcgrad"}), tmp_path / "b", progress=False)
-    # With the uncovered part switched off, it runs and stays within budget.
-    for proto, extra in (("fedh2l", {}),):
+                               fedh2l={"alignment": "meta"}), tmp_path / "b", progress=False)
+    # Without the uncovered part (PCGrad is post-processing of the noised gradient), it runs within budget.
+    for proto, extra in (("fedh2l", {}), ("fedh2l", {"fedh2l": {"alignment": "pcgrad"}})):
+        name = extra.get("fedh2l", {}).get("alignment", "none")
         summary = Federation(tiny_config(protocol=proto, privacy={"unit": "record"}, participants=targets,
-                                         run={"rounds": 1}, **extra), tmp_path / proto, progress=False).run()
+                                         run={"rounds": 1}, **extra), tmp_path / name, progress=False).run()
         assert all(p["epsilon"] <= 8.0 for p in summary["participants"])
 
 

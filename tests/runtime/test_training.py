@@ -1,0 +1,41 @@
+"""The plain trainer's joining of a private and a public gradient (the hook FedH2L's PCGrad uses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from securefl.runtime.training import PlainTrainer
+
+
+def _one_sgd_step(**fit_kwargs):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    PlainTrainer().fit(model, torch.optim.SGD(model.parameters(), lr=1.0), x, y, batch_size=8, steps=1,
+                       batch_loss=lambda m, xb, yb: m(xb).pow(2).mean(), **fit_kwargs)
+    return before - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_without_combine_the_step_follows_the_sum_and_with_it_the_combination() -> None:
+    public_direction = torch.tensor([1.0, -2.0, 0.0, 3.0, 1.0])
+    public = lambda m: (torch.cat([m.weight.reshape(-1), m.bias]) * public_direction).sum()  # noqa: E731
+    private_only = _one_sgd_step()
+    summed = _one_sgd_step(public_loss=public)
+    torch.testing.assert_close(summed, private_only + public_direction)
+    seen = {}
+
+    def keep_private_only(g_private: torch.Tensor, g_public: torch.Tensor) -> torch.Tensor:
+        seen["public"] = g_public
+        return g_private - g_public
+
+    torch.testing.assert_close(_one_sgd_step(public_loss=public, combine=keep_private_only),
+                               private_only - public_direction)
+    torch.testing.assert_close(seen["public"], public_direction)
+
+
+def test_combine_without_a_public_term_is_refused() -> None:
+    with pytest.raises(ValueError, match="public_loss"):
+        _one_sgd_step(combine=lambda a, b: a)
