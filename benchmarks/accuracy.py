@@ -63,7 +63,8 @@ FEDGEN_EPOCH_STEPS = 155
 # DP-SGD learning rates of the SGD rows (their non-private lr is 0.01). Chosen once, after their DP cells at lr 0.01
 # came out flat across ε, from public practice rather than by search (nothing was compared on the test set):
 # Opacus's MNIST example trains plain SGD at lr 0.1 with C = 1 (FedGen has no momentum); FML and HeteroFL use
-# momentum 0.9, whose steady-state step is already 10x the lr, so they get 5x their lr.
+# momentum 0.9, whose steady-state step is already 10x the lr, so they get 5x their lr. benchmarks/dp_lr.py checks
+# both against the non-private rates on validation data.
 DP_PLAIN_SGD_LR = 0.1
 DP_MOMENTUM_SGD_LR = 0.05
 ROWS: list[Row] = [

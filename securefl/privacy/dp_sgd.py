@@ -41,6 +41,7 @@ from securefl.runtime.training import (
     GradientCombine,
     PublicLoss,
     TrainStats,
+    check_fit_arguments,
     cross_entropy_loss,
     fit_public,
     flatten_grads,
@@ -110,14 +111,10 @@ class DPSGDTrainer:
         # ``max_grad_norm`` of the plain trainer is an optimisation knob; here clipping is the
         # privacy mechanism, so the trainer's own bound always applies.
         del max_grad_norm
-        if (epochs is None) == (steps is None):
-            raise ValueError("give exactly one of epochs or steps")
-        if combine is not None and public_loss is None:
-            raise ValueError("combine joins the private gradient with a public term's: give public_loss too")
+        check_fit_arguments(epochs=epochs, steps=steps, public_loss=public_loss, combine=combine)
         n = len(x)
         if n == 0:
             return TrainStats(0, 0, float("nan"))
-        public = (public_loss, combine)
         sample_rate = min(1.0, batch_size / n)
         total_steps = self.steps_for(n, batch_size=batch_size, epochs=epochs, steps=steps)
         event = PrivacyEvent.dp_sgd(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate,
@@ -138,14 +135,14 @@ class DPSGDTrainer:
             for indices in sampler:
                 dp_opt.zero_grad(set_to_none=True)
                 if len(indices) == 0:
-                    self._noise_only_step(dp_opt, expected_batch, gsm, model, public)
+                    self._noise_only_step(dp_opt, expected_batch, gsm, model, public_loss, combine)
                 else:
                     idx = torch.as_tensor(indices, dtype=torch.long)
                     loss = batch_loss(gsm, x[idx], y[idx])
                     with _quiet_hooks():
                         loss.backward()
                     if dp_opt.pre_step():  # clip per example, sum, add noise, scale: p.grad is now private
-                        self._add_public_gradient(gsm, model, *public)
+                        self._add_public_gradient(gsm, model, public_loss, combine)
                         dp_opt.original_optimizer.step()
                     total += float(loss.detach()) * len(idx)
                     seen += len(idx)
@@ -165,19 +162,19 @@ class DPSGDTrainer:
         return fit_public(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, batch_loss=batch_loss)
 
     def _noise_only_step(self, dp_opt: DPOptimizer, expected_batch: float, gsm: GradSampleModule, model: nn.Module,
-                         public: tuple[PublicLoss | None, GradientCombine | None]) -> None:
+                         public_loss: PublicLoss | None, combine: GradientCombine | None) -> None:
         """An empty Poisson batch: the released update is pure noise, exactly as DPOptimizer would add."""
         std = self.noise_multiplier * self.max_grad_norm
         for group in dp_opt.original_optimizer.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
                     p.grad = torch.normal(0.0, std, size=p.shape) / expected_batch
-        self._add_public_gradient(gsm, model, *public)
+        self._add_public_gradient(gsm, model, public_loss, combine)
         dp_opt.original_optimizer.step()
 
     @staticmethod
     def _add_public_gradient(gsm: GradSampleModule, model: nn.Module, public_loss: PublicLoss | None,
-                             combine: GradientCombine | None = None) -> None:
+                             combine: GradientCombine | None) -> None:
         """Join the gradient of a public-data term to the private one after clipping and noise: post-processing,
         no cost. Summed, or ``combine(g_private, g_public)`` (e.g. a projection) when given.
 

@@ -104,10 +104,7 @@ def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torc
                      batch_size: int, epochs: int | None, steps: int | None, batch_loss: BatchLoss,
                      max_grad_norm: float | None, public_loss: PublicLoss | None = None,
                      combine: GradientCombine | None = None) -> TrainStats:
-    if combine is not None and public_loss is None:
-        raise ValueError("combine joins the private gradient with a public term's: give public_loss too")
-    if (epochs is None) == (steps is None):
-        raise ValueError("give exactly one of epochs or steps")
+    check_fit_arguments(epochs=epochs, steps=steps, public_loss=public_loss, combine=combine)
     n = len(x)
     if n == 0:
         return TrainStats(0, 0, float("nan"))
@@ -145,6 +142,15 @@ def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torc
         seen += len(idx)
         done += 1
     return TrainStats(done, seen, total / max(seen, 1))
+
+
+def check_fit_arguments(*, epochs: int | None, steps: int | None, public_loss: PublicLoss | None,
+                        combine: GradientCombine | None) -> None:
+    """The argument rules every trainer's ``fit`` shares."""
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs or steps")
+    if combine is not None and public_loss is None:
+        raise ValueError("combine joins the private gradient with a public term's: give public_loss too")
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:
