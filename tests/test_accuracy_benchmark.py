@@ -124,6 +124,19 @@ def test_dp_columns_get_the_rows_dp_settings_and_the_private_column_does_not(acc
     assert [p["target_epsilon"] for p in cell["mixed"]["participants"]][:4] == [1.0, 4.0, 8.0, 1.0]
 
 
+def test_the_adam_rows_train_with_momentum_sgd_in_the_dp_columns_only(accuracy):
+    for row in accuracy.ROWS:
+        if "training" not in row.dp_overrides:
+            continue
+        private, dp = (accuracy.cell_config("A1", row, eps, 0, quick=False, data_dir=None, rounds=None, sets=())
+                       for eps in ("inf", "2"))
+        assert (private["training"]["optimizer"], private["training"]["lr"]) == ("adam", 1e-3), row
+        assert (dp["training"]["optimizer"], dp["training"]["lr"]) == ("sgd", accuracy.DP_MOMENTUM_SGD_LR), row
+        assert dp["training"]["batch_size"] == private["training"]["batch_size"]  # the rest of the section survives
+    rows = {(row.protocol, row.variant) for row in accuracy.ROWS if "training" in row.dp_overrides}
+    assert {("local_only", "-"), ("fedavg", "homogeneous cnn_s"), ("fedmd", "-"), ("fedh2l", "plain")} <= rows
+
+
 def test_a2_trains_fedmd_transfer_and_the_local_baseline_to_convergence(accuracy):
     a1, a2 = (accuracy.base_config(setting, 0, quick=False, data_dir=None) for setting in ("A1", "A2"))
     assert (a2["fedmd"]["transfer_max_epochs"], a2["fedmd"]["transfer_patience"]) == (50, 5)
