@@ -73,7 +73,7 @@ DP_MOMENTUM_SGD_LR = 0.05
 DP_TRAINING = {"training": {"optimizer": "sgd", "lr": DP_MOMENTUM_SGD_LR}}
 ROWS: list[Row] = [
     Row("local_only", "-", dp_overrides=DP_TRAINING),
-    Row("pooled", "-", dp_overrides=DP_TRAINING),
+    Row("pooled", "-"),  # refused under record-level DP (one pooled dataset, no participant to protect)
     Row("fedavg", "homogeneous cnn_s", homogeneous=True, dp_overrides=DP_TRAINING),
     Row("fedmd", "-", dp_overrides=DP_TRAINING),
     Row("fedh2l", "plain", {"fedh2l": {"alignment": "none", "seed_size": 2000}}, dp_overrides=DP_TRAINING),

@@ -25,6 +25,7 @@ accounting to hold.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
 from securefl.runtime.training import (
     BatchLoss,
     GradientCombine,
+    LookAhead,
     PublicLoss,
     TrainStats,
     check_fit_arguments,
@@ -107,11 +109,11 @@ class DPSGDTrainer:
             batch_size: int, epochs: int | None = None, steps: int | None = None,
             batch_loss: BatchLoss = cross_entropy_loss, max_grad_norm: float | None = None,
             payload: str = "private_training", public_loss: PublicLoss | None = None,
-            combine: GradientCombine | None = None) -> TrainStats:
+            combine: GradientCombine | None = None, lookahead: LookAhead | None = None) -> TrainStats:
         # ``max_grad_norm`` of the plain trainer is an optimisation knob; here clipping is the
         # privacy mechanism, so the trainer's own bound always applies.
         del max_grad_norm
-        check_fit_arguments(epochs=epochs, steps=steps, public_loss=public_loss, combine=combine)
+        check_fit_arguments(epochs=epochs, steps=steps, public_loss=public_loss, combine=combine, lookahead=lookahead)
         n = len(x)
         if n == 0:
             return TrainStats(0, 0, float("nan"))
@@ -126,10 +128,15 @@ class DPSGDTrainer:
         sampler_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
         sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampler_gen,
                                                 steps=total_steps)
+        # The look-ahead point's per-record gradients come from a copy of the model that holds theta' (its own
+        # per-sample hooks), so neither pass's activations mix into the other's.
+        ahead = GradSampleModule(copy.deepcopy(model)) if lookahead is not None else None
         gsm = GradSampleModule(model)
         dp_opt = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
                              expected_batch_size=max(1, round(expected_batch)), loss_reduction="mean")
         model.train()
+        if ahead is not None:
+            ahead.train()
         total, seen, done = 0.0, 0, 0
         try:
             for indices in sampler:
@@ -141,8 +148,14 @@ class DPSGDTrainer:
                     loss = batch_loss(gsm, x[idx], y[idx])
                     with _quiet_hooks():
                         loss.backward()
+                    public_grads = None
+                    if lookahead is not None:
+                        assert ahead is not None and public_loss is not None
+                        public_grads = self._public_gradient(gsm, model, public_loss)
+                        loss = loss.detach() + lookahead.weight * self._add_look_ahead_gradients(
+                            ahead, model, lookahead, public_grads, batch_loss, x[idx], y[idx])
                     if dp_opt.pre_step():  # clip per example, sum, add noise, scale: p.grad is now private
-                        self._add_public_gradient(gsm, model, public_loss, combine)
+                        self._add_public_gradient(gsm, model, public_loss, combine, public_grads)
                         dp_opt.original_optimizer.step()
                     total += float(loss.detach()) * len(idx)
                     seen += len(idx)
@@ -151,6 +164,8 @@ class DPSGDTrainer:
             dp_opt.zero_grad(set_to_none=True)
             # Remove the per-sample hooks so public steps and evaluation run on the bare model.
             gsm._close()
+            if ahead is not None:
+                ahead._close()
         return TrainStats(done, seen, total / max(seen, 1))
 
     def fit_public(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
@@ -173,16 +188,10 @@ class DPSGDTrainer:
         dp_opt.original_optimizer.step()
 
     @staticmethod
-    def _add_public_gradient(gsm: GradSampleModule, model: nn.Module, public_loss: PublicLoss | None,
-                             combine: GradientCombine | None) -> None:
-        """Join the gradient of a public-data term to the private one after clipping and noise: post-processing,
-        no cost. Summed, or ``combine(g_private, g_public)`` (e.g. a projection) when given.
-
-        The per-sample hooks are off meanwhile, so the public forward pass never mixes into
-        the per-record gradients.
-        """
-        if public_loss is None:
-            return
+    def _public_gradient(gsm: GradSampleModule, model: nn.Module,
+                         public_loss: PublicLoss) -> list[torch.Tensor | None]:
+        """The public term's gradient, with the per-sample hooks off so its forward pass never mixes into the
+        per-record gradients."""
         params = trainable_parameters(model)
         gsm.disable_hooks()
         try:
@@ -190,6 +199,41 @@ class DPSGDTrainer:
                 grads = torch.autograd.grad(public_loss(model), params, allow_unused=True)
         finally:
             gsm.enable_hooks()
+        return list(grads)
+
+    @staticmethod
+    def _add_look_ahead_gradients(ahead: GradSampleModule, model: nn.Module, lookahead: LookAhead,
+                                  public_grads: list[torch.Tensor | None], batch_loss: BatchLoss, xb: torch.Tensor,
+                                  yb: torch.Tensor) -> torch.Tensor:
+        """Add weight * (each record's gradient at theta') to its gradient at theta, before clipping, so that
+        DPOptimizer clips the two as one per-record vector. Returns the loss at theta' (detached)."""
+        params = trainable_parameters(model)
+        ahead_params = trainable_parameters(ahead._module)
+        with torch.no_grad():
+            for q, value in zip(ahead_params, lookahead.point(params, flatten_grads(params, public_grads)),
+                                strict=True):
+                q.copy_(value)
+        loss_ahead = batch_loss(ahead, xb, yb)
+        with _quiet_hooks():
+            loss_ahead.backward()
+        for p, q in zip(params, ahead_params, strict=True):
+            here, there = p.grad_sample, q.grad_sample
+            if there is None:
+                continue
+            p.grad_sample = lookahead.weight * there if here is None else here + lookahead.weight * there
+        ahead.zero_grad(set_to_none=True)
+        return loss_ahead.detach()
+
+    def _add_public_gradient(self, gsm: GradSampleModule, model: nn.Module, public_loss: PublicLoss | None,
+                             combine: GradientCombine | None, grads: list[torch.Tensor | None] | None = None) -> None:
+        """Join the gradient of a public-data term (``grads`` if already taken) to the private one after clipping
+        and noise: post-processing, no cost. Summed, or ``combine(g_private, g_public)`` (e.g. a projection)
+        when given."""
+        if public_loss is None:
+            return
+        params = trainable_parameters(model)
+        if grads is None:
+            grads = self._public_gradient(gsm, model, public_loss)
         if combine is not None:
             set_flat_grad(params, combine(flatten_grads(params, [p.grad for p in params]), flatten_grads(params, grads)))
             return

@@ -181,10 +181,6 @@ class Protocol(ABC):
         assert party.model is not None
         return {"accuracy": accuracy(party.model, self.ctx.test_x, self.ctx.test_y, classes=self.ctx.eval_classes)}
 
-    def record_level_dp_refusal(self) -> str | None:
-        """Why this configuration cannot run under record-level DP-SGD (None: it can)."""
-        return None
-
     def secure_aggregation_refusal(self) -> str | None:
         """Why this configuration cannot run under secure aggregation, CKKS or masking (None: it can).
 

@@ -40,7 +40,7 @@ round, as in the paper:
      gradient of L_loc at theta' applied to theta (first order). To second
      order this adds -alpha * beta * grad L_dist . grad L_loc to the objective:
      it rewards distillation steps that also lower the local loss. See
-     :func:`meta_gradient` for why L_dist(theta) stays in the update.
+     :meth:`FedH2L.look_ahead` for why L_dist(theta) stays in the update.
    - ``pcgrad``, the cheaper variant: when grad L_loc . grad L_dist < 0, the
      distillation gradient is projected onto the normal plane of the local
      gradient before the two are added (PCGrad, Yu et al. 2020, applied one
@@ -79,28 +79,29 @@ trainer takes the public term separately and adds its gradient after
 clipping and noising (:meth:`FedH2L.public_objective`). ``pcgrad`` stays
 sound the same way: the trainer hands the combination step the private
 gradient *after* clipping and noise, and projecting the public gradient off a
-released vector is post-processing. ``meta`` is refused under record-level DP:
-its look-ahead term is a second gradient of each private record, at θ', and
-would have to be clipped per example jointly with the first (not implemented).
+released vector is post-processing. ``meta`` stays sound too: θ' is taken
+along the distillation gradient, a function of public data and the model only,
+so each private record contributes one vector grad L_loc(θ) + beta * grad
+L_loc(θ'), which the DP trainer clips per record as a whole (the same
+sensitivity and spend as plain DP-SGD; see ``LookAhead``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field as PydField
 from pydantic import model_validator
 from torch import nn
-from torch.func import functional_call
 
 from securefl.protocols.base import Field, Protocol, ProtocolConfig, ProtocolSetupError, Schema, only_message
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import Message
 from securefl.runtime.party import FederationContext, Party
-from securefl.runtime.training import BatchLoss, GradientCombine, flat_grad, predict_logits
+from securefl.runtime.training import BatchLoss, GradientCombine, LookAhead, predict_logits
 
 
 class FedH2LConfig(ProtocolConfig):
@@ -203,48 +204,6 @@ def project_conflicting(g_dist: torch.Tensor, g_loc: torch.Tensor) -> torch.Tens
     return g_dist - (dot / norm_sq) * g_loc
 
 
-def meta_gradient(model: nn.Module, params: Sequence[tuple[str, torch.Tensor]], g_loc: torch.Tensor,
-                  g_dist: torch.Tensor, local_loss_at: Any, *, alpha: float,
-                  beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """First-order meta (MLDG-style) update direction, and L_loc(theta').
-
-    theta' = theta - alpha * g_dist; the direction is
-    g_loc + g_dist + beta * grad L_loc(theta'), the last gradient taken at
-    theta' and applied to theta (first order: the Jacobian of theta' is
-    dropped).
-
-    Why g_dist is kept: the spec writes the update as
-    grad[L_loc(theta) + beta * L_loc(theta')]. Read literally and to first order,
-    that direction contains no distillation gradient at all (distillation
-    would enter only through where L_loc is evaluated), so the peers would
-    stop distilling. We read it as the meta term *added to* the local
-    objective L_i = L_loc + L_dist that the spec defines just above, which is
-    also what MLDG's meta-train + beta * meta-test objective gives to second
-    order: L_i(theta) + beta * L_loc(theta) - alpha * beta * g_dist . g_loc.
-    """
-    shapes = [p.shape for _, p in params]
-    dist_chunks = torch.split(g_dist, [p.numel() for _, p in params])
-    theta_prime = {name: (p.detach() - alpha * g.view(shape)).requires_grad_()
-                   for (name, p), g, shape in zip(params, dist_chunks, shapes, strict=True)}
-    loss_prime = local_loss_at(lambda x: functional_call(model, theta_prime, (x,)))
-    g_prime = flat_grad(loss_prime, list(theta_prime.values()))
-    return g_loc + g_dist + beta * g_prime, loss_prime.detach()
-
-
-def surrogate_loss(params: Sequence[torch.Tensor], direction: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """A scalar whose gradient is ``direction`` and whose value is ``value``.
-
-    The trainer owns ``loss.backward()`` and the optimizer step (and, under DP,
-    the clipping), so gradient surgery cannot write ``.grad`` itself. Instead
-    the closure returns sum_p <p, g_p> (gradient exactly g), shifted by a
-    detached constant so the logged loss is the real objective.
-    """
-    chunks = torch.split(direction.detach(), [p.numel() for p in params])
-    linear = sum((p * g.view_as(p)).sum() for p, g in zip(params, chunks, strict=True))
-    assert isinstance(linear, torch.Tensor)
-    return linear - linear.detach() + value.detach()
-
-
 # ----- the protocol ---------------------------------------------------------------------------
 class FedH2L(Protocol):
     name = "fedh2l"
@@ -335,7 +294,7 @@ class FedH2L(Protocol):
                           batch_size=self.ctx.training.batch_size, epochs=self.ctx.training.local_epochs,
                           batch_loss=self.local_objective(teachers), max_grad_norm=self.ctx.training.max_grad_norm,
                           payload="fedh2l_local", public_loss=self.public_objective(teachers),
-                          combine=self.gradient_combine(teachers))
+                          combine=self.gradient_combine(teachers), lookahead=self.look_ahead(teachers))
 
     def received_posteriors(self, party: Party, inbox: Sequence[Message], rnd: int) -> torch.Tensor | None:
         """The round's fixed teachers, (m, |S|, C), or None when no posterior of a neighbour arrived."""
@@ -370,36 +329,22 @@ class FedH2L(Protocol):
         return torch.stack([by_sender[j] for j in self.neighbours[party.id] if j in by_sender])
 
     def local_objective(self, teachers: torch.Tensor | None) -> BatchLoss:
-        """The per-private-minibatch loss handed to ``party.trainer.fit``.
+        """The per-private-minibatch loss handed to ``party.trainer.fit``: CE on the private minibatch.
 
-        CE on the private minibatch. The distillation term on a random seed-set
-        minibatch is handed to the trainer separately (:meth:`public_objective`,
-        joined by :meth:`gradient_combine` for PCGrad), so a DP trainer clips and
-        noises only the private CE. The ``meta`` variant returns a surrogate whose
-        gradient is the meta direction (see :func:`surrogate_loss`).
+        The distillation term on a random seed-set minibatch is handed to the trainer separately
+        (:meth:`public_objective`, joined by :meth:`gradient_combine` for PCGrad and stepped along by
+        :meth:`look_ahead` for meta), so a DP trainer clips and noises only the private CE.
         """
-        cfg = self.config
-        x_seed = self.seed_x()
+        del teachers  # the private term is the same in every variant
 
         def batch_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            loss_loc = F.cross_entropy(model(xb), yb)
-            if teachers is None or cfg.alignment != "meta":
-                return loss_loc
-            loss_dist = self.distillation_term(model, x_seed, teachers)
-            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-            params = [p for _, p in named]
-            g_loc = flat_grad(loss_loc, params)
-            g_dist = flat_grad(loss_dist, params)
-            direction, loss_prime = meta_gradient(
-                model, named, g_loc, g_dist, lambda forward: F.cross_entropy(forward(xb), yb),
-                alpha=cfg.meta_lr, beta=cfg.meta_weight)
-            return surrogate_loss(params, direction, loss_loc + loss_dist + cfg.meta_weight * loss_prime)
+            return F.cross_entropy(model(xb), yb)
 
         return batch_loss
 
     def public_objective(self, teachers: torch.Tensor | None) -> Callable[[nn.Module], torch.Tensor] | None:
-        """The seed-set distillation term (public inputs only), for plain and PCGrad mutual distillation."""
-        if teachers is None or self.config.alignment == "meta":
+        """The seed-set distillation term L_dist (public inputs only)."""
+        if teachers is None:
             return None
         x_seed = self.seed_x()
         return lambda model: self.distillation_term(model, x_seed, teachers)
@@ -410,12 +355,22 @@ class FedH2L(Protocol):
             return None
         return lambda g_loc, g_dist: g_loc + project_conflicting(g_dist, g_loc)
 
-    def record_level_dp_refusal(self) -> str | None:
-        if self.config.alignment == "meta":
-            return ("fedh2l.alignment = 'meta' takes a second gradient of each private record, at the look-ahead "
-                    "point θ', which DP-SGD would have to clip jointly with the first per example (not implemented); "
-                    "use alignment: none or pcgrad under record-level DP")
-        return None
+    def look_ahead(self, teachers: torch.Tensor | None) -> LookAhead | None:
+        """Meta: theta' = theta - alpha * grad L_dist(theta), and the step follows
+        grad L_loc(theta) + grad L_dist(theta) + beta * grad L_loc(theta').
+
+        Why grad L_dist(theta) stays in the update: the spec writes it as
+        grad[L_loc(theta) + beta * L_loc(theta')]. Read literally and to first order,
+        that direction contains no distillation gradient at all (distillation
+        would enter only through where L_loc is evaluated), so the peers would
+        stop distilling. We read it as the meta term *added to* the local
+        objective L_i = L_loc + L_dist that the spec defines just above, which is
+        also what MLDG's meta-train + beta * meta-test objective gives to second
+        order: L_i(theta) + beta * L_loc(theta) - alpha * beta * g_dist . g_loc.
+        """
+        if teachers is None or self.config.alignment != "meta":
+            return None
+        return LookAhead(step=self.config.meta_lr, weight=self.config.meta_weight)
 
     def distillation_term(self, model: nn.Module, x_seed: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
         """lambda T^2 mean_j KL(p_j || p_i) on a fresh random minibatch of S (torch's runtime-seeded RNG)."""

@@ -65,11 +65,6 @@ class PrivacyRuntime:
     def build(cls, fed: ParticipantHost) -> PrivacyRuntime:
         cfg = fed.config.privacy
         runtime = cls(unit=cfg.unit, accountant=cfg.accountant, fed=fed)
-        refusal = fed.protocol.record_level_dp_refusal() if cfg.unit == "record" else None
-        if refusal:
-            from securefl.protocols.base import ProtocolSetupError
-
-            raise ProtocolSetupError(f"privacy.unit = 'record': {refusal}")
         for party in fed.parties:
             runtime.participants[party.id] = runtime._set_up(fed, party, fed.config.participants[party.index])
         if cfg.unit == "record":

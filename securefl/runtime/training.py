@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 # A term computed on public or synthetic inputs only (FedH2L's seed-set distillation, FedGen's
@@ -27,6 +28,43 @@ PublicLoss = Callable[[nn.Module], torch.Tensor]
 # over the trainable parameters. None means their sum. Under DP-SGD g_private arrives already clipped and noised,
 # so whatever the combination does with it is post-processing (FedH2L's PCGrad projects g_public off it).
 GradientCombine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LookAhead:
+    """A first-order meta step along the public term (MLDG: Li, Yang, Song & Hospedales 2018).
+
+    The look-ahead point is theta' = theta - step * grad public(theta), and each private record's loss gains
+    weight * loss(theta'), its gradient taken at theta' and applied at theta (first order: the Jacobian of
+    theta' is dropped). FedH2L's ``meta`` alignment is this with the seed-set distillation as the public term.
+
+    theta' depends on the model and public data only, so each record still contributes one gradient vector,
+    grad loss(theta) + weight * grad loss(theta'). DP-SGD clips that vector as a whole: one record moves the
+    released sum by at most C, exactly as without the look-ahead, and the step costs the same.
+    """
+
+    step: float
+    weight: float
+
+    def point(self, params: Sequence[torch.Tensor], g_public: torch.Tensor) -> list[torch.Tensor]:
+        """theta', one detached tensor per parameter."""
+        chunks = torch.split(g_public.detach(), [p.numel() for p in params])
+        return [p.detach() - self.step * g.view_as(p) for p, g in zip(params, chunks, strict=True)]
+
+
+class AtParameters(nn.Module):
+    """``model`` evaluated at other values of its trainable parameters (its buffers and frozen parameters as
+    they are), for a loss at a look-ahead point; gradients flow to ``values``."""
+
+    def __init__(self, model: nn.Module, values: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self._model = (model,)  # a tuple, so the model is not registered as a submodule of this view
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.values = list(values)
+        self._by_name = dict(zip(names, self.values, strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._model[0], self._by_name, (x,))
 
 
 def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,18 +107,19 @@ class PlainTrainer:
             batch_size: int, epochs: int | None = None, steps: int | None = None,
             batch_loss: BatchLoss = cross_entropy_loss, max_grad_norm: float | None = None,
             payload: str = "private_training", public_loss: PublicLoss | None = None,
-            combine: GradientCombine | None = None) -> TrainStats:
+            combine: GradientCombine | None = None, lookahead: LookAhead | None = None) -> TrainStats:
         """Train for ``epochs`` passes or exactly ``steps`` minibatches (FedGen counts steps).
 
         Each step minimises ``batch_loss`` on a private minibatch plus ``public_loss`` (if given); with
-        ``combine``, the step follows ``combine(g_private, g_public)`` instead of their sum.
+        ``combine``, the step follows ``combine(g_private, g_public)`` instead of their sum; with
+        ``lookahead``, the private gradient gains the look-ahead term (see :class:`LookAhead`).
 
         ``payload`` names the step for the privacy ledger of a DP trainer; the
         plain trainer records nothing.
         """
         return _run_minibatches(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, steps=steps,
                                 batch_loss=batch_loss, max_grad_norm=max_grad_norm, public_loss=public_loss,
-                                combine=combine)
+                                combine=combine, lookahead=lookahead)
 
     def fit_public(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                    batch_size: int, epochs: int, batch_loss: BatchLoss = cross_entropy_loss,
@@ -103,8 +142,8 @@ def fit_public(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
 def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                      batch_size: int, epochs: int | None, steps: int | None, batch_loss: BatchLoss,
                      max_grad_norm: float | None, public_loss: PublicLoss | None = None,
-                     combine: GradientCombine | None = None) -> TrainStats:
-    check_fit_arguments(epochs=epochs, steps=steps, public_loss=public_loss, combine=combine)
+                     combine: GradientCombine | None = None, lookahead: LookAhead | None = None) -> TrainStats:
+    check_fit_arguments(epochs=epochs, steps=steps, public_loss=public_loss, combine=combine, lookahead=lookahead)
     n = len(x)
     if n == 0:
         return TrainStats(0, 0, float("nan"))
@@ -124,33 +163,58 @@ def _run_minibatches(model: nn.Module, optimizer: torch.optim.Optimizer, x: torc
         if steps is not None and done >= steps:
             break
         optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss(model, x[idx], y[idx])
-        if public_loss is None:
-            loss.backward()
-        elif combine is None:
-            loss = loss + public_loss(model)
-            loss.backward()
-        else:
-            public = public_loss(model)
-            params = trainable_parameters(model)
-            set_flat_grad(params, combine(flat_grad(loss, params), flat_grad(public, params)))
-            loss = loss.detach() + public.detach()
+        loss = backward_step(model, x[idx], y[idx], batch_loss=batch_loss, public_loss=public_loss,
+                             combine=combine, lookahead=lookahead)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        total += float(loss.detach()) * len(idx)
+        total += float(loss) * len(idx)
         seen += len(idx)
         done += 1
     return TrainStats(done, seen, total / max(seen, 1))
 
 
+def backward_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, batch_loss: BatchLoss,
+                  public_loss: PublicLoss | None = None, combine: GradientCombine | None = None,
+                  lookahead: LookAhead | None = None) -> torch.Tensor:
+    """Write one non-private step's direction into the parameters' ``.grad``; returns the step's loss (detached).
+
+    The direction is g_private + g_public, or ``combine(g_private, g_public)``; with ``lookahead``, g_private
+    gains weight * grad batch_loss(theta'), theta' taken along g_public.
+    """
+    loss = batch_loss(model, xb, yb)
+    if public_loss is None:
+        loss.backward()
+        return loss.detach()
+    if combine is None and lookahead is None:
+        loss = loss + public_loss(model)
+        loss.backward()
+        return loss.detach()
+    public = public_loss(model)
+    params = trainable_parameters(model)
+    g_private, g_public = flat_grad(loss, params), flat_grad(public, params)
+    total = loss.detach() + public.detach()
+    if lookahead is None:
+        set_flat_grad(params, g_private + g_public if combine is None else combine(g_private, g_public))
+        return total
+    ahead = AtParameters(model, [p.requires_grad_() for p in lookahead.point(params, g_public)])
+    loss_ahead = batch_loss(ahead, xb, yb)
+    g_ahead = lookahead.weight * flat_grad(loss_ahead, ahead.values)
+    # Summed in the order of the first meta implementation (g + g_public first), so its results reproduce exactly.
+    set_flat_grad(params, g_private + g_public + g_ahead if combine is None
+                  else combine(g_private + g_ahead, g_public))
+    return total + lookahead.weight * loss_ahead.detach()
+
+
 def check_fit_arguments(*, epochs: int | None, steps: int | None, public_loss: PublicLoss | None,
-                        combine: GradientCombine | None) -> None:
+                        combine: GradientCombine | None, lookahead: LookAhead | None = None) -> None:
     """The argument rules every trainer's ``fit`` shares."""
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs or steps")
     if combine is not None and public_loss is None:
         raise ValueError("combine joins the private gradient with a public term's: give public_loss too")
+    if lookahead is not None and public_loss is None:
+        raise ValueError("lookahead steps along the public term's gradient: give public_loss too")
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from torch import nn
 from securefl.privacy.dp_sgd import DPSGDTrainer
 from securefl.privacy.errors import BudgetExceeded
 from securefl.privacy.events import PrivacyEvent, PublicDataEvent
+from securefl.runtime.training import LookAhead
 
 
 def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +91,55 @@ def test_combine_is_handed_the_noised_private_gradient_and_its_result_is_the_ste
     torch.testing.assert_close(seen["public"], public_direction)
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(before - after, seen["private"] + 2 * public_direction)
+
+
+def _per_record_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row i: d/dθ of record i's squared error, by plain autograd (no Opacus)."""
+    rows = []
+    for xi, yi in zip(x, y, strict=True):
+        loss = (model(xi[None]).squeeze() - yi).pow(2)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))]))
+    return torch.stack(rows)
+
+
+def test_look_ahead_clips_each_records_two_gradients_as_one_vector() -> None:
+    """FedH2L meta under DP: record i contributes v_i = ∇ℓ_i(θ) + β ∇ℓ_i(θ'), θ' = θ - α ∇public(θ), and
+    DP-SGD clips v_i as a whole (sensitivity C, the same spend); the public gradient is added unclipped."""
+    alpha, beta, clip = 0.5, 0.8, 1.0
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 5, generator=gen), 3 * torch.randn(8, generator=gen)
+    direction = torch.tensor([1.0, -2.0, 0.5, 0.0, 1.5, -1.0])
+
+    def public(m: nn.Module) -> torch.Tensor:
+        flat = torch.cat([m.weight.reshape(-1), m.bias])
+        return (flat * direction).sum() + 0.5 * flat.pow(2).sum()  # its gradient, direction + θ, moves with θ
+
+    torch.manual_seed(1)
+    model = nn.Linear(5, 1)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    g_public = direction + theta
+    ahead = nn.Linear(5, 1)
+    with torch.no_grad():
+        ahead.weight.copy_((theta - alpha * g_public)[:5].view(1, 5))
+        ahead.bias.copy_((theta - alpha * g_public)[5:])
+    here, there = _per_record_grads(model, x, y), _per_record_grads(ahead, x, y)
+
+    def clipped(v: torch.Tensor) -> torch.Tensor:
+        return v * (clip / v.norm(dim=1, keepdim=True)).clamp(max=1.0)
+
+    jointly = clipped(here + beta * there).mean(0) + g_public
+    separately = (clipped(here) + beta * clipped(there)).mean(0) + g_public
+    assert float((jointly - separately).norm()) > 0.05 * float(jointly.norm())  # the test can tell them apart
+
+    events: list = []
+    trainer = DPSGDTrainer(noise_multiplier=1e-6, max_grad_norm=clip, commit=events.append)
+    trainer.fit(model, torch.optim.SGD(model.parameters(), lr=1.0), x, y, batch_size=8, steps=1,
+                batch_loss=lambda m, xb, yb: (m(xb).squeeze(1) - yb).pow(2).mean(), public_loss=public,
+                lookahead=LookAhead(step=alpha, weight=beta))
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(theta - after, jointly, rtol=1e-4, atol=1e-4)
+    (event,) = events  # one release, at the plain DP-SGD noise and rate
+    assert (event.noise_multiplier, event.sample_rate, event.steps) == (1e-6, 1.0, 1)
 
 
 def test_combine_needs_a_public_term() -> None:

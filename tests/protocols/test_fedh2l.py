@@ -21,7 +21,7 @@ from securefl.protocols.fedh2l import (
 )
 from securefl.runtime.federation import Federation
 from securefl.runtime.message import AGGREGATOR, Message
-from securefl.runtime.training import predict_logits
+from securefl.runtime.training import backward_step, predict_logits
 from tests.conftest import tiny_config
 from tests.protocols.contract import ProtocolContract, RecordingTransport, SpyAggregator
 
@@ -113,22 +113,16 @@ def _grads(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
 
 
 def _closure_gradient(fed: Federation, party_index: int, teachers: torch.Tensor, *, model=None):  # type: ignore[no-untyped-def]
-    """The gradient the trainer would apply for one private minibatch, with a fixed seed-set draw."""
+    """The gradient the plain trainer applies for one private minibatch, with a fixed seed-set draw."""
     party = fed.parties[party_index]
     model = model or party.model
     xb, yb = party.train.x[:16], party.train.y[:16]
     torch.manual_seed(5)
-    loss = fed.protocol.local_objective(teachers)(model, xb, yb)
-    public = fed.protocol.public_objective(teachers)  # the seed-set term is passed to the trainer separately
-    combine = fed.protocol.gradient_combine(teachers)
-    if public is not None and combine is not None:  # as the trainers join them (PCGrad)
-        public_term = public(model)
-        return combine(_grads(model, loss), _grads(model, public_term)), float((loss + public_term).detach())
-    if public is not None:
-        loss = loss + public(model)
     model.zero_grad()
-    loss.backward()
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]), float(loss.detach())
+    loss = backward_step(model, xb, yb, batch_loss=fed.protocol.local_objective(teachers),
+                         public_loss=fed.protocol.public_objective(teachers),
+                         combine=fed.protocol.gradient_combine(teachers), lookahead=fed.protocol.look_ahead(teachers))
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]), float(loss)
 
 
 # ----- the wire ---------------------------------------------------------------------------------

@@ -164,19 +164,19 @@ def test_each_participant_keeps_one_ledger_object_for_the_whole_run(tmp_path: Pa
     assert {0, 1, 2} <= rounds
 
 
-def test_record_level_dp_refuses_what_it_cannot_cover_before_round_one(tmp_path: Path) -> None:
-    from securefl.protocols import ProtocolSetupError
-
+def test_fedh2l_runs_every_alignment_variant_under_record_level_dp_within_budget(tmp_path: Path) -> None:
+    """PCGrad post-processes the noised gradient; meta clips each record's two gradients (at θ and θ') as one
+    vector, so neither adds a release: one DP-SGD event per local fit, as for plain distillation."""
     targets = [{"id": f"p{i}", "model": "mlp_s", "target_epsilon": 8.0} for i in range(3)]
-    with pytest.raises(ProtocolSetupError, match="alignment = 'meta'"):
-        Federation(tiny_config(protocol="fedh2l", privacy={"unit": "record"}, participants=targets,
-                               fedh2l={"alignment": "meta"}), tmp_path / "b", progress=False)
-    # Without the uncovered part (PCGrad is post-processing of the noised gradient), it runs within budget.
-    for proto, extra in (("fedh2l", {}), ("fedh2l", {"fedh2l": {"alignment": "pcgrad"}})):
-        name = extra.get("fedh2l", {}).get("alignment", "none")
-        summary = Federation(tiny_config(protocol=proto, privacy={"unit": "record"}, participants=targets,
-                                         run={"rounds": 1}, **extra), tmp_path / name, progress=False).run()
-        assert all(p["epsilon"] <= 8.0 for p in summary["participants"])
+    events = {}
+    for name in ("none", "pcgrad", "meta"):
+        fed = Federation(tiny_config(protocol="fedh2l", privacy={"unit": "record"}, participants=targets,
+                                     run={"rounds": 2}, fedh2l={"alignment": name}), tmp_path / name, progress=False)
+        summary = fed.run()
+        assert all(p["epsilon"] <= 8.0 for p in summary["participants"]), (name, summary["participants"])
+        events[name] = [(e["payload"], e["noise_multiplier"], e["sample_rate"], e["steps"])
+                        for e in fed.privacy.participants["p0"].ledger.entries if e["kind"] == "release"]
+    assert events["none"] and events["meta"] == events["none"] == events["pcgrad"], events
 
 
 def test_pooled_baseline_is_refused_under_record_level_dp(tmp_path: Path) -> None:

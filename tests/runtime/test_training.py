@@ -1,4 +1,4 @@
-"""The plain trainer's joining of a private and a public gradient (the hook FedH2L's PCGrad uses)."""
+"""The plain trainer's joining of a private and a public gradient (the hooks FedH2L's PCGrad and meta use)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from securefl.runtime.training import PlainTrainer
+from securefl.runtime.training import LookAhead, PlainTrainer
 
 
 def _one_sgd_step(**fit_kwargs):  # type: ignore[no-untyped-def]
@@ -39,3 +39,33 @@ def test_without_combine_the_step_follows_the_sum_and_with_it_the_combination() 
 def test_combine_without_a_public_term_is_refused() -> None:
     with pytest.raises(ValueError, match="public_loss"):
         _one_sgd_step(combine=lambda a, b: a)
+
+
+def test_look_ahead_adds_the_private_gradient_at_the_point_stepped_along_the_public_gradient() -> None:
+    alpha, beta = 0.3, 0.7
+    public_direction = torch.tensor([1.0, -2.0, 0.0, 3.0, 1.0])
+
+    def public(m: nn.Module) -> torch.Tensor:
+        flat = torch.cat([m.weight.reshape(-1), m.bias])
+        return (flat * public_direction).sum() + 0.5 * flat.pow(2).sum()
+
+    got = _one_sgd_step(public_loss=public, lookahead=LookAhead(step=alpha, weight=beta))
+    torch.manual_seed(0)  # the same model and data as _one_sgd_step, by hand
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    g_public = public_direction + theta
+
+    def private_gradient(at: torch.Tensor) -> torch.Tensor:
+        w = at.clone().requires_grad_()
+        (g,) = torch.autograd.grad((x @ w[:4] + w[4]).pow(2).mean(), w)
+        return g
+
+    expected = private_gradient(theta) + g_public + beta * private_gradient(theta - alpha * g_public)
+    torch.testing.assert_close(got, expected)
+    assert float((got - private_gradient(theta) - g_public).norm()) > 0.1  # the look-ahead term is there
+
+
+def test_look_ahead_without_a_public_term_is_refused() -> None:
+    with pytest.raises(ValueError, match="public_loss"):
+        _one_sgd_step(lookahead=LookAhead(step=0.1, weight=1.0))
