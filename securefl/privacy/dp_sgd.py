@@ -129,7 +129,8 @@ class DPSGDTrainer:
         sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampler_gen,
                                                 steps=total_steps)
         # The look-ahead point's per-record gradients come from a copy of the model that holds theta' (its own
-        # per-sample hooks), so neither pass's activations mix into the other's.
+        # per-sample hooks), so neither pass's activations mix into the other's. The copy's buffers stay those of
+        # the call's start; the zoo's models keep no running statistics (GroupNorm only), so none go stale.
         ahead = GradSampleModule(copy.deepcopy(model)) if lookahead is not None else None
         gsm = GradSampleModule(model)
         dp_opt = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
