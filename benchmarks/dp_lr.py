@@ -13,10 +13,15 @@ The optimizer settings are the non-private ones the benchmark's rows use
 and the DP rates the accuracy benchmark gives the SGD rows in its DP columns
 (plain SGD 0.1, momentum SGD 0.05), plus plain SGD 1.0 as a larger step.
 
+The same check for another model or budget (``--model``, ``--epsilon``, a subset of ``--settings``) asks whether
+a rate chosen at ε = 8 on ``cnn_s`` carries over, e.g. to the wide MLP of a participant with ε = 1.
+
 Usage::
 
     python benchmarks/dp_lr.py             # ~1 minute per setting on one core
     python benchmarks/dp_lr.py --quick     # 2 epochs on 1,000 images (CI smoke)
+    python benchmarks/dp_lr.py --epsilon 1 --model mlp_l --settings adam msgd0.01 msgd0.05 \
+        --out-name dp_lr_mlp_l_eps1
 """
 
 from __future__ import annotations
@@ -33,20 +38,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-# (label, optimizer, lr, momentum)
-SETTINGS: list[tuple[str, str, float, float]] = [
-    ("Adam 1e-3 (non-private default)", "adam", 1e-3, 0.0),
-    ("SGD 0.01 (FedGen, non-private)", "sgd", 0.01, 0.0),
-    ("SGD 0.1 (FedGen, DP columns)", "sgd", 0.1, 0.0),
-    ("SGD 1.0", "sgd", 1.0, 0.0),
-    ("momentum SGD 0.01 (FML, HeteroFL, non-private)", "sgd", 0.01, 0.9),
-    ("momentum SGD 0.05 (FML, HeteroFL, DP columns)", "sgd", 0.05, 0.9),
-]
+# key -> (label, optimizer, lr, momentum)
+SETTINGS: dict[str, tuple[str, str, float, float]] = {
+    "adam": ("Adam 1e-3 (non-private default)", "adam", 1e-3, 0.0),
+    "sgd0.01": ("SGD 0.01 (FedGen, non-private)", "sgd", 0.01, 0.0),
+    "sgd0.1": ("SGD 0.1 (FedGen, DP columns)", "sgd", 0.1, 0.0),
+    "sgd1": ("SGD 1.0", "sgd", 1.0, 0.0),
+    "msgd0.01": ("momentum SGD 0.01 (FML, HeteroFL, non-private)", "sgd", 0.01, 0.9),
+    "msgd0.05": ("momentum SGD 0.05 (DP columns: FML, HeteroFL, the Adam rows)", "sgd", 0.05, 0.9),
+}
 
 
 def train_one(label: str, kind: str, lr: float, momentum: float, *, train: tuple[torch.Tensor, torch.Tensor],
               val: tuple[torch.Tensor, torch.Tensor], epsilon: float, epochs: int, batch_size: int,
-              seed: int) -> dict[str, Any]:
+              seed: int, model_name: str = "cnn_s") -> dict[str, Any]:
     from securefl.models.zoo import build_model
     from securefl.privacy.calibration import calibrate_noise_multiplier
     from securefl.privacy.dp_sgd import DPSGDTrainer
@@ -57,15 +62,15 @@ def train_one(label: str, kind: str, lr: float, momentum: float, *, train: tuple
     sigma = calibrate_noise_multiplier(target_epsilon=epsilon, delta=1e-5, sample_rate=batch_size / len(x),
                                        steps=steps)
     torch.manual_seed(seed)
-    model = build_model("cnn_s", tuple(x.shape[1:]), 10)
+    model = build_model(model_name, tuple(x.shape[1:]), 10)
     optimizer = make_optimizer(model, kind=kind, lr=lr, momentum=momentum)
     trainer = DPSGDTrainer(noise_multiplier=sigma, max_grad_norm=1.0, commit=lambda event: None)
     curve = []
     for _ in range(epochs):
         trainer.fit(model, optimizer, x, y, batch_size=batch_size, epochs=1)
         curve.append(accuracy(model, *val))
-    return {"setting": label, "optimizer": kind, "lr": lr, "momentum": momentum, "epsilon": epsilon,
-            "noise_multiplier": sigma, "val_curve": curve, "val_final": curve[-1]}
+    return {"setting": label, "model": model_name, "optimizer": kind, "lr": lr, "momentum": momentum,
+            "epsilon": epsilon, "noise_multiplier": sigma, "val_curve": curve, "val_final": curve[-1]}
 
 
 def write(rows: list[dict[str, Any]], name: str, command: str) -> None:
@@ -78,7 +83,8 @@ def write(rows: list[dict[str, Any]], name: str, command: str) -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    lines = [f"Made by `{command}`. cnn_s, DP-SGD (C = 1, δ = 1e-5), accuracy on 10,000 held-out *train* images "
+    lines = [f"Made by `{command}`. {rows[0].get('model', 'cnn_s')}, DP-SGD (C = 1, δ = 1e-5), accuracy on 10,000 "
+             "held-out *train* images "
              "(validation; the test set is not used).", "",
              "| optimizer | ε | σ | validation accuracy, last epoch | best epoch |", "|---|---|---|---|---|"]
     for row in rows:
@@ -92,7 +98,8 @@ def write(rows: list[dict[str, Any]], name: str, command: str) -> None:
                 label=row["setting"])
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"DP-SGD at ε = {rows[0]['epsilon']:g}: learning rate against validation accuracy")
+    ax.set_title(f"{rows[0].get('model', 'cnn_s')}, DP-SGD at ε = {rows[0]['epsilon']:g}: "
+                 "learning rate against validation accuracy")
     finish_figure(fig, ax, RESULTS / f"{name}.png", legend_loc="lower right")
 
 
@@ -108,11 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 epochs on 1,000 images")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--model", default="cnn_s", help="a model of the zoo (default cnn_s)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="optimizer settings to train (default: all)")
+    parser.add_argument("--out-name", default=None,
+                        help="results file name (default dp_lr, or dp_lr_quick with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.records = 2, 1000
     if args.epsilon <= 0 or args.epochs < 1 or args.records < 64:
         parser.error("--epsilon must be > 0, --epochs >= 1 and --records >= 64")
+    from securefl.models.zoo import MODEL_ZOO
+
+    if args.model not in MODEL_ZOO:
+        parser.error(f"--model {args.model!r}: not in the zoo ({', '.join(MODEL_ZOO)})")
     torch.set_num_threads(1)
     data = load_fashion_mnist(args.data_dir)
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(args.seed))
@@ -120,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     train, val = (data.x_train[train_idx], data.y_train[train_idx]), (data.x_train[val_idx], data.y_train[val_idx])
     command = "python benchmarks/dp_lr.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
-    for label, kind, lr, momentum in tqdm(SETTINGS, desc="DP-SGD learning rates", unit="setting"):
+    for key in tqdm(args.settings, desc="DP-SGD learning rates", unit="setting"):
+        label, kind, lr, momentum = SETTINGS[key]
         rows.append(train_one(label, kind, lr, momentum, train=train, val=val, epsilon=args.epsilon,
-                              epochs=args.epochs, batch_size=64, seed=args.seed))
-    write(rows, "dp_lr_quick" if args.quick else "dp_lr", command.strip())
-    print((RESULTS / ("dp_lr_quick.md" if args.quick else "dp_lr.md")).read_text())
+                              epochs=args.epochs, batch_size=64, seed=args.seed, model_name=args.model))
+    name = args.out_name or ("dp_lr_quick" if args.quick else "dp_lr")
+    write(rows, name, command.strip())
+    print((RESULTS / f"{name}.md").read_text())
     return 0
 
 
