@@ -112,10 +112,11 @@ def _grads(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
                       for p, g in zip(model.parameters(), grads, strict=True)])
 
 
-def _closure_gradient(fed: Federation, party_index: int, teachers: torch.Tensor, *, model=None):  # type: ignore[no-untyped-def]
+def _closure_gradient(fed: Federation, party_index: int, teachers: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The gradient the plain trainer applies for one private minibatch, with a fixed seed-set draw."""
     party = fed.parties[party_index]
-    model = model or party.model
+    model = party.model
+    assert model is not None
     xb, yb = party.train.x[:16], party.train.y[:16]
     torch.manual_seed(5)
     model.zero_grad()
