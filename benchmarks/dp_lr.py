@@ -16,12 +16,19 @@ and the DP rates the accuracy benchmark gives the SGD rows in its DP columns
 The same check for another model or budget (``--model``, ``--epsilon``, a subset of ``--settings``) asks whether
 a rate chosen at ε = 8 on ``cnn_s`` carries over, e.g. to the wide MLP of a participant with ε = 1.
 
+Given several models or budgets it is a grid: every (model, ε, setting) is trained, the results file is
+rewritten after each one (a stopped grid keeps what it measured, and a rerun reuses every finished cell whose
+set-up matches), and the table names each (model, ε)'s best setting by last-epoch validation accuracy. The
+accuracy benchmark's per-model DP rates (``DP_RATES`` in ``accuracy.py``) are read off that table.
+
 Usage::
 
     python benchmarks/dp_lr.py             # ~1 minute per setting on one core
     python benchmarks/dp_lr.py --quick     # 2 epochs on 1,000 images (CI smoke)
     python benchmarks/dp_lr.py --epsilon 1 --model mlp_l --settings adam msgd0.01 msgd0.05 \
         --out-name dp_lr_mlp_l_eps1
+    python benchmarks/dp_lr.py --model cnn_s mlp_m resnet_s mlp_l deepcnn_s mlp_s --epsilon 1 2 4 8 \
+        --settings msgd0.01 msgd0.05 --epochs 10 --records 5000 --out-name dp_lr_grid   # the per-model rates
 """
 
 from __future__ import annotations
@@ -70,7 +77,25 @@ def train_one(label: str, kind: str, lr: float, momentum: float, *, train: tuple
         trainer.fit(model, optimizer, x, y, batch_size=batch_size, epochs=1)
         curve.append(accuracy(model, *val))
     return {"setting": label, "model": model_name, "optimizer": kind, "lr": lr, "momentum": momentum,
-            "epsilon": epsilon, "noise_multiplier": sigma, "val_curve": curve, "val_final": curve[-1]}
+            "epsilon": epsilon, "noise_multiplier": sigma, "val_curve": curve, "val_final": curve[-1],
+            "epochs": epochs, "records": len(x), "seed": seed}
+
+
+def setup_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two trainings the same experiment (rows written before the grid existed lack the last three)."""
+    return (row.get("model", "cnn_s"), row["epsilon"], row["optimizer"], row["lr"], row["momentum"],
+            row.get("epochs"), row.get("records"), row.get("seed"))
+
+
+def best_settings(rows: list[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
+    """(model, ε) -> the row with the highest last-epoch validation accuracy: the run keeps its final model, so the
+    final epoch is what a rate has to get right (a rate that peaks and collapses loses)."""
+    best: dict[tuple[str, float], dict[str, Any]] = {}
+    for row in rows:
+        key = (row.get("model", "cnn_s"), row["epsilon"])
+        if key not in best or row["val_final"] > best[key]["val_final"]:
+            best[key] = row
+    return best
 
 
 def short_label(row: dict[str, Any]) -> str:
@@ -88,25 +113,67 @@ def write(rows: list[dict[str, Any]], name: str, command: str) -> None:
     from securefl.report import finish_figure
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
-    lines = [f"Made by `{command}`. {rows[0].get('model', 'cnn_s')}, DP-SGD (C = 1, δ = 1e-5), accuracy on 10,000 "
+    tmp = RESULTS / f"{name}.json.tmp"
+    tmp.write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    tmp.replace(RESULTS / f"{name}.json")
+    models = sorted({row.get("model", "cnn_s") for row in rows})
+    lines = [f"Made by `{command}`. {', '.join(models)}, DP-SGD (C = 1, δ = 1e-5), accuracy on 10,000 "
              "held-out *train* images "
              "(validation; the test set is not used).", "",
-             "| optimizer | ε | σ | validation accuracy, last epoch | best epoch |", "|---|---|---|---|---|"]
+             "| model | optimizer | ε | σ | validation accuracy, last epoch | best epoch |", "|---|---|---|---|---|---|"]
     for row in rows:
         best = max(range(len(row["val_curve"])), key=lambda i: row["val_curve"][i])
-        lines.append(f"| {row['setting']} | {row['epsilon']:g} | {row['noise_multiplier']:.3f} | "
-                     f"{100 * row['val_final']:.1f} | {best + 1} ({100 * row['val_curve'][best]:.1f}) |")
+        lines.append(f"| {row.get('model', 'cnn_s')} | {row['setting']} | {row['epsilon']:g} | "
+                     f"{row['noise_multiplier']:.3f} | {100 * row['val_final']:.1f} | "
+                     f"{best + 1} ({100 * row['val_curve'][best]:.1f}) |")
+    cases = best_settings(rows)
+    if len(cases) > 1:
+        lines += ["", "Best setting per model and budget (last-epoch validation accuracy; ties go to the first "
+                  "listed):", "", "| model | ε | best | validation accuracy |", "|---|---|---|---|"]
+        lines += [f"| {model} | {eps:g} | {short_label(row)} | {100 * row['val_final']:.1f} |"
+                  for (model, eps), row in sorted(cases.items())]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    if len(cases) > 1:
+        plot_grid(rows, RESULTS / f"{name}.png")
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
         ax.plot(range(1, len(row["val_curve"]) + 1), [100 * a for a in row["val_curve"]], marker=".",
                 label=short_label(row))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{rows[0].get('model', 'cnn_s')}, DP-SGD at ε = {rows[0]['epsilon']:g}: "
+    ax.set_title(f"{models[0]}, DP-SGD at ε = {rows[0]['epsilon']:g}: "
                  "learning rate against validation accuracy")
     finish_figure(fig, ax, RESULTS / f"{name}.png")  # "best": a collapsing curve ends where "lower right" sits
+
+
+def plot_grid(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per model: last-epoch validation accuracy against ε, one line per setting."""
+    import matplotlib.pyplot as plt
+
+    from securefl.report import finish_figure
+
+    models = list(dict.fromkeys(row.get("model", "cnn_s") for row in rows))
+    cols = min(3, len(models))
+    lines = (len(models) + cols - 1) // cols
+    fig, axes = plt.subplots(lines, cols, figsize=(4.2 * cols, 3.4 * lines), squeeze=False, sharey=True)
+    for ax, model in zip(axes.flat, models, strict=False):
+        by_setting: dict[str, list[tuple[float, float]]] = {}
+        for row in rows:
+            if row.get("model", "cnn_s") == model:
+                by_setting.setdefault(short_label(row), []).append((row["epsilon"], 100 * row["val_final"]))
+        for label, points in by_setting.items():
+            points.sort()
+            ax.plot([e for e, _ in points], [a for _, a in points], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(model)
+        ax.set_xlabel("ε (record level, δ = 1e-5)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(models):]:
+        ax.set_visible(False)
+    fig.suptitle("DP-SGD learning rate per model and budget (last epoch, validation data)")
+    finish_figure(fig, axes.flat[0], path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     from securefl.data.datasets import load_fashion_mnist
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--epsilon", type=float, nargs="+", default=[8.0], help="one or more budgets")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--records", type=int, default=6000, help="IID training images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 epochs on 1,000 images")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--model", default="cnn_s", help="a model of the zoo (default cnn_s)")
+    parser.add_argument("--model", nargs="+", default=["cnn_s"], help="one or more models of the zoo")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
                         help="optimizer settings to train (default: all)")
     parser.add_argument("--out-name", default=None,
@@ -129,25 +196,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.records = 2, 1000
-    if args.epsilon <= 0 or args.epochs < 1 or args.records < 64:
-        parser.error("--epsilon must be > 0, --epochs >= 1 and --records >= 64")
+    if min(args.epsilon) <= 0 or args.epochs < 1 or args.records < 64:
+        parser.error(f"--epsilon {args.epsilon}, --epochs {args.epochs}, --records {args.records}: need ε > 0, "
+                     "epochs >= 1 and records >= 64")
     from securefl.models.zoo import MODEL_ZOO
 
-    if args.model not in MODEL_ZOO:
-        parser.error(f"--model {args.model!r}: not in the zoo ({', '.join(MODEL_ZOO)})")
+    for model in args.model:
+        if model not in MODEL_ZOO:
+            parser.error(f"--model {model!r}: not in the zoo ({', '.join(MODEL_ZOO)})")
     torch.set_num_threads(1)
     data = load_fashion_mnist(args.data_dir)
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(args.seed))
     train_idx, val_idx = order[:args.records], order[args.records:args.records + 10_000]
     train, val = (data.x_train[train_idx], data.y_train[train_idx]), (data.x_train[val_idx], data.y_train[val_idx])
-    command = "python benchmarks/dp_lr.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    rows = []
-    for key in tqdm(args.settings, desc="DP-SGD learning rates", unit="setting"):
-        label, kind, lr, momentum = SETTINGS[key]
-        rows.append(train_one(label, kind, lr, momentum, train=train, val=val, epsilon=args.epsilon,
-                              epochs=args.epochs, batch_size=64, seed=args.seed, model_name=args.model))
+    command = ("python benchmarks/dp_lr.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     name = args.out_name or ("dp_lr_quick" if args.quick else "dp_lr")
-    write(rows, name, command.strip())
+    previous = RESULTS / f"{name}.json"
+    finished = ({setup_key(row): row for row in json.loads(previous.read_text())["rows"]}
+                if previous.exists() else {})
+    cells = [(model, eps, key) for model in args.model for eps in args.epsilon for key in args.settings]
+    rows = []
+    for model, eps, key in tqdm(cells, desc="DP-SGD learning rates", unit="training"):
+        label, kind, lr, momentum = SETTINGS[key]
+        planned = (model, eps, kind, lr, momentum, args.epochs, args.records, args.seed)
+        row = finished.get(planned) or train_one(label, kind, lr, momentum, train=train, val=val, epsilon=eps,
+                                                 epochs=args.epochs, batch_size=64, seed=args.seed, model_name=model)
+        rows.append(row)
+        write(rows, name, command)  # after every training: a stopped grid keeps what it measured
     print((RESULTS / f"{name}.md").read_text())
     return 0
 
