@@ -46,21 +46,23 @@ class Participant:
     target_epsilon: float | None = None
     delta: float | None = None
     policy_file: str | None = None
+    lr: float | None = None  # the owner's own learning rate, in place of the protocol's (see config.ParticipantConfig)
 
     @classmethod
     def from_table(cls, id: str, features: Any, labels: Any = None, *, model: str, label_column: str | None = None,
                    target_epsilon: float | None = None, delta: float | None = None,
-                   policy_file: str | Path | None = None) -> Participant:
+                   policy_file: str | Path | None = None, lr: float | None = None) -> Participant:
         """From a pandas DataFrame with ``label_column``, or a numpy feature array plus ``labels``."""
         table = table_from_arrays(features, labels, label_column=label_column, what=f"participant {id!r}")
-        return cls(id, model, table, target_epsilon, delta, str(policy_file) if policy_file else None)
+        return cls(id, model, table, target_epsilon, delta, str(policy_file) if policy_file else None, lr)
 
     @classmethod
     def from_dataset(cls, id: str, dataset: Any, *, model: str, target_epsilon: float | None = None,
-                     delta: float | None = None, policy_file: str | Path | None = None) -> Participant:
+                     delta: float | None = None, policy_file: str | Path | None = None,
+                     lr: float | None = None) -> Participant:
         """From a map-style torch ``Dataset`` of (features, label) pairs."""
         table = table_from_torch_dataset(dataset, what=f"participant {id!r}")
-        return cls(id, model, table, target_epsilon, delta, str(policy_file) if policy_file else None)
+        return cls(id, model, table, target_epsilon, delta, str(policy_file) if policy_file else None, lr)
 
 
 @dataclass
@@ -108,7 +110,7 @@ def train(participants: Sequence[Participant], *, test: Any, out: str | Path, pu
                     **({"target_epsilon": target_epsilon} if target_epsilon is not None else {})},
         "secure_aggregation": secure_aggregation,
         "participants": [{"id": p.id, "model": p.model, "target_epsilon": p.target_epsilon, "delta": p.delta,
-                          "policy_file": p.policy_file} for p in participants],
+                          "policy_file": p.policy_file, "lr": p.lr} for p in participants],
     }
     if training:
         raw["training"] = dict(training)

@@ -118,6 +118,10 @@ class ParticipantConfig(Section):
     delta: float | None = PydField(None, gt=0, lt=1)
     # A policy file the data owner controls; the stricter of it and the experiment binds.
     policy_file: str | None = None
+    # The owner's own learning rate for training its model, in place of the protocol's (training.lr, or fml.lr,
+    # fedgen.lr, heterofl.lr): in a heterogeneous federation one rate need not suit every architecture and
+    # budget, e.g. under DP-SGD a rate that trains a small CNN well can make a wide MLP at ε = 1 diverge.
+    lr: float | None = PydField(None, gt=0, le=10)
     # data.dataset = files: this owner's table (on a deployed node, the owner's node config says where).
     data_file: str | None = None
 
@@ -216,6 +220,15 @@ class _ExperimentBase(Section):
         elif with_file or data.files is not None:
             where = f"participants.{with_file[0]}.data_file" if with_file else "data.files"
             raise ValueError(f"{where}: only used when data.dataset is 'files' (it is {data.dataset!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _owner_rates_are_used(self) -> _ExperimentBase:
+        with_rate = [i for i, p in enumerate(self.participants) if p.lr is not None]
+        if with_rate and self.protocol == "pooled":
+            i = with_rate[0]
+            raise ValueError(f"participants.{i}.lr = {self.participants[i].lr}: the pooled baseline trains one model "
+                             "per architecture on everyone's data, no owner's own model; remove it")
         return self
 
     @model_validator(mode="after")

@@ -67,7 +67,7 @@ class FedAvg(Protocol):
     def setup_party(self, party: Party) -> None:
         # Every participant starts from the global initialisation (same derived seed as the server's).
         party.model = self.ctx.build_model(party.model_name, purpose="fedavg-global")
-        party.state["private_opt"] = self.ctx.make_optimizer(party.model)
+        party.state["private_opt"] = self.ctx.make_optimizer(party.model, lr=party.lr)
 
     def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:
         # Participants start from the global initialisation and receive every later global model in the

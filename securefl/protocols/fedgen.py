@@ -411,7 +411,7 @@ class FedGen(Protocol):
         # Every user starts from the initial head (or model) and G, as if the reference's round 1 broadcast.
         party.state["replica"] = FedGenReplica(self.initial_shared(), self.initial_generator(), ctx.num_classes)
         # Plain SGD without momentum, the reference's pFedIBOptimizer.
-        party.state["private_opt"] = make_optimizer(model, kind="sgd", lr=cfg.lr)
+        party.state["private_opt"] = make_optimizer(model, kind="sgd", lr=party.learning_rate(cfg.lr))
 
     def setup_server(self, parties: Sequence[Party]) -> None:
         for party in parties:
@@ -503,7 +503,7 @@ class FedGen(Protocol):
 
         opt = party.state["private_opt"]
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * cfg.lr_decay ** (rnd - 1)
+            group["lr"] = party.learning_rate(cfg.lr) * cfg.lr_decay ** (rnd - 1)
         party.trainer.fit(model, opt, party.train.x, party.train.y, batch_size=cfg.batch_size,
                           steps=cfg.local_steps, batch_loss=self.user_loss(generator, self.available_labels(prior), rnd),
                           public_loss=self.generated_loss(generator, self.available_labels(prior), rnd),

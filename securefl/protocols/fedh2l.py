@@ -255,7 +255,7 @@ class FedH2L(Protocol):
     def setup_party(self, party: Party) -> None:
         party.model = self.ctx.build_model(party.model_name, purpose=party.id)
         # One optimizer for the whole run, so its state (Adam moments) carries across rounds.
-        party.state["opt"] = self.ctx.make_optimizer(party.model)
+        party.state["opt"] = self.ctx.make_optimizer(party.model, lr=party.lr)
 
     # ----- step 1: share posteriors ------------------------------------------------------------
     def client_step(self, party: Party, inbox: Sequence[Message], rnd: int) -> list[Message] | Message:

@@ -91,7 +91,7 @@ class FedMD(Protocol):
     # ----- step 0: transfer learning -----------------------------------------------------
     def setup_party(self, party: Party) -> None:
         party.model = self.ctx.build_model(party.model_name, purpose=party.id)
-        party.state["private_opt"] = self.ctx.make_optimizer(party.model)
+        party.state["private_opt"] = self.ctx.make_optimizer(party.model, lr=party.lr)
         party.state["digest_opt"] = self.ctx.make_optimizer(party.model, kind="adam", lr=self.config.digest_lr,
                                                              weight_decay=0.0)
 
@@ -100,7 +100,7 @@ class FedMD(Protocol):
         model = party.model
         assert model is not None
         if ctx.public_labelled and len(ctx.public) > 0:
-            public_opt = ctx.make_optimizer(model)
+            public_opt = ctx.make_optimizer(model, lr=party.lr)
             fit_with_early_stopping(
                 lambda: party.trainer.fit_public(model, public_opt, ctx.public.x, ctx.public.y,
                                                  batch_size=ctx.training.batch_size, epochs=1, payload="transfer_public"),

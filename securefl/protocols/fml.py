@@ -211,7 +211,7 @@ class FML(Protocol):
         party.state["meme"] = self._build_meme()
         # The local model's and the meme's optimizers, as one torch optimizer over the pair
         # (see the module docstring); the meme's share of its state is cleared at each fork.
-        party.state["optimizer"] = make_optimizer(self.pair(party), kind=cfg.optimizer, lr=cfg.lr,
+        party.state["optimizer"] = make_optimizer(self.pair(party), kind=cfg.optimizer, lr=party.learning_rate(cfg.lr),
                                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     @staticmethod

@@ -497,10 +497,11 @@ class HeteroFL(Protocol):
         rates = dynamic_rates(self.levels, len(ids), self.ctx.generator("heterofl-rates", rnd))
         return dict(zip(ids, rates, strict=True))[party_id]
 
-    def learning_rate(self, rnd: int) -> float:
-        """MultiStepLR over global rounds: round t trains at lr * decay^#{milestones < t}."""
+    def learning_rate(self, rnd: int, base: float | None = None) -> float:
+        """MultiStepLR over global rounds: round t trains at lr * decay^#{milestones < t} (``base``: a client's
+        own lr in place of heterofl.lr)."""
         passed = sum(1 for m in self.config.milestones if m < rnd)
-        return self.config.lr * self.config.lr_decay ** passed
+        return (self.config.lr if base is None else base) * self.config.lr_decay ** passed
 
     @staticmethod
     def label_split(party: Party) -> torch.Tensor:
@@ -556,7 +557,7 @@ class HeteroFL(Protocol):
         model = self.submodel(replica, rate)
         classes = self.label_split(party)
         mask = classes if cfg.mask else None
-        optimizer = make_optimizer(model, kind="sgd", lr=self.learning_rate(rnd), momentum=cfg.momentum,
+        optimizer = make_optimizer(model, kind="sgd", lr=self.learning_rate(rnd, party.lr), momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
         party.trainer.fit(model, optimizer, party.train.x, party.train.y, batch_size=cfg.batch_size,
                           epochs=cfg.local_epochs, max_grad_norm=cfg.max_grad_norm, payload="local_training",

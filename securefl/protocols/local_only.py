@@ -34,7 +34,7 @@ class LocalOnly(Protocol):
 
     def setup_party(self, party: Party) -> None:
         party.model = self.ctx.build_model(party.model_name, purpose=party.id)
-        party.state["private_opt"] = self.ctx.make_optimizer(party.model)
+        party.state["private_opt"] = self.ctx.make_optimizer(party.model, lr=party.lr)
         party.state["best_val"] = -float("inf")
         party.state["best_model"] = None
 

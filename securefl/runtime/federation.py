@@ -136,7 +136,7 @@ def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
         rounds=config.run.rounds,
     )
     parties = [Party(id=p.id, index=i, model_name=p.model, train=view(split.parties[i].train),
-                     val=view(split.parties[i].val))
+                     val=view(split.parties[i].val), lr=p.lr)
                for i, p in enumerate(config.participants)]
     protocol = get_protocol(config.protocol)(config.protocol_config(), ctx)
     return dataset, split, ctx, parties, protocol

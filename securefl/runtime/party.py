@@ -63,11 +63,16 @@ class Party:
     val: DataView
     trainer: Any = field(default_factory=PlainTrainer)
     model: nn.Module | None = None
+    lr: float | None = None  # the owner's own learning rate (participants[].lr); None: the protocol's
     state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
         return len(self.train)
+
+    def learning_rate(self, protocol_rate: float) -> float:
+        """The rate this owner trains at: its own if its config sets one, else the protocol's."""
+        return protocol_rate if self.lr is None else self.lr
 
 
 @dataclass(frozen=True)

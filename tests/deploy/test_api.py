@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.utils.data import TensorDataset
 
 from securefl import api
@@ -25,7 +26,7 @@ def cancer():
 def test_train_from_arrays_and_a_torch_dataset_returns_models_and_ledgers(cancer, tmp_path: Path) -> None:
     x, y = cancer
     sites = [
-        api.Participant.from_table("site_a", x[80:260], y[80:260], model="mlp_m", target_epsilon=4.0),
+        api.Participant.from_table("site_a", x[80:260], y[80:260], model="mlp_m", target_epsilon=4.0, lr=0.05),
         api.Participant.from_dataset("site_b", TensorDataset(torch.from_numpy(x[260:420]), torch.from_numpy(y[260:420])),
                                      model="mlp_s", target_epsilon=8.0),
     ]
@@ -43,6 +44,9 @@ def test_train_from_arrays_and_a_torch_dataset_returns_models_and_ledgers(cancer
     assert result.audit().ok
     eps = {p["id"]: p["epsilon"] for p in result.summary["participants"]}
     assert 0 < eps["site_a"] <= 4.0 and 0 < eps["site_b"] <= 8.0
+    # site_a's own rate reaches the run's config; site_b trains at training.lr.
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["participants"]
+    assert [p.get("lr") for p in saved] == [0.05, None]
 
 
 def test_bad_site_data_is_named(cancer, tmp_path: Path) -> None:
@@ -56,6 +60,9 @@ def test_bad_site_data_is_named(cancer, tmp_path: Path) -> None:
         api.train([api.Participant.from_table("site_a", x[80:200], y[80:200], model="mlp_s"),
                    api.Participant.from_table("site_b", x[200:300, :20], y[200:300], model="mlp_s")],
                   test=(x[420:], y[420:]), out=tmp_path / "run2", protocol="local_only", rounds=1)
+    with pytest.raises(api.ConfigError, match=r"participants\.0\.lr.*greater than 0"):
+        api.train([api.Participant.from_table("site_a", x[80:200], y[80:200], model="mlp_s", lr=0.0)],
+                  test=(x[420:], y[420:]), out=tmp_path / "run4", protocol="local_only", rounds=1)
     with pytest.raises(api.ConfigError, match="target_epsilon"):
         api.train([api.Participant.from_table("site_a", x[80:200], y[80:200], model="mlp_s")],
                   test=(x[420:], y[420:]), out=tmp_path / "run3", privacy_unit="record")

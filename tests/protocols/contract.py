@@ -53,6 +53,20 @@ class SpyAggregator(PlainAggregator):
         return super().weighted_mean(replies, field, weights)
 
 
+class RateRecorder:
+    """A participant's trainer that notes the learning rate of every private-data fit, then trains as before."""
+
+    def __init__(self, inner: Any, rates: set[float]) -> None:
+        self.inner, self.rates = inner, rates
+
+    def fit(self, model: Any, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        self.rates.update(group["lr"] for group in optimizer.param_groups)
+        return self.inner.fit(model, optimizer, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 class ProtocolContract:
     protocol: ClassVar[str]
     overrides: ClassVar[dict[str, Any]] = {}
@@ -100,6 +114,34 @@ class ProtocolContract:
         aggregated = {field for _, field in spy.calls}
         assert aggregated, "server_step never called the aggregator"
         assert aggregated <= aggregatable, f"aggregated undeclared fields {aggregated - aggregatable}"
+
+    def test_an_owners_own_learning_rate_is_the_rate_its_private_data_trains_at_and_no_one_elses(
+            self, tmp_path: Path) -> None:
+        own_rate = 0.0123  # no protocol's default
+        participants = [p.model_dump(exclude_none=True) for p in self.config().participants]
+        if self.protocol == "pooled":
+            participants[1]["lr"] = own_rate
+            with pytest.raises(ValueError, match=r"participants\.1\.lr = 0\.0123: the pooled baseline"):
+                self.config(participants=participants)
+            return
+
+        def rates_trained_at(config: Any, out: Path) -> dict[str, set[float]]:
+            fed = Federation(config, out, progress=False)
+            rates: dict[str, set[float]] = {}
+            for party in fed.parties:
+                party.trainer = RateRecorder(party.trainer, rates.setdefault(party.id, set()))
+            fed.run()
+            return {pid: {round(r, 12) for r in seen} for pid, seen in rates.items()}
+
+        before = rates_trained_at(self.config(), tmp_path / "protocol_rate")
+        participants[1]["lr"] = own_rate
+        after = rates_trained_at(self.config(participants=participants), tmp_path / "own_rate")
+        owner = participants[1]["id"]
+        # The owner's whole schedule (a protocol may decay its rate over rounds) starts from its own rate ...
+        scale = own_rate / max(before[owner])
+        assert after[owner] == {round(r * scale, 12) for r in before[owner]} and max(after[owner]) == own_rate
+        # ... and nobody else's changes.
+        assert {p: r for p, r in after.items() if p != owner} == {p: r for p, r in before.items() if p != owner}
 
     def test_resume_after_a_crash_matches_an_uninterrupted_run(self, tmp_path: Path) -> None:
         cfg = self.config(run={"rounds": 3})
