@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from securefl.config import parse_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -135,6 +137,31 @@ def test_the_adam_rows_train_with_momentum_sgd_in_the_dp_columns_only(accuracy):
         assert dp["training"]["batch_size"] == private["training"]["batch_size"]  # the rest of the section survives
     rows = {(row.protocol, row.variant) for row in accuracy.ROWS if "training" in row.dp_overrides}
     assert {("local_only", "-"), ("fedavg", "homogeneous cnn_s"), ("fedmd", "-"), ("fedh2l", "plain")} <= rows
+
+
+def test_the_dp_rate_table_is_what_the_validation_grid_chose(accuracy):
+    spec = importlib.util.spec_from_file_location("dp_lr_benchmark", ROOT / "benchmarks" / "dp_lr.py")
+    dp_lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dp_lr)
+    grid = json.loads((accuracy.RESULTS / "dp_lr_grid.json").read_text())["rows"]
+    chosen = {case: row["lr"] for case, row in dp_lr.best_settings(grid).items()}
+    assert accuracy.DP_RATES == chosen
+    assert {row["momentum"] for row in grid} == {0.9}  # the rows' DP optimizer: momentum SGD
+    assert {model for model, _ in chosen} == set(accuracy.A1_MODELS)
+    assert {eps for _, eps in chosen} >= {1.0, 2.0, 8.0, *accuracy.MIXED_TARGETS}
+
+
+def test_a_participant_carries_its_own_dp_rate_only_where_validation_chose_another(accuracy, monkeypatch):
+    monkeypatch.setattr(accuracy, "DP_RATES", {("mlp_l", 1.0): 0.01, ("cnn_s", 1.0): accuracy.DP_MOMENTUM_SGD_LR})
+    by_name = {(row.protocol, row.variant): row for row in accuracy.ROWS}
+    mixed = accuracy.cell_config("A1", by_name["fedmd", "-"], "mixed", 0, quick=False, data_dir=None, rounds=None,
+                                 sets=())
+    # p3 is the wide MLP with target 1 (targets cycle 1, 4, 8); p0's cnn_s at ε = 1 keeps the row's rate.
+    assert [p.get("lr") for p in mixed["participants"]] == [None, None, None, 0.01] + [None] * 6
+    for row, eps in ((by_name["fedmd", "-"], "inf"), (by_name["fml", "local"], "mixed")):
+        cell = accuracy.cell_config("A1", row, eps, 0, quick=False, data_dir=None, rounds=None, sets=())
+        assert all("lr" not in p for p in cell["participants"]), row  # no DP, or a row with its own lr section
+    parse_config(mixed)  # the config schema takes the owner's rate
 
 
 def test_a2_trains_fedmd_transfer_and_the_local_baseline_to_convergence(accuracy):
