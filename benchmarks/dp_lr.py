@@ -166,6 +166,8 @@ def plot_grid(rows: list[dict[str, Any]], path: Path) -> None:
             points.sort()
             ax.plot([e for e, _ in points], [a for _, a in points], marker="o", label=label)
         ax.set_xscale("log", base=2)
+        budgets = sorted({row["epsilon"] for row in rows})
+        ax.set_xticks(budgets, [f"{eps:g}" for eps in budgets])
         ax.set_title(model)
         ax.set_xlabel("ε (record level, δ = 1e-5)")
         ax.set_ylabel("validation accuracy (%)")
