@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -184,49 +185,54 @@ class Federation:
         self.progress = progress
         self.transport = transport or InProcessTransport()
         self.on_round_end = on_round_end
+        made_here = not resume and not self.out.exists()
         self._prepare_run_dir(resume, run_id=run_id)
+        try:
+            # A coordinator of remote participants reads no participant's data (local = nobody).
+            self.dataset, self.split, self.ctx, self.parties, self.protocol = build_world(
+                config, self.run_id, tables=tables, local=set() if remote is not None else None)
+            self.aggregator = PlainAggregator()
+            # Refuse impossible set-ups before any training.
+            self.protocol.validate_participants(self.parties)
+            with seeded(derive_seed(config.run.seed, "setup_server")):
+                self.protocol.setup_server(self.parties)
+            self._rejected: list[dict[str, str]] = []
+            self._missing: list[str] = []
+            self.stopped: dict[str, str] = {}
+            self._current_round = 0
+            self._keys: dict[str, Any] = {}
+            self.privacy = None
+            self.host: ParticipantHost | None = None  # the participants hosted in this process (a simulation)
+            if remote is None:
+                self.host = ParticipantHost(config=config, out=self.out, ctx=self.ctx, protocol=self.protocol,
+                                            parties=self.parties, key_dir=self.out / "keys",
+                                            n_participants=len(self.parties), stopped=self.stopped)
+                self.host._keys = self._keys  # one key cache: the simulation's host and coordinator share a key dir
+                self.host.set_up()
+                self.privacy = self.host.privacy
+                self.participants: Any = self.host
+                self.layers: list[Layer] = self._build_layers()
+                self.host.layers = self.layers  # one stack: each layer's participant and server hooks
+            else:
+                if self.protocol.simulation_only:
+                    from securefl.protocols import ProtocolSetupError
 
-        # A coordinator of remote participants reads no participant's data (local = nobody).
-        self.dataset, self.split, self.ctx, self.parties, self.protocol = build_world(
-            config, self.run_id, tables=tables, local=set() if remote is not None else None)
-        self.aggregator = PlainAggregator()
-        # Refuse impossible set-ups before any training.
-        self.protocol.validate_participants(self.parties)
-        with seeded(derive_seed(config.run.seed, "setup_server")):
-            self.protocol.setup_server(self.parties)
-        self._rejected: list[dict[str, str]] = []
-        self._missing: list[str] = []
-        self.stopped: dict[str, str] = {}
-        self._current_round = 0
-        self._keys: dict[str, Any] = {}
-        self.privacy = None
-        self.host: ParticipantHost | None = None  # the participants hosted in this process (a simulation)
-        if remote is None:
-            self.host = ParticipantHost(config=config, out=self.out, ctx=self.ctx, protocol=self.protocol,
-                                        parties=self.parties, key_dir=self.out / "keys",
-                                        n_participants=len(self.parties), stopped=self.stopped)
-            self.host._keys = self._keys  # one key cache: the simulation's host and coordinator share a key dir
-            self.host.set_up()
-            self.privacy = self.host.privacy
-            self.participants: Any = self.host
-            self.layers: list[Layer] = self._build_layers()
-            self.host.layers = self.layers  # one stack: each layer's participant and server hooks
-        else:
-            if self.protocol.simulation_only:
-                from securefl.protocols import ProtocolSetupError
+                    raise ProtocolSetupError(f"{config.protocol} cannot run on separate nodes: {self.protocol.simulation_only}")
+                self.participants = remote
+                remote.connect(run_id=self.run_id, config_text=dump_config(config))
+                from securefl.layers.stack import build_layers
 
-                raise ProtocolSetupError(f"{config.protocol} cannot run on separate nodes: {self.protocol.simulation_only}")
-            self.participants = remote
-            remote.connect(run_id=self.run_id, config_text=dump_config(config))
-            from securefl.layers.stack import build_layers
-
-            signers = {AGGREGATOR: self.party_keys(AGGREGATOR)} if config.signing else {}
-            self.layers = build_layers(config, side="coordinator", run_id=self.run_id, key_dir=self.out / "keys",
-                                       party_ids=[p.id for p in self.parties], signers=signers)
+                signers = {AGGREGATOR: self.party_keys(AGGREGATOR)} if config.signing else {}
+                self.layers = build_layers(config, side="coordinator", run_id=self.run_id, key_dir=self.out / "keys",
+                                           party_ids=[p.id for p in self.parties], signers=signers)
+                for layer in self.layers:
+                    layer.connect(remote)
             for layer in self.layers:
-                layer.connect(remote)
-        for layer in self.layers:
-            layer.check(self.protocol, self.parties)
+                layer.check(self.protocol, self.parties)
+        except BaseException:
+            if made_here:
+                self._discard_unstarted_run_dir()
+            raise
 
     # ----- set-up ------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool, *, run_id: str | None = None) -> None:
@@ -256,6 +262,21 @@ class Federation:
         self.run_id = run_id or self.config.run.name or uuid.uuid4().hex[:12]
         (self.out / "config.yaml").write_text(config_text)
         (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
+
+    def _discard_unstarted_run_dir(self) -> None:
+        """Set-up failed (a refusal, missing data, an interrupt) in a directory this invocation created: remove it,
+        so a refused run leaves nothing behind. It holds no checkpoint or metric by then, and no ledger books a
+        spend before round 1; a ledger that does, or cannot be read, keeps the directory all the same."""
+        from securefl.privacy.ledger import read_ledger
+
+        for path in (self.out / "ledgers").glob("*.jsonl"):
+            try:
+                spent = bool(read_ledger(path).events)
+            except Exception:  # noqa: BLE001 - unreadable: never delete a ledger on an assumption
+                spent = True
+            if spent:
+                return
+        shutil.rmtree(self.out, ignore_errors=True)
 
     def _check_same_config(self, saved_text: str) -> None:
         """A run resumes only under the config it started with. A run made by an earlier version lacks the fields

@@ -184,6 +184,24 @@ def test_pooled_baseline_is_refused_under_record_level_dp(tmp_path: Path) -> Non
 
     with pytest.raises(ProtocolSetupError, match="nothing for per-participant DP-SGD"):
         Federation(tiny_config(protocol="pooled", **RECORD), tmp_path / "run", progress=False)
+    # The refused run leaves nothing behind (it had made config.yaml, run.json, a key and a header-only ledger) ...
+    assert not (tmp_path / "run").exists()
+    # ... but a directory that existed before it is not this run's to remove.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the owner's")
+    with pytest.raises(ProtocolSetupError):
+        Federation(tiny_config(protocol="pooled", **RECORD), tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the owner's"
+
+
+def test_a_run_directory_whose_ledger_books_a_spend_is_never_discarded(tmp_path: Path) -> None:
+    unstarted = Federation(tiny_config(**RECORD), tmp_path / "unstarted", progress=False)
+    unstarted._discard_unstarted_run_dir()  # header-only ledgers: nothing to keep
+    assert not (tmp_path / "unstarted").exists()
+    spent = Federation(tiny_config(**RECORD, run={"rounds": 1}), tmp_path / "spent", progress=False)
+    spent.run()
+    spent._discard_unstarted_run_dir()
+    assert len(list((tmp_path / "spent" / "ledgers").glob("*.jsonl"))) == 3
 
 
 def test_fedgen_label_histograms_are_released_once_with_the_gaussian_mechanism_at_sensitivity_one(tmp_path: Path) -> None:
