@@ -28,7 +28,7 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
     final = metrics[-1]
     stopped = stopped or {}
     participants = [
-        {"id": p.id, "model": p.model_name, "train_records": p.num_samples,
+        {"id": p.id, "model": p.model_name, **({"lr": p.lr} if p.lr is not None else {}), "train_records": p.num_samples,
          "final_accuracy": final["participants"][p.id]["accuracy"],
          **{k: v for k, v in final["participants"][p.id].items() if k != "accuracy"},
          "stopped_early": p.id in stopped,
@@ -170,7 +170,8 @@ def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[st
     ]
     first = metrics[0]["participants"]
     for p in summary["participants"]:
-        lines.append(f"| {p['id']} | {p['model']} | {p['train_records']} | {p['final_accuracy']:.4f} | "
+        model = p["model"] + (f" (own lr {p['lr']:g})" if "lr" in p else "")
+        lines.append(f"| {p['id']} | {model} | {p['train_records']} | {p['final_accuracy']:.4f} | "
                      f"{first[p['id']]['accuracy']:.4f} |")
     if summary["privacy_unit"] != "none":
         lines += ["", f"## Privacy ({summary['privacy_unit']}-level DP, secure aggregation: "

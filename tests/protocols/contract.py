@@ -130,13 +130,16 @@ class ProtocolContract:
             rates: dict[str, set[float]] = {}
             for party in fed.parties:
                 party.trainer = RateRecorder(party.trainer, rates.setdefault(party.id, set()))
-            fed.run()
+            summary = fed.run()
+            # The summary and the report say who trained at its own rate.
+            assert [p.get("lr") for p in summary["participants"]] == [p.get("lr") for p in participants]
             return {pid: {round(r, 12) for r in seen} for pid, seen in rates.items()}
 
         before = rates_trained_at(self.config(), tmp_path / "protocol_rate")
         participants[1]["lr"] = own_rate
         after = rates_trained_at(self.config(participants=participants), tmp_path / "own_rate")
         owner = participants[1]["id"]
+        assert f"| {owner} | {participants[1]['model']} (own lr 0.0123) |" in (tmp_path / "own_rate" / "report.md").read_text()
         # The owner's whole schedule (a protocol may decay its rate over rounds) starts from its own rate ...
         scale = own_rate / max(before[owner])
         assert after[owner] == {round(r * scale, 12) for r in before[owner]} and max(after[owner]) == own_rate
