@@ -81,7 +81,7 @@ DP_TRAINING = {"training": {"optimizer": "sgd", "lr": DP_MOMENTUM_SGD_LR}}
 # The grid chose 0.01 for the three MLPs at ε ≤ 2 and 0.05 everywhere else.
 DP_RATES: dict[tuple[str, float], float] = {
     (model, eps): 0.01 if model.startswith("mlp_") and eps <= 2 else DP_MOMENTUM_SGD_LR
-    for model in ("cnn_s", "deepcnn_s", "mlp_l", "mlp_m", "mlp_s", "resnet_s") for eps in (1.0, 2.0, 4.0, 8.0)
+    for model in set(A1_MODELS) for eps in (1.0, 2.0, 4.0, 8.0)
 }
 ROWS: list[Row] = [
     Row("local_only", "-", dp_overrides=DP_TRAINING),
