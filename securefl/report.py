@@ -67,6 +67,11 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
     return summary
 
 
+def model_label(participant: dict[str, Any]) -> str:
+    """A participant's model, and its own learning rate when it trained at one (not the protocol's)."""
+    return participant["model"] + (f" (own lr {participant['lr']:g})" if "lr" in participant else "")
+
+
 def participant_report(row: Mapping[str, Any], run: Mapping[str, Any], *, ledger: str, audit_dir: Path | str) -> str:
     """One data owner's page: what its data bought, what it spent, what bound it, and how to check."""
     lines = [
@@ -74,7 +79,7 @@ def participant_report(row: Mapping[str, Any], run: Mapping[str, Any], *, ledger
         "",
         f"- Run: {run['protocol']} on {run['dataset']}, {run['rounds']} rounds, seed {run['seed']}; "
         f"secure aggregation: {run['secure_aggregation']}",
-        f"- Model: {row['model']}; training records: {row['train_records']}",
+        f"- Model: {model_label(row)}; training records: {row['train_records']}",
         f"- Final test accuracy: **{row['final_accuracy']:.4f}**",
     ]
     if "epsilon" in row:
@@ -170,8 +175,7 @@ def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[st
     ]
     first = metrics[0]["participants"]
     for p in summary["participants"]:
-        model = p["model"] + (f" (own lr {p['lr']:g})" if "lr" in p else "")
-        lines.append(f"| {p['id']} | {model} | {p['train_records']} | {p['final_accuracy']:.4f} | "
+        lines.append(f"| {p['id']} | {model_label(p)} | {p['train_records']} | {p['final_accuracy']:.4f} | "
                      f"{first[p['id']]['accuracy']:.4f} |")
     if summary["privacy_unit"] != "none":
         lines += ["", f"## Privacy ({summary['privacy_unit']}-level DP, secure aggregation: "

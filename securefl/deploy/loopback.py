@@ -33,6 +33,7 @@ class NodeSpec:
     node_dir: Path
     policy_file: Path | None = None
     data_file: Path | None = None
+    lr: float | None = None
 
     def node_config(self) -> str:
         parts = [f'participant-id="{self.participant_id}"', f'node-dir="{self.node_dir}"']
@@ -40,6 +41,8 @@ class NodeSpec:
             parts.append(f'policy-file="{self.policy_file}"')
         if self.data_file:
             parts.append(f'data-file="{self.data_file}"')
+        if self.lr is not None:
+            parts.append(f"lr={self.lr!r}")
         return " ".join(parts)
 
 
@@ -166,7 +169,7 @@ def deploy_loopback(config_path: str | Path, out: str | Path, *, timeout: float 
 
     Layout under ``out``: ``coordinator/`` (the ServerApp's run directory), ``nodes/<id>/`` (each owner's
     node directory: keys, ledger, checkpoints, its report), ``logs/`` (every process's log).
-    Each node is configured with the participant's own ``policy_file`` and ``data_file`` from the config,
+    Each node is configured with the participant's own ``policy_file``, ``data_file`` and ``lr`` from the config,
     as its owner would set them in ``--node-config``.
     """
     import json
@@ -181,7 +184,7 @@ def deploy_loopback(config_path: str | Path, out: str | Path, *, timeout: float 
         raise LoopbackError(f"{coordinator} already holds a finished run; choose another --out")
     specs = [NodeSpec(p.id, out / "nodes" / p.id,
                       policy_file=Path(p.policy_file).resolve() if p.policy_file else None,
-                      data_file=Path(p.data_file).resolve() if p.data_file else None)
+                      data_file=Path(p.data_file).resolve() if p.data_file else None, lr=p.lr)
              for p in config.participants]
     provision(config, coordinator_dir=coordinator, node_dirs={s.participant_id: s.node_dir for s in specs})
     with LoopbackFederation(out / "logs", specs) as federation:

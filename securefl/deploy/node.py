@@ -19,6 +19,12 @@ Policy: the node's own policy file (``policy_file``) always applies; whatever
 policy file the coordinator's config names for this participant is ignored,
 and the stricter of the node's policy and the experiment's target binds. The
 coordinator cannot loosen it.
+
+Learning rate: an owner that sets its own (``lr``) trains at it whatever the
+coordinator's config says for this participant; without one, the config's
+applies. The rate decides how the owner's private records shape its model, and
+under DP-SGD a rate that suits one model and budget can ruin another, so the
+owner, who knows its model and budget, has the last word.
 """
 
 from __future__ import annotations
@@ -47,12 +53,14 @@ class ParticipantNode:
     """Hosts one participant for a coordinator that talks to it only through requests."""
 
     def __init__(self, node_dir: str | Path, participant_id: str, *, policy_file: str | Path | None = None,
-                 data_dir: str | Path | None = None, data_file: str | Path | None = None) -> None:
+                 data_dir: str | Path | None = None, data_file: str | Path | None = None,
+                 lr: float | str | None = None) -> None:
         self.node_dir = Path(node_dir)
         self.participant_id = participant_id
         self.policy_file = str(policy_file) if policy_file else None
         self.data_dir = str(data_dir) if data_dir else None
         self.data_file = str(data_file) if data_file else None
+        self.lr = lr  # checked with the config it overrides (participants.<i>.lr), so the error names the field
         self.host: ParticipantHost | None = None
         self.run_id: str | None = None
         self._layer_round: int | None = None
@@ -176,6 +184,8 @@ class ParticipantNode:
                 participant["policy_file"] = self.policy_file
                 if self.data_file is not None:
                     participant["data_file"] = self.data_file
+                if self.lr is not None:
+                    participant["lr"] = self.lr
         if self.data_dir is not None:
             raw.setdefault("data", {})["data_dir"] = self.data_dir
         return parse_config(raw, f"config sent to node {self.participant_id!r}")
@@ -287,7 +297,9 @@ class ParticipantNode:
         if "epsilon" in facts.get(pid, {}):
             plot_privacy(facts, {p: ledger_path(self.node_dir, p) for p in facts}, self.node_dir / "privacy.png")
         metrics = self.host.evaluate(self.host.current_round)[pid]
-        row = {"id": pid, "model": self.host.parties[0].model_name, "final_accuracy": metrics["accuracy"],
+        party = self.host.parties[0]
+        row = {"id": pid, "model": party.model_name, **({"lr": party.lr} if party.lr is not None else {}),
+               "final_accuracy": metrics["accuracy"],
                "stopped_early": pid in self.host.stopped, "stopped_reason": self.host.stopped.get(pid, ""),
                **facts.get(pid, {})}
         run = {"protocol": config.protocol, "dataset": config.data.dataset, "rounds": config.run.rounds,

@@ -162,3 +162,19 @@ def test_a_coordinator_killed_mid_run_on_flower_resumes_and_fedh2l_peers_talk_th
         for pid, metrics in theirs["participants"].items():
             assert mine["participants"][pid]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert simulated_rows[-1]["mean_accuracy"] > 0.3  # learning happened: the comparison means something
+
+
+def test_a_supernodes_node_config_reaches_the_participant_node_with_the_owners_settings(tmp_path: Path) -> None:
+    """What a data owner writes in --node-config (as the loopback deployment writes it, parsed as Flower parses
+    it) becomes that owner's node: its directory, policy file, data file and own learning rate."""
+    from flwr.common.config import parse_config_args
+
+    from securefl.deploy import flower
+    from securefl.deploy.loopback import NodeSpec
+
+    spec = NodeSpec("hospital_a", tmp_path / "node a", policy_file=tmp_path / "policy.yaml",
+                    data_file=tmp_path / "a.csv", lr=0.02)
+    node = flower._node(parse_config_args([spec.node_config()]))
+    assert (node.participant_id, node.node_dir) == ("hospital_a", tmp_path / "node a")
+    assert (node.policy_file, node.data_file, node.lr) == (str(tmp_path / "policy.yaml"), str(tmp_path / "a.csv"), 0.02)
+    assert flower._node(parse_config_args([NodeSpec("hospital_b", tmp_path / "b").node_config()])).lr is None

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from securefl.config import parse_config
-from securefl.deploy.node import ParticipantNode
+from securefl.deploy.node import NODE_CHECKPOINT, ParticipantNode
 from securefl.deploy.provision import provision
 from securefl.deploy.remote import RemoteParticipants, RemoteSetupError, isolated_participants, local_exchange
 from securefl.privacy.audit import audit_run
@@ -85,6 +85,42 @@ def test_a_node_enforces_its_own_policy_and_reads_only_its_own_file(hospital_dat
     ledger = [json.loads(line) for line in ledger_file.read_text().splitlines()]
     assert ledger and all(e.get("epsilon_after", 0) <= 2.0 + 1e-9 for e in ledger if "epsilon_after" in e)
     assert (tmp_path / "nodes" / "hospital_c" / "report.md").exists()
+
+
+def test_a_node_trains_at_its_owners_learning_rate_not_the_coordinators(hospital_data: Path, tmp_path: Path) -> None:
+    """The coordinator's config gives hospital_c lr 0.5 and hospital_d none; hospital_c's owner set 0.02 on its
+    node. hospital_c's private optimizer runs at 0.02, hospital_d's at the experiment's 0.1, and the node's
+    own config and report say so."""
+    raw = healthcare_raw(hospital_data, rounds=1)
+    for p in raw["participants"]:
+        if p["id"] == "hospital_c":
+            p["lr"] = 0.5
+    config = parse_config(raw)
+    remote, nodes = isolated_participants(config, tmp_path / "nodes")
+    nodes["hospital_c"].lr = 0.02
+    provision(config, coordinator_dir=tmp_path / "coordinator", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
+    Federation(config, tmp_path / "coordinator", progress=False, remote=remote).run()
+    from securefl.runtime.federation import load_checkpoint
+
+    def private_rate(pid: str) -> float:  # from the node's own checkpoint of its optimizer
+        state = load_checkpoint(tmp_path / "nodes" / pid / NODE_CHECKPOINT)["parties"][pid]["state"]
+        return state["private_opt"]["param_groups"][0]["lr"]
+
+    rates = {pid: private_rate(pid) for pid in nodes}
+    assert rates == {"hospital_a": 0.1, "hospital_b": 0.1, "hospital_c": 0.02, "hospital_d": 0.1}
+    accepted = yaml.safe_load((tmp_path / "nodes" / "hospital_c" / "config.yaml").read_text())
+    assert next(p for p in accepted["participants"] if p["id"] == "hospital_c")["lr"] == 0.02
+    assert "own lr 0.02" in (tmp_path / "nodes" / "hospital_c" / "report.md").read_text()
+    assert "own lr" not in (tmp_path / "nodes" / "hospital_d" / "report.md").read_text()
+
+
+def test_a_node_refuses_a_bad_learning_rate_naming_the_field(hospital_data: Path, tmp_path: Path) -> None:
+    config = parse_config(healthcare_raw(hospital_data))
+    remote, nodes = isolated_participants(config, tmp_path / "nodes")
+    nodes["hospital_b"].lr = "fast"
+    provision(config, coordinator_dir=tmp_path / "c", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
+    with pytest.raises(RemoteSetupError, match=r"participants\.1\.lr.*fast"):
+        Federation(config, tmp_path / "c", progress=False, remote=remote)
 
 
 def test_a_node_refuses_a_second_run_over_its_ledger_and_reports_setup_errors(hospital_data: Path, tmp_path: Path) -> None:
