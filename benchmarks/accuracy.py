@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class Row:
     protocol: str
     variant: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    homogeneous: bool = False  # FedAvg: every participant gets the first model
+    homogeneous: str | None = None  # FedAvg: the one model every participant gets
     # Applied in the DP columns only. DP-SGD clips each example's gradient to C = 1 before averaging, so the
     # mean gradient is far shorter than without DP and a plain-SGD row at its non-private lr barely moves: at
     # lr 0.01, FedGen and FML sat at the same accuracy at ε = 8, 2 and mixed (noise was not what held them).
@@ -86,7 +86,7 @@ DP_RATES: dict[tuple[str, float], float] = {
 ROWS: list[Row] = [
     Row("local_only", "-", dp_overrides=DP_TRAINING),
     Row("pooled", "-"),  # refused under record-level DP (one pooled dataset, no participant to protect)
-    Row("fedavg", "homogeneous cnn_s", homogeneous=True, dp_overrides=DP_TRAINING),
+    Row("fedavg", f"homogeneous {A1_MODELS[0]}", homogeneous=A1_MODELS[0], dp_overrides=DP_TRAINING),
     Row("fedmd", "-", dp_overrides=DP_TRAINING),
     Row("fedh2l", "plain", {"fedh2l": {"alignment": "none", "seed_size": 2000}}, dp_overrides=DP_TRAINING),
     Row("fml", "local", {"fml": {"batch_size": 64, "meme_model": "cnn_s"}},  # also reports the meme
@@ -183,7 +183,7 @@ def cell_config(setting: str, row: Row, epsilon: str, seed: int, *, quick: bool,
     raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir, rounds=rounds), row.overrides)
     raw["protocol"] = row.protocol
     if row.homogeneous:
-        raw["participants"] = [{"id": p["id"], "model": A1_MODELS[0]} for p in raw["participants"]]
+        raw["participants"] = [{"id": p["id"], "model": row.homogeneous} for p in raw["participants"]]
     if epsilon != "inf":
         raw = deep_merge(raw, {"privacy": {"unit": "record", "delta": 1e-5}, **row.dp_overrides})
         for i, participant in enumerate(raw["participants"]):
@@ -399,6 +399,21 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
     finish_figure(fig, list(axes.flat[:len(columns)]), path, legend_loc="lower right")
 
 
+def with_homogeneous_model(row: Row, model: str) -> Row:
+    """FedAvg's row with ``model`` for every participant: a row (and run directories) of its own."""
+    return replace(row, variant=f"homogeneous {model}", homogeneous=model)
+
+
+def find_row(protocol: str, variant: str) -> Row | None:
+    """The registered row of a table's (protocol, variant), or FedAvg's row with the model its variant names."""
+    for row in ROWS:
+        if (row.protocol, row.variant) == (protocol, variant):
+            return row
+        if row.homogeneous and row.protocol == protocol and variant.startswith("homogeneous "):
+            return with_homogeneous_model(row, variant.removeprefix("homogeneous "))
+    return None
+
+
 def replot(out_name: str, *, quick: bool, rounds: int | None, sets: Sets) -> None:
     """Rewrite ``out_name``'s table and plot from its results file, adding the curves of seeds whose run
     directories are under ``benchmarks/results/runs`` (e.g. copied from another checkout). Runs nothing."""
@@ -406,9 +421,8 @@ def replot(out_name: str, *, quick: bool, rounds: int | None, sets: Sets) -> Non
     if not path.exists():
         raise SystemExit(f"--replot: {path} does not exist; nothing to re-plot")
     cells = _previous_cells(json.loads(path.read_text()))
-    by_name = {(r.protocol, r.variant): r for r in ROWS}
     for (setting, protocol, variant, epsilon), by_seed in cells.items():
-        row = by_name.get((protocol, "local" if variant == "meme" else variant))
+        row = find_row(protocol, "local" if variant == "meme" else variant)
         for seed, cell in by_seed.items():
             if row is not None and "curve" not in cell:
                 curves = read_curves(run_dir(setting, row, epsilon, seed, quick, rounds, sets))
@@ -471,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field in every run, e.g. fedgen.local_steps=20 (repeatable; "
                              "needs its own --out-name, like --rounds)")
+    parser.add_argument("--fedavg-model", default=None, metavar="MODEL",
+                        help=f"FedAvg's one model for every participant instead of {A1_MODELS[0]} (a row of its own, "
+                             "'homogeneous MODEL'; needs its own --out-name, like --rounds)")
     parser.add_argument("--replot", action="store_true",
                         help="run nothing: rewrite the table and plot of --out-name from its results file, with the "
                              "curves of run directories found under benchmarks/results/runs")
@@ -485,6 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--set {' '.join(args.sets)}: a changed schedule needs its own --out-name, not 'accuracy'")
     if sets:
         _check_sets(sets, parser)
+    rows = ROWS
+    if args.fedavg_model is not None:
+        from securefl.models.zoo import MODEL_ZOO
+
+        if args.fedavg_model not in MODEL_ZOO:
+            parser.error(f"--fedavg-model {args.fedavg_model}: not a model of the zoo ({', '.join(MODEL_ZOO)})")
+        if args.out_name == "accuracy":
+            parser.error(f"--fedavg-model {args.fedavg_model}: another row needs its own --out-name, not 'accuracy'")
+        rows = [with_homogeneous_model(row, args.fedavg_model) if row.homogeneous else row for row in ROWS]
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out_name = args.out_name if args.out_name != "accuracy" else "accuracy_quick"
@@ -497,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ["A1", "A2"] if args.setting == "all" else [args.setting]
     tasks = []
     for setting in settings:
-        for row in ROWS:
+        for row in rows:
             if row.protocol not in PROTOCOLS:
                 print(f"skipping {row.protocol} ({row.variant}): not registered", file=sys.stderr)
                 continue

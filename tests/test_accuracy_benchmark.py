@@ -60,6 +60,29 @@ def test_main_refuses_a_bad_set_before_any_run(accuracy, argv, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--fedavg-model", "mlp_s"], "its own --out-name"),
+    (["--fedavg-model", "mlp_xl", "--out-name", "x"], "mlp_xl"),
+])
+def test_main_refuses_a_bad_fedavg_model_before_any_run(accuracy, argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        accuracy.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_fedavg_with_another_model_is_a_row_of_its_own_where_every_owner_gets_that_model(accuracy):
+    fedavg = next(row for row in accuracy.ROWS if row.protocol == "fedavg")
+    mlp = accuracy.with_homogeneous_model(fedavg, "mlp_s")
+    assert mlp.variant == "homogeneous mlp_s" and accuracy.find_row("fedavg", "homogeneous mlp_s") == mlp
+    assert accuracy.run_dir("A1", mlp, "8", 0, False).parts[-3] == "fedavg-homogeneous_mlp_s"
+    assert accuracy.run_dir("A1", fedavg, "8", 0, False).parts[-3] == "fedavg-homogeneous_cnn_s"
+    for eps, rate in (("8", None), ("2", 0.01)):  # mlp_s's validated DP rate at ε = 2 is 0.01, the row's is 0.05
+        cell = accuracy.cell_config("A1", mlp, eps, 0, quick=False, data_dir=None, rounds=None, sets=())
+        assert {p["model"] for p in cell["participants"]} == {"mlp_s"}
+        assert {p.get("lr") for p in cell["participants"]} == {rate}
+        parse_config(cell)
+
+
 def fake_run(run: Path, accuracies: list[list[float]], meme: list[list[float]] | None = None) -> Path:
     """A run directory whose metrics.jsonl holds one line per round, one accuracy per participant."""
     run.mkdir(parents=True)
