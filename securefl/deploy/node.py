@@ -297,9 +297,7 @@ class ParticipantNode:
         if "epsilon" in facts.get(pid, {}):
             plot_privacy(facts, {p: ledger_path(self.node_dir, p) for p in facts}, self.node_dir / "privacy.png")
         metrics = self.host.evaluate(self.host.current_round)[pid]
-        party = self.host.parties[0]
-        row = {"id": pid, "model": party.model_name, **({"lr": party.lr} if party.lr is not None else {}),
-               "final_accuracy": metrics["accuracy"],
+        row = {"id": pid, "model": self.host.parties[0].model_name, "final_accuracy": metrics["accuracy"],
                "stopped_early": pid in self.host.stopped, "stopped_reason": self.host.stopped.get(pid, ""),
                **facts.get(pid, {})}
         run = {"protocol": config.protocol, "dataset": config.data.dataset, "rounds": config.run.rounds,

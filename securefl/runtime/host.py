@@ -138,8 +138,10 @@ class ParticipantHost:
         return per_party
 
     def finish(self) -> dict[str, dict[str, Any]]:
-        """Seal every hosted ledger; what the report says of each participant (records, privacy spent)."""
-        facts: dict[str, dict[str, Any]] = {p.id: {"train_records": p.num_samples} for p in self.parties}
+        """Seal every hosted ledger; what the report says of each participant (records, the rate it trained at
+        if its own, privacy spent). On a deployment only the node knows them: its owner may have set the rate."""
+        facts: dict[str, dict[str, Any]] = {
+            p.id: {"train_records": p.num_samples, **({"lr": p.lr} if p.lr is not None else {})} for p in self.parties}
         if self.privacy is not None:
             self.privacy.seal_all()
             for p in self.parties:

@@ -90,7 +90,7 @@ def test_a_node_enforces_its_own_policy_and_reads_only_its_own_file(hospital_dat
 def test_a_node_trains_at_its_owners_learning_rate_not_the_coordinators(hospital_data: Path, tmp_path: Path) -> None:
     """The coordinator's config gives hospital_c lr 0.5 and hospital_d none; hospital_c's owner set 0.02 on its
     node. hospital_c's private optimizer runs at 0.02, hospital_d's at the experiment's 0.1, and the node's
-    own config and report say so."""
+    own config and report and the coordinator's summary say so."""
     raw = healthcare_raw(hospital_data, rounds=1)
     for p in raw["participants"]:
         if p["id"] == "hospital_c":
@@ -99,7 +99,7 @@ def test_a_node_trains_at_its_owners_learning_rate_not_the_coordinators(hospital
     remote, nodes = isolated_participants(config, tmp_path / "nodes")
     nodes["hospital_c"].lr = 0.02
     provision(config, coordinator_dir=tmp_path / "coordinator", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
-    Federation(config, tmp_path / "coordinator", progress=False, remote=remote).run()
+    summary = Federation(config, tmp_path / "coordinator", progress=False, remote=remote).run()
     from securefl.runtime.federation import load_checkpoint
 
     def private_rate(pid: str) -> float:  # from the node's own checkpoint of its optimizer
@@ -112,6 +112,9 @@ def test_a_node_trains_at_its_owners_learning_rate_not_the_coordinators(hospital
     assert next(p for p in accepted["participants"] if p["id"] == "hospital_c")["lr"] == 0.02
     assert "own lr 0.02" in (tmp_path / "nodes" / "hospital_c" / "report.md").read_text()
     assert "own lr" not in (tmp_path / "nodes" / "hospital_d" / "report.md").read_text()
+    # The coordinator's summary says what the node trained at, not what the coordinator's config asked for.
+    assert {p["id"]: p.get("lr") for p in summary["participants"]} == {
+        "hospital_a": None, "hospital_b": None, "hospital_c": 0.02, "hospital_d": None}
 
 
 def test_a_node_refuses_a_bad_learning_rate_naming_the_field(hospital_data: Path, tmp_path: Path) -> None:
