@@ -407,6 +407,13 @@ def with_homogeneous_model(row: Row, model: str) -> Row:
     return replace(row, variant=f"homogeneous {model}", homogeneous=model)
 
 
+def rows_with_fedavg_model(model: str) -> list[Row]:
+    """The registered rows with FedAvg's model swapped for ``model``; the FedAvg rows, now the same, once (two
+    workers must never share a run directory)."""
+    swapped = [with_homogeneous_model(row, model) if row.homogeneous else row for row in ROWS]
+    return [row for i, row in enumerate(swapped) if row not in swapped[:i]]
+
+
 def find_row(protocol: str, variant: str) -> Row | None:
     """The registered row of a table's (protocol, variant), or FedAvg's row with the model its variant names."""
     for row in ROWS:
@@ -513,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--fedavg-model {args.fedavg_model}: not a model of the zoo ({', '.join(MODEL_ZOO)})")
         if args.out_name == "accuracy":
             parser.error(f"--fedavg-model {args.fedavg_model}: another row needs its own --out-name, not 'accuracy'")
-        rows = [with_homogeneous_model(row, args.fedavg_model) if row.homogeneous else row for row in ROWS]
+        rows = rows_with_fedavg_model(args.fedavg_model)
     if args.quick:
         args.seeds = args.seeds[:1]
         args.out_name = args.out_name if args.out_name != "accuracy" else "accuracy_quick"

@@ -81,6 +81,9 @@ def test_fedavg_with_another_model_is_a_row_of_its_own_where_every_owner_gets_th
         assert {p["model"] for p in cell["participants"]} == {"mlp_s"}
         assert {p.get("lr") for p in cell["participants"]} == {rate}
         parse_config(cell)
+    rows = accuracy.rows_with_fedavg_model("deepcnn_s")
+    assert [row.variant for row in rows if row.protocol == "fedavg"] == ["homogeneous deepcnn_s"]  # run once
+    assert len(rows) == len(accuracy.ROWS) - 1
 
 
 def fake_run(run: Path, accuracies: list[list[float]], meme: list[list[float]] | None = None) -> Path:
