@@ -14,7 +14,7 @@ from securefl.deploy.node import NODE_CHECKPOINT, ParticipantNode
 from securefl.deploy.provision import provision
 from securefl.deploy.remote import RemoteParticipants, RemoteSetupError, isolated_participants, local_exchange
 from securefl.privacy.audit import audit_run
-from securefl.runtime.federation import Federation
+from securefl.runtime.federation import Federation, load_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare"
 
@@ -100,7 +100,6 @@ def test_a_node_trains_at_its_owners_learning_rate_not_the_coordinators(hospital
     nodes["hospital_c"].lr = 0.02
     provision(config, coordinator_dir=tmp_path / "coordinator", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
     summary = Federation(config, tmp_path / "coordinator", progress=False, remote=remote).run()
-    from securefl.runtime.federation import load_checkpoint
 
     def private_rate(pid: str) -> float:  # from the node's own checkpoint of its optimizer
         state = load_checkpoint(tmp_path / "nodes" / pid / NODE_CHECKPOINT)["parties"][pid]["state"]
