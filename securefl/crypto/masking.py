@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +88,8 @@ from securefl.crypto.errors import SecAggAbort
 from securefl.crypto.fixedpoint import FixedPoint
 from securefl.crypto.sealed import SealedTensor, dtype_name, from_float64, to_float64, torch_dtype
 from securefl.crypto.wire import SecretHolder
+from securefl.crypto.wire import length_prefixed as _lp
+from securefl.crypto.wire import split_length_prefixed as _unlp
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
 
 __all__ = [
@@ -110,31 +111,6 @@ KIND_UNMASK = "secagg/unmask"
 
 
 # -- primitives ------------------------------------------------------------------------------------
-def _lp(*parts: str | bytes | int) -> bytes:
-    """Length-prefixed, unambiguous concatenation (for HKDF info and AEAD associated data)."""
-    out = bytearray()
-    for part in parts:
-        raw = part.encode() if isinstance(part, str) else str(part).encode() if isinstance(part, int) else part
-        out += struct.pack("<I", len(raw)) + raw
-    return bytes(out)
-
-
-def _unlp(data: bytes, n: int) -> list[bytes]:
-    parts, pos = [], 0
-    for _ in range(n):
-        if pos + 4 > len(data):
-            raise ValueError("truncated length-prefixed record")
-        (size,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        if pos + size > len(data):
-            raise ValueError("truncated length-prefixed record")
-        parts.append(data[pos : pos + size])
-        pos += size
-    if pos != len(data):
-        raise ValueError("trailing bytes after length-prefixed record")
-    return parts
-
-
 def _hkdf(ikm: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_DOMAIN + info).derive(ikm)
 

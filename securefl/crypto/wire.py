@@ -19,6 +19,7 @@ runtime can use it cheaply.
 from __future__ import annotations
 
 import dataclasses
+import struct
 import types
 from collections.abc import Mapping
 from typing import Any, NoReturn
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-__all__ = ["SecretHolder", "assert_wire_safe", "holds_secret"]
+__all__ = ["SecretHolder", "assert_wire_safe", "holds_secret", "length_prefixed", "split_length_prefixed"]
 
 # Bounds the walk over arbitrary object graphs; a wire object nested deeper than
 # this is itself suspicious.
@@ -167,3 +168,31 @@ def assert_wire_safe(obj: Any, *, name: str = "object") -> Any:
                     children.append((getattr(item, slot), f"{path}.{slot}"))
         stack.extend((child, child_path, depth + 1) for child, child_path in reversed(children))
     return obj
+
+
+# ----- length-prefixed records -----------------------------------------------------------------
+def length_prefixed(*parts: str | bytes | int) -> bytes:
+    """Length-prefixed, unambiguous concatenation (for HKDF info, AEAD associated data and signed records):
+    no two different part lists give the same bytes."""
+    out = bytearray()
+    for part in parts:
+        raw = part.encode() if isinstance(part, str) else str(part).encode() if isinstance(part, int) else part
+        out += struct.pack("<I", len(raw)) + raw
+    return bytes(out)
+
+
+def split_length_prefixed(data: bytes, n: int) -> list[bytes]:
+    """Inverse of :func:`length_prefixed` for exactly ``n`` parts; truncated or trailing bytes are a ValueError."""
+    parts, pos = [], 0
+    for _ in range(n):
+        if pos + 4 > len(data):
+            raise ValueError("truncated length-prefixed record")
+        (size,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if pos + size > len(data):
+            raise ValueError("truncated length-prefixed record")
+        parts.append(data[pos : pos + size])
+        pos += size
+    if pos != len(data):
+        raise ValueError("trailing bytes after length-prefixed record")
+    return parts
