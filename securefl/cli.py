@@ -15,6 +15,7 @@ from pathlib import Path
 from securefl.config import ConfigError, apply_overrides, load_raw, parse_config
 from securefl.crypto.keystore import KeyFileError
 from securefl.data.datasets import DataError
+from securefl.deploy.ceremony import CeremonyError
 from securefl.models.zoo import UnknownModel
 from securefl.protocols import PROTOCOLS, ProtocolSetupError
 
@@ -23,7 +24,7 @@ from securefl.layers.base import LayerSetupError  # noqa: E402
 from securefl.privacy.errors import CalibrationError, LedgerCorrupt, LedgerMismatch, PolicyError  # noqa: E402
 
 BAD_INPUT = (ConfigError, DataError, UnknownModel, ProtocolSetupError, LayerSetupError, PolicyError, CalibrationError,
-             LedgerCorrupt, LedgerMismatch, KeyFileError)
+             LedgerCorrupt, LedgerMismatch, KeyFileError, CeremonyError)
 
 
 THREADS_HELP = ("CPU threads for torch (default: torch's own, one per core). On a machine shared with other jobs, "
@@ -72,12 +73,43 @@ def _parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="verify a run's privacy ledgers and recompute every ε independently")
     audit.add_argument("run_dir")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
+    audit.add_argument("--roster", metavar="KEY_DIR",
+                       help="pin every ledger's signing key to the public key this key directory's roster trusts "
+                            "(roster/<id>.pub, fingerprint-checked with its owner): a ledger re-sealed with another "
+                            "key then fails")
 
     prov = sub.add_parser("provision", help="create the keys of a deployment: each node's own, the coordinator's "
                                             "(no CKKS secret), and everyone's public-key roster")
     prov.add_argument("config")
     prov.add_argument("--coordinator", required=True, help="the coordinator's run directory")
     prov.add_argument("--nodes-root", required=True, help="parent of the node directories (one per participant id)")
+
+    keys = sub.add_parser("keys", help="the key ceremony of a real deployment, one step per party on its own "
+                                       "machine (see securefl.deploy.ceremony)")
+    steps = keys.add_subparsers(dest="step", required=True)
+    create = steps.add_parser("create", help="create this party's signing and transport keys and its public card")
+    create.add_argument("party", help="a participant id of the config, or 'aggregator' on the coordinator")
+    create.add_argument("--key-dir", required=True, help="this party's key directory (a node's NODE_DIR/keys)")
+    trust = steps.add_parser("trust", help="install other parties' cards in the roster, after checking fingerprints")
+    trust.add_argument("cards", nargs="+")
+    trust.add_argument("--key-dir", required=True)
+    show = steps.add_parser("list", help="the roster: every trusted party and its fingerprint")
+    show.add_argument("--key-dir", required=True)
+    committee = steps.add_parser("committee-create", help="on one data owner: the CKKS committee key, an envelope "
+                                                          "for each other owner and the coordinator's public context")
+    committee.add_argument("config")
+    committee.add_argument("--id", required=True, help="this data owner's participant id")
+    committee.add_argument("--key-dir", required=True)
+    committee.add_argument("--out", required=True, help="where the envelopes and the public context are written")
+    join = steps.add_parser("committee-join", help="on the other data owners: open this owner's envelope")
+    join.add_argument("config")
+    join.add_argument("envelope")
+    join.add_argument("--id", required=True)
+    join.add_argument("--key-dir", required=True)
+    context = steps.add_parser("install-context", help="on the coordinator: install the committee's public context")
+    context.add_argument("config")
+    context.add_argument("context")
+    context.add_argument("--key-dir", required=True, help="the coordinator's key directory (COORDINATOR/keys)")
 
     loop = sub.add_parser("flower-loopback", help="run a config on a real Flower federation on this machine: a "
                                                   "SuperLink and one SuperNode per participant (needs securefl[flower])")
@@ -137,9 +169,59 @@ def cmd_audit(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "ledgers").is_dir():
         raise ConfigError(f"{run_dir}: no ledgers/ directory; was the run private (privacy.unit record or participant)?")
-    report = audit_run(run_dir)
+    pinned = _pinned_keys(Path(args.roster), run_dir) if args.roster else None
+    report = audit_run(run_dir, public_keys=pinned)
     print(report.to_json() if args.json else report.format_table())
     return 0 if report.ok else 1
+
+
+def _pinned_keys(key_dir: Path, run_dir: Path) -> dict[str, str]:
+    """The roster's key (hex) for every ledger of the run; a ledger whose party the roster lacks is an error."""
+    from securefl.crypto.keystore import load_roster
+    from securefl.crypto.signing import public_key_bytes
+
+    parties = sorted(p.name.removesuffix(".jsonl") for p in (run_dir / "ledgers").glob("*.jsonl"))
+    return {pid: public_key_bytes(key).hex() for pid, key in load_roster(key_dir, parties).items()}
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from securefl.deploy import ceremony
+
+    key_dir = Path(args.key_dir)
+    if args.step == "create":
+        card, path = ceremony.create_party(key_dir, args.party)
+        print(f"{args.party}: keys in {key_dir} (never copy them). Send {path} to the other parties; "
+              f"read them its fingerprint: {card.fingerprint}")
+    elif args.step == "trust":
+        for name in args.cards:
+            card = ceremony.trust_card(key_dir, _read(name), source=name)
+            print(f"trusted {card.party_id:<16} {card.fingerprint}   (compare with its owner's)")
+    elif args.step == "list":
+        rows = ceremony.roster_entries(key_dir)
+        if not rows:
+            raise ConfigError(f"--key-dir {key_dir}: no roster (roster/*.pub); run `securefl keys create` first")
+        for row in rows:
+            print(f"{row['party']:<16} {row['fingerprint']}  {'this party' if row['own'] else ''}"
+                  f"{'' if row['transport_key'] else '  (no transport key: made by provision)'}")
+    elif args.step == "committee-create":
+        for path in ceremony.create_committee(_load(args.config, [], None), key_dir, args.id, Path(args.out)):
+            print(f"wrote {path}")
+        print("Send each owner its envelope and the coordinator the public context; only the addressee can open "
+              "an envelope, so they may travel through the coordinator.")
+    elif args.step == "committee-join":
+        sender = ceremony.join_committee(_load(args.config, [], None), key_dir, args.id, _read(args.envelope))
+        print(f"{args.id}: joined the CKKS committee of {sender!r}; the key is in {key_dir}")
+    else:
+        path = ceremony.install_public_context(_load(args.config, [], None), key_dir, _read(args.context))
+        print(f"installed the public CKKS context (no secret key) in {path}")
+    return 0
+
+
+def _read(name: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read ({exc.strerror})") from None
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -187,7 +269,7 @@ def cmd_models(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "audit": cmd_audit, "protocols": cmd_protocols,
-            "models": cmd_models, "provision": cmd_provision, "flower-loopback": cmd_flower_loopback}
+            "models": cmd_models, "provision": cmd_provision, "keys": cmd_keys, "flower-loopback": cmd_flower_loopback}
 
 
 def main(argv: list[str] | None = None) -> int:

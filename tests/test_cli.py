@@ -164,3 +164,21 @@ def test_a_reader_that_goes_away_is_not_a_traceback(tmp_path: Path) -> None:
     shell = subprocess.run(f"{sys.executable} -m securefl.cli protocols | head -c 1", shell=True,
                            capture_output=True, text=True, timeout=120)
     assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr
+
+
+def test_key_ceremony_steps_refuse_bad_input_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "plain.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw()))  # no secure aggregation: there is no committee
+    key_dir = str(tmp_path / "p0" / "keys")
+    assert main(["keys", "list", "--key-dir", key_dir]) == 2
+    assert "no roster" in capsys.readouterr().err
+    assert main(["keys", "create", "p0", "--key-dir", key_dir]) == 0
+    out = capsys.readouterr().out
+    assert "p0.card" in out and "fingerprint" in out
+    assert main(["keys", "list", "--key-dir", key_dir]) == 0
+    assert "this party" in capsys.readouterr().out
+    assert main(["keys", "trust", str(tmp_path / "nowhere.card"), "--key-dir", key_dir]) == 2
+    assert "nowhere.card: cannot read" in capsys.readouterr().err
+    assert main(["keys", "committee-create", str(config), "--id", "p0", "--key-dir", key_dir, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "secure_aggregation='none'" in err and "Traceback" not in err

@@ -19,18 +19,6 @@ from securefl.runtime.federation import Federation, load_checkpoint
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare"
 
 
-@pytest.fixture(scope="module")
-def hospital_data(tmp_path_factory) -> Path:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_data", EXAMPLE / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    out = tmp_path_factory.mktemp("hospital_data")
-    module.main(["--out", str(out)])
-    return out
-
-
 def healthcare_raw(data: Path, **run: object) -> dict:
     """The healthcare example's config, pointed at freshly written data files, shortened for tests."""
     raw = yaml.safe_load((EXAMPLE / "experiment.yaml").read_text())

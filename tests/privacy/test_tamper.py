@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from securefl.cli import main
 from securefl.privacy.audit import audit_run
 from securefl.privacy.errors import LedgerCorrupt, LedgerMismatch
 from securefl.privacy.ledger import Ledger, canonical_json, entry_hash, public_key_path
@@ -130,15 +131,20 @@ def test_removing_the_seal_fails_the_audit(sealed: Path) -> None:
         assert not ledger.sealed
 
 
-def test_full_rewrite_with_a_forger_key(sealed: Path) -> None:
+def rewrite_with_a_forger_key(sealed: Path, *, understate_steps: bool = True) -> None:
     forger = key_from_seed(66)
     entries = read_entries(sealed)
     forger_pub = forger.public_key().public_bytes_raw().hex()
     entries[0]["public_key"] = forger_pub
     entries[-1]["public_key"] = forger_pub
-    entries[1]["steps"] = 1
+    if understate_steps:
+        entries[1]["steps"] = 1
     write_lines(sealed, rechain(entries, key=forger))
     public_key_path(sealed).write_text(forger_pub + "\n")
+
+
+def test_full_rewrite_with_a_forger_key(sealed: Path) -> None:
+    rewrite_with_a_forger_key(sealed)
     run = sealed.parent.parent
     # Self-consistent, so only a pinned key (e.g. the run's key registry) catches it.
     pinned = {"h1": KEY.public_key().public_bytes_raw().hex()}
@@ -146,6 +152,24 @@ def test_full_rewrite_with_a_forger_key(sealed: Path) -> None:
     assert {r.status for r in report.rows if r.participant == "h1"} == {"tampered"}
     with pytest.raises(LedgerMismatch, match="signing_key"):
         reopen(sealed).close()
+
+
+def test_the_audit_command_pins_ledger_keys_to_a_roster(sealed: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`securefl audit RUN --roster KEY_DIR`: the keys a privacy officer checked with each owner decide."""
+    run = sealed.parent.parent
+    officer = tmp_path / "officer"
+    (officer / "roster").mkdir(parents=True)
+    for pid, key in (("h1", KEY), ("h2", key_from_seed(8))):
+        (officer / "roster" / f"{pid}.pub").write_bytes(key.public_key().public_bytes_raw())
+    assert main(["audit", str(run), "--roster", str(officer)]) == 0
+    rewrite_with_a_forger_key(sealed, understate_steps=False)  # the same spend, sealed by someone else
+    assert main(["audit", str(run)]) == 0  # self-consistent: nothing inside the run can tell
+    assert main(["audit", str(run), "--roster", str(officer)]) == 1
+    assert "differs from the pinned public key" in capsys.readouterr().out
+    (officer / "roster" / "h2.pub").unlink()
+    assert main(["audit", str(run), "--roster", str(officer)]) == 2
+    assert "no public key for 'h2' in the roster" in capsys.readouterr().err
 
 
 def test_rollback_to_an_earlier_seal_needs_the_recorded_head(sealed: Path) -> None:
