@@ -107,7 +107,7 @@ class TrainingConfig(Section):
     max_grad_norm: float | None = PydField(None, gt=0)
 
 
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PARTY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class ParticipantConfig(Section):
@@ -129,7 +129,7 @@ class ParticipantConfig(Section):
     @classmethod
     def _id_is_safe(cls, value: str) -> str:
         # Ids become file names (ledgers, keys), so keep them to a safe alphabet.
-        if not _ID_PATTERN.match(value):
+        if not PARTY_ID_PATTERN.match(value):
             raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-', starting alphanumeric")
         return value
 

@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from securefl.config import PARTY_ID_PATTERN
 from securefl.crypto.envelope import EnvelopeError, open_envelope, seal_envelope, x25519_public_bytes
 from securefl.crypto.keystore import (
     ROSTER,
@@ -64,6 +65,14 @@ _CKKS_SECRET_MAGIC = b"SFSK"  # the committee secret's file header (securefl.cry
 
 class CeremonyError(ValueError):
     """A ceremony step that must not happen (the message says why and what to do)."""
+
+
+def _check_id(party_id: str, where: str) -> str:
+    # Ids become file names in the key directory: a card naming "../x" must not write outside it.
+    if not PARTY_ID_PATTERN.match(party_id):
+        raise CeremonyError(f"{where}: party id {party_id!r} must be 1-64 characters of letters, digits, '_', '.', "
+                            "'-', starting alphanumeric (as in the config)")
+    return party_id
 
 
 def fingerprint(signing_key: bytes) -> str:
@@ -113,6 +122,7 @@ class PublicCard:
             X25519PublicKey.from_public_bytes(card.transport_key)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CeremonyError(f"{source}: not a securefl public card ({exc})") from None
+        _check_id(card.party_id, source)
         try:
             signing_key.verify(card.signature, card._signed())
         except InvalidSignature:
@@ -138,7 +148,7 @@ def _load_or_create_transport_key(key_dir: Path, party_id: str) -> X25519Private
 def create_party(key_dir: str | Path, party_id: str) -> tuple[PublicCard, Path]:
     """Create (or keep) ``party_id``'s keys in ``key_dir``; its card, and where the card was written."""
     key_dir = Path(key_dir)
-    keys = load_or_create_party_keys(key_dir, party_id)
+    keys = load_or_create_party_keys(key_dir, _check_id(party_id, "keys create"))
     transport = _load_or_create_transport_key(key_dir, party_id)
     unsigned = PublicCard(party_id, public_key_bytes(keys.public_key), x25519_public_bytes(transport), b"")
     card = PublicCard(party_id, unsigned.signing_key, unsigned.transport_key, keys.private_key.sign(unsigned._signed()))

@@ -132,6 +132,17 @@ def test_trust_refuses_a_substituted_key_an_altered_card_and_a_private_key(parti
     with pytest.raises(CeremonyError, match="not a securefl public card"):
         trust_card(parties["h2"], b'{"party": "h3"}')
     assert not (parties["h2"] / "roster" / "h3.pub").exists()
+    # A card (validly self-signed) whose id is a path must not write outside the roster.
+    from securefl.crypto.signing import generate_signing_key, public_key_bytes
+
+    key = generate_signing_key()
+    unsigned = PublicCard("../../escape", public_key_bytes(key), genuine.transport_key, b"")
+    escaping = PublicCard(unsigned.party_id, unsigned.signing_key, unsigned.transport_key, key.sign(unsigned._signed()))
+    with pytest.raises(CeremonyError, match="party id '../../escape' must be"):
+        trust_card(parties["h2"], escaping.to_bytes())
+    assert not list(tmp_path.rglob("escape*"))
+    with pytest.raises(CeremonyError, match="party id 'a/b' must be"):
+        create_party(tmp_path / "x", "a/b")
 
 
 def ckks_config(ids: list[str]):  # type: ignore[no-untyped-def]
