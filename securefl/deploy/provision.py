@@ -15,6 +15,10 @@ cluster with a shared provisioning step):
 
 Re-running it is safe: existing keys are kept, so a provisioned node never
 loses the key that seals its ledger.
+
+Whoever runs it has held every party's private key. Across sites, run the
+same steps on each party's own machine instead (:mod:`securefl.deploy.ceremony`,
+``securefl keys ...``); the files are the same.
 """
 
 from __future__ import annotations
