@@ -296,7 +296,8 @@ def summarise(cells: Cells) -> list[dict[str, Any]]:
         means = [by_seed[s]["mean"] for s in seeds]
         rows.append({
             "setting": setting, "protocol": protocol, "variant": variant, "epsilon": epsilon,
-            "mean": float(np.mean(means)), "std": float(np.std(means)),
+            # The sample standard deviation over seeds (ddof 1): with 3 seeds the population one understates it.
+            "mean": float(np.mean(means)), "std": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
             "min": float(np.mean([by_seed[s]["min"] for s in seeds])),
             "max": float(np.mean([by_seed[s]["max"] for s in seeds])),
             "seeds": seeds, "rounds": by_seed[seeds[0]]["rounds"],
@@ -322,8 +323,9 @@ def _previous_cells(rows: list[dict[str, Any]]) -> Cells:
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, command: str) -> None:
     lines = [f"Last made by `{command}` on a 2-core CPU machine (earlier invocations' seeds are merged in; each cell "
-             "says how many seeds it averages). Mean over participants of test accuracy "
-             "(min-max across participants), averaged over seeds.", ""]
+             "says how many seeds it averages). Mean over participants of test accuracy, averaged over seeds "
+             "± the standard deviation of that mean across seeds (sample, ddof 1; shown with 2 seeds or more), "
+             "then (min-max across participants), averaged over seeds.", ""]
     for setting in sorted({r["setting"] for r in rows}):
         eps_cols = sorted({r["epsilon"] for r in rows if r["setting"] == setting}, key=_eps_key)
         lines += [f"### Setting {setting}", "", "| protocol | variant | " + " | ".join(f"ε = {e}" for e in eps_cols) + " |",
@@ -339,7 +341,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, command: str) -> None
                          and r["variant"] == variant and r["epsilon"] == eps]
                 if match:
                     m = match[0]
-                    cells.append(f"{100 * m['mean']:.1f} ({100 * m['min']:.0f}-{100 * m['max']:.0f}), "
+                    spread = f" ± {100 * m['std']:.1f}" if len(m["seeds"]) > 1 else ""
+                    cells.append(f"{100 * m['mean']:.1f}{spread} ({100 * m['min']:.0f}-{100 * m['max']:.0f}), "
                                  f"{len(m['seeds'])} seed{'s' if len(m['seeds']) > 1 else ''}")
                 else:
                     cells.append("-")

@@ -128,6 +128,20 @@ def test_the_plot_is_drawn_from_every_merged_cell_not_only_this_invocations(accu
         ("local_only", (0.1, 0.5)), ("fedgen", (0.2, 0.6))}
 
 
+def test_the_table_gives_the_spread_across_seeds(accuracy, tmp_path, monkeypatch):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    monkeypatch.setattr(accuracy, "plot_rounds", lambda rows, path, title: None)
+    local, fedgen = accuracy.ROWS[0], next(r for r in accuracy.ROWS if r.protocol == "fedgen")
+    accuracy.write_results([{"task": ("A1", local, "8", seed), "summary": summary(mean)}
+                            for seed, mean in ((0, 0.5), (1, 0.7), (2, 0.6))]
+                           + [{"task": ("A1", fedgen, "8", 0), "summary": summary(0.4)}], "t", "cmd")
+    row = next(r for r in json.loads((tmp_path / "t.json").read_text()) if r["protocol"] == "local_only")
+    assert row["std"] == pytest.approx(0.1)  # sample std of 0.5, 0.7, 0.6
+    table = (tmp_path / "t.md").read_text()
+    assert "| local_only | - | 60.0 ± 10.0 (50-70), 3 seeds |" in table
+    assert "| fedgen | private | 40.0 (30-50), 1 seed |" in table
+
+
 def test_replot_adds_curves_from_run_directories_and_keeps_the_command(accuracy, tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
     local = accuracy.ROWS[0]
