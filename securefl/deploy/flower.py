@@ -15,8 +15,10 @@ runs:
 
 Node configuration (``flower-supernode --node-config``), set by each data owner:
 ``participant-id``, ``node-dir``, and optionally ``policy-file``, ``data-file`` (the owner's
-table, for ``data.dataset = files``), ``data-dir`` and ``lr`` (the owner's own learning rate, which
-overrides the experiment config's for this participant).
+table, for ``data.dataset = files``), ``public-file`` and ``test-file`` (where this machine keeps
+the shared tables, if not at the config's paths; every node's must be identical, which the
+coordinator checks), ``data-dir`` and ``lr`` (the owner's own learning rate, which overrides the
+experiment config's for this participant).
 Run configuration (``flwr run ... --run-config``), set by the coordinator:
 ``config`` (the experiment YAML on the coordinator), ``out`` (the coordinator's
 run directory), ``timeout`` (seconds to wait for a phase's replies) and
@@ -75,6 +77,8 @@ def _node(node_config: Mapping[str, Any]) -> ParticipantNode:
         _nodes[key] = ParticipantNode(key[1], key[0], policy_file=node_config.get("policy-file") or None,
                                       data_dir=node_config.get("data-dir") or None,
                                       data_file=node_config.get("data-file") or None,
+                                      public_file=node_config.get("public-file") or None,
+                                      test_file=node_config.get("test-file") or None,
                                       lr=node_config.get("lr"))
     return _nodes[key]
 

@@ -20,6 +20,11 @@ policy file the coordinator's config names for this participant is ignored,
 and the stricter of the node's policy and the experiment's target binds. The
 coordinator cannot loosen it.
 
+Shared tables: a node may read the public and test tables (``data.dataset =
+files``) from its own paths (``public_file``, ``test_file``); its setup reply
+carries their SHA-256, and the coordinator refuses to start if two nodes'
+differ.
+
 Learning rate: an owner that sets its own (``lr``) trains at it whatever the
 coordinator's config says for this participant; without one, the config's
 applies. The rate decides how the owner's private records shape its model, and
@@ -54,12 +59,15 @@ class ParticipantNode:
 
     def __init__(self, node_dir: str | Path, participant_id: str, *, policy_file: str | Path | None = None,
                  data_dir: str | Path | None = None, data_file: str | Path | None = None,
+                 public_file: str | Path | None = None, test_file: str | Path | None = None,
                  lr: float | str | None = None) -> None:
         self.node_dir = Path(node_dir)
         self.participant_id = participant_id
         self.policy_file = str(policy_file) if policy_file else None
         self.data_dir = str(data_dir) if data_dir else None
         self.data_file = str(data_file) if data_file else None
+        # Where this machine keeps the shared tables (data.dataset = files), if not at the config's paths.
+        self.shared_files = {k: str(v) for k, v in (("public_file", public_file), ("test_file", test_file)) if v}
         self.lr = lr  # checked with the config it overrides (participants.<i>.lr), so the error names the field
         self.host: ParticipantHost | None = None
         self.run_id: str | None = None
@@ -77,7 +85,10 @@ class ParticipantNode:
                 return {"ok": True, "participant": self.participant_id}
             if phase == "setup":
                 self._setup(request)
-                return {"ok": True, "participant": self.participant_id}
+                assert self.host is not None
+                # The coordinator compares these across nodes before round 1.
+                return {"ok": True, "participant": self.participant_id,
+                        "shared_data": self.host.ctx.shared_data_digests()}
             if phase == "layer":
                 # A layer's own conversation with the coordinator (masking's key agreement and unmasking):
                 # it keeps its state itself and needs neither the data nor the models, so a fresh process
@@ -188,6 +199,12 @@ class ParticipantNode:
                     participant["lr"] = self.lr
         if self.data_dir is not None:
             raw.setdefault("data", {})["data_dir"] = self.data_dir
+        if self.shared_files:
+            dataset = (raw.get("data") or {}).get("dataset")
+            if dataset != "files":
+                raise NodeError(f"this node gives its own {' and '.join(self.shared_files)}, but the experiment's "
+                                f"data.dataset is {dataset!r}, not 'files'")
+            raw["data"].setdefault("files", {}).update(self.shared_files)
         return parse_config(raw, f"config sent to node {self.participant_id!r}")
 
     def _open(self, request: dict[str, Any]) -> ParticipantHost:

@@ -51,6 +51,25 @@ class RemoteParticipants:
                     if not reply.get("ok")]
         if failures:
             raise RemoteSetupError("; ".join(failures))
+        self._check_shared_data({pid: reply.get("shared_data") for pid, reply in replies.items()})
+
+    @staticmethod
+    def _check_shared_data(digests: Mapping[str, Any]) -> None:
+        """Every node must hold the same public and test sets (a node that reads them from its own files may
+        hold another version): refuse the run, naming who holds what."""
+        problems = []
+        for table in ("public", "test"):
+            holders: dict[str, list[str]] = {}
+            for pid, digest in digests.items():
+                if isinstance(digest, Mapping) and isinstance(digest.get(table), str):
+                    holders.setdefault(digest[table], []).append(pid)
+            if len(holders) > 1:
+                groups = "; ".join(f"{', '.join(sorted(pids))} hold{'s' if len(pids) == 1 else ''} {digest[:12]}…"
+                                   for digest, pids in sorted(holders.items(), key=lambda kv: -len(kv[1])))
+                problems.append(f"the nodes do not hold the same {table} set ({groups}): every node must read "
+                                f"the same {table} table")
+        if problems:
+            raise RemoteSetupError("; ".join(problems))
 
     # ----- the ParticipantHost interface ---------------------------------------------------------------
     def prepare(self) -> HostReport:

@@ -26,6 +26,11 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
+def _digest_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+
+
 @dataclass(frozen=True)
 class DataView:
     """Index view into a shared tensor pair: a silo costs its indices, not a copy of its data."""
@@ -100,6 +105,21 @@ class FederationContext:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return self.dataset.input_shape
+
+    def shared_data_digests(self) -> dict[str, str]:
+        """SHA-256 of the data every participant must hold identically: the public set (its labels too when
+        they are used) and the test set. Nodes that read them from their own files compare these before round
+        1: a public table that differs at one node would make its logits answer other questions than its
+        peers', silently."""
+        public = hashlib.sha256()
+        for view in (self.public, self.public_val):
+            _digest_tensor(public, view.x)
+            if self.public_labelled:
+                _digest_tensor(public, view.y)
+        test = hashlib.sha256()
+        for tensor in (self.test_x, self.test_y):
+            _digest_tensor(test, tensor)
+        return {"public": public.hexdigest(), "test": test.hexdigest()}
 
     def build_model(self, name: str, *, purpose: str) -> nn.Module:
         """A zoo model, initialised from its own derived seed so creation order never matters."""

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from securefl.config import parse_config
+from securefl.config import dump_config, parse_config
 from securefl.deploy.node import NODE_CHECKPOINT, ParticipantNode
 from securefl.deploy.provision import provision
 from securefl.deploy.remote import RemoteParticipants, RemoteSetupError, isolated_participants, local_exchange
 from securefl.privacy.audit import audit_run
 from securefl.runtime.federation import Federation, load_checkpoint
+from tests.conftest import tiny_raw
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare"
 
@@ -195,3 +196,38 @@ def test_a_damaged_owner_file_is_named_before_round_one(hospital_data: Path, tmp
     target.write_text(damage(target.read_text()))
     with pytest.raises(DataError, match=f"participant 'hospital_b': {target}.*{needle}"):
         Federation(parse_config(healthcare_raw(data)), tmp_path / "run", progress=False)
+
+
+def test_a_node_reads_the_shared_tables_from_its_own_paths_and_they_must_match(hospital_data: Path,
+                                                                                 tmp_path: Path) -> None:
+    """hospital_d keeps the public and test tables elsewhere on its machine. An identical copy is accepted;
+    a public table that differs by one value (another version of the file) stops the run before round 1,
+    naming the node."""
+    config = parse_config(healthcare_raw(hospital_data))
+    own = tmp_path / "d_machine"
+    own.mkdir()
+    shutil.copy(hospital_data / "test.csv", own / "test.csv")
+    shutil.copy(hospital_data / "public.csv", own / "public.csv")
+
+    def connect(name: str) -> None:
+        nodes = {p.id: ParticipantNode(tmp_path / name / p.id, p.id, policy_file=p.policy_file,
+                                       data_file=p.data_file) for p in config.participants}
+        nodes["hospital_d"] = ParticipantNode(tmp_path / name / "hospital_d", "hospital_d",
+                                              data_file=hospital_data / "hospital_d.csv",
+                                              public_file=own / "public.csv", test_file=own / "test.csv")
+        provision(config, coordinator_dir=tmp_path / name / "coordinator",
+                  node_dirs={pid: tmp_path / name / pid for pid in nodes})
+        RemoteParticipants(local_exchange(nodes), list(nodes)).connect(run_id=name, config_text=dump_config(config))
+
+    connect("same")
+    lines = (own / "public.csv").read_text().splitlines()
+    header, first = lines[0].split(","), lines[1].split(",")
+    column = next(i for i, name in enumerate(header) if name != "diagnosis")
+    first[column] = str(float(first[column]) + 1.0)
+    (own / "public.csv").write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    with pytest.raises(RemoteSetupError, match=r"not hold the same public set \(hospital_a, hospital_b, hospital_c "
+                                               r"hold \w+…; hospital_d holds \w+…\)"):
+        connect("differs")
+    refusing = ParticipantNode(tmp_path / "x", "p0", public_file=own / "public.csv")
+    reply = refusing.handle({"phase": "setup", "run_id": "r", "config": dump_config(parse_config(tiny_raw()))})
+    assert not reply["ok"] and "data.dataset is 'digits', not 'files'" in reply["error"]
