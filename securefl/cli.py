@@ -202,7 +202,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             raise ConfigError(f"--key-dir {key_dir}: no roster (roster/*.pub); run `securefl keys create` first")
         for row in rows:
             print(f"{row['party']:<16} {row['fingerprint']}  {'this party' if row['own'] else ''}"
-                  f"{'' if row['transport_key'] else '  (no transport key: made by provision)'}")
+                  f"{'' if row['transport_key'] else '  (no transport key: an older provision made it)'}")
     elif args.step == "committee-create":
         for path in ceremony.create_committee(_load(args.config, [], None), key_dir, args.id, Path(args.out)):
             print(f"wrote {path}")

@@ -7,60 +7,54 @@ context. :func:`provision` performs those steps for nodes whose directories
 are reachable from one machine (loopback tests, the healthcare example, a
 cluster with a shared provisioning step):
 
-- ``NODE/keys/<participant>.ed25519``: created by (for) that node, never copied;
+- ``NODE/keys/<participant>.ed25519`` and ``.x25519``: created by (for) that node, never copied;
 - ``NODE/keys/ckks_committee.secret``: the committee's CKKS secret (CKKS runs);
 - ``COORDINATOR/keys/aggregator.ed25519`` and ``COORDINATOR/keys/ckks_public.context``:
   the coordinator gets no secret key it could decrypt with;
-- ``*/keys/roster/<id>.pub``: every party's public key, on every node.
+- ``*/keys/roster/<id>.pub`` and ``<id>.transport.pub``: every party's public keys, on every node.
 
 Re-running it is safe: existing keys are kept, so a provisioned node never
 loses the key that seals its ledger.
 
-Whoever runs it has held every party's private key. Across sites, run the
-same steps on each party's own machine instead (:mod:`securefl.deploy.ceremony`,
-``securefl keys ...``); the files are the same.
+It runs every party's step of the key ceremony
+(:mod:`securefl.deploy.ceremony`), so whoever runs it has held every party's
+private key. Across sites, each party runs its own step on its own machine
+instead (``securefl keys ...``); the code and the files are the same.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from securefl.crypto.keystore import load_or_create_party_keys, publish_public_key, write_private_file
+from securefl.deploy.ceremony import create_committee, create_party, install_public_context, join_committee, trust_card
 from securefl.runtime.message import AGGREGATOR
 
 
 def provision(config: Any, *, coordinator_dir: Path, node_dirs: Mapping[str, Path]) -> None:
+    """Every party's ceremony step (:mod:`securefl.deploy.ceremony`), run here for directories this machine
+    reaches: the same code and files as across sites, without the phone calls."""
     ids = [p.id for p in config.participants]
     missing = sorted(set(ids) - set(node_dirs))
     if missing:
         raise ValueError(f"no node directory for participants {missing}")
     key_dirs = {pid: Path(node_dirs[pid]) / "keys" for pid in ids}
     key_dirs[AGGREGATOR] = Path(coordinator_dir) / "keys"
-    everyone = {pid: load_or_create_party_keys(key_dir, pid) for pid, key_dir in key_dirs.items()}
+    cards = [create_party(key_dir, pid)[0] for pid, key_dir in key_dirs.items()]
     for key_dir in key_dirs.values():
-        for keys in everyone.values():
-            publish_public_key(key_dir, keys)
+        for card in cards:
+            trust_card(key_dir, card.to_bytes(), source=f"{card.party_id}'s card")
     if config.secure_aggregation == "ckks":
-        _provision_ckks(config, key_dirs, ids)
+        from securefl.layers.secure_aggregation import CkksLayer
 
-
-def _provision_ckks(config: Any, key_dirs: Mapping[str, Path], ids: list[str]) -> None:
-    from securefl.crypto.ckks import KeyHolderContext
-    from securefl.layers.secure_aggregation import CkksLayer
-
-    existing = [key_dirs[pid] / CkksLayer.COMMITTEE_FILE for pid in ids if (key_dirs[pid] / CkksLayer.COMMITTEE_FILE).exists()]
-    if existing:
-        committee = KeyHolderContext.from_committee_secret(existing[0].read_bytes())
-    else:
-        committee = KeyHolderContext.generate(config.ckks)
-    secret = committee.export_secret_for_committee()
-    for pid in ids:
-        path = key_dirs[pid] / CkksLayer.COMMITTEE_FILE
-        if path.exists() and path.read_bytes() != secret:
-            raise ValueError(f"{path}: holds another CKKS committee key than the other nodes; remove the stale "
-                             "committee files and provision again")
-        if not path.exists():
-            write_private_file(path, secret)
-    (key_dirs[AGGREGATOR] / CkksLayer.PUBLIC_FILE).write_bytes(committee.public().to_bytes())
+        # An owner that already holds the committee key hands it on (a re-run keeps what sealed state needs).
+        creator = next((pid for pid in ids if (key_dirs[pid] / CkksLayer.COMMITTEE_FILE).exists()), ids[0])
+        with tempfile.TemporaryDirectory() as outbox:
+            create_committee(config, key_dirs[creator], creator, outbox)
+            for pid in ids:
+                if pid != creator:
+                    envelope = Path(outbox) / f"ckks_committee.for-{pid}.envelope"
+                    join_committee(config, key_dirs[pid], pid, envelope.read_bytes())
+            install_public_context(config, key_dirs[AGGREGATOR], (Path(outbox) / CkksLayer.PUBLIC_FILE).read_bytes())

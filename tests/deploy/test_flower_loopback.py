@@ -61,14 +61,14 @@ def test_private_fedmd_with_ckks_on_a_loopback_flower_deployment(tmp_path: Path)
     assert rejected == []
 
     # Every node's ledger verifies, and the state stayed on the nodes: the coordinator holds no ledger and
-    # only the aggregator's key and the CKKS public context.
+    # only the aggregator's own keys and card and the CKKS public context.
     for node_dir in sorted(nodes.iterdir()):
         audit = subprocess.run([str(BIN / "securefl"), "audit", str(node_dir), "--json"], capture_output=True, text=True)
         assert audit.returncode == 0, audit.stdout + audit.stderr
         assert json.loads(audit.stdout)["ok"] is True
     assert not (coordinator / "ledgers").exists()
     coordinator_keys = sorted(p.name for p in (coordinator / "keys").iterdir() if p.is_file())
-    assert coordinator_keys == ["aggregator.ed25519", "ckks_public.context"]
+    assert coordinator_keys == ["aggregator.card", "aggregator.ed25519", "aggregator.x25519", "ckks_public.context"]
     by_id = {p["id"]: p for p in deployed["participants"]}
     # site_c's owner allows ε = 2; the experiment asked for nothing stricter, so its policy binds.
     assert by_id["site_c"]["target_epsilon"] == 2.0 and 0 < by_id["site_c"]["epsilon"] <= 2.0

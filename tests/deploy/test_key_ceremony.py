@@ -208,3 +208,20 @@ def test_the_coordinator_refuses_a_context_that_could_decrypt(parties: dict[str,
                                                                            "coeff_mod_bit_sizes": [60, 40, 40, 60]}})
     with pytest.raises(CeremonyError, match="other CKKS parameters"):
         install_public_context(other_params, parties["aggregator"], path.read_bytes())
+
+
+def test_provision_runs_the_same_ceremony_and_refuses_a_new_key_for_a_trusted_party(tmp_path: Path) -> None:
+    """provision is every party's step on one machine: a second coordinator with a fresh key is a key
+    substitution for the nodes that trust the first, and is refused, not written over their rosters."""
+    from securefl.deploy.provision import provision
+
+    config = ckks_config(["h1", "h2"])
+    nodes = {pid: tmp_path / pid for pid in ("h1", "h2")}
+    provision(config, coordinator_dir=tmp_path / "c1", node_dirs=nodes)
+    secret = (nodes["h2"] / "keys" / "ckks_committee.secret").read_bytes()
+    assert secret == (nodes["h1"] / "keys" / "ckks_committee.secret").read_bytes()
+    assert not (tmp_path / "c1" / "keys" / "ckks_committee.secret").exists()
+    provision(config, coordinator_dir=tmp_path / "c1", node_dirs=nodes)  # a re-run keeps every key
+    assert (nodes["h2"] / "keys" / "ckks_committee.secret").read_bytes() == secret
+    with pytest.raises(CeremonyError, match="already trusts another key for 'aggregator'"):
+        provision(config, coordinator_dir=tmp_path / "c2", node_dirs=nodes)

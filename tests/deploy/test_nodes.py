@@ -121,6 +121,7 @@ def test_a_node_refuses_a_second_run_over_its_ledger_and_reports_setup_errors(ho
     Federation(config, tmp_path / "c1", progress=False, remote=remote).run()
     second = parse_config(healthcare_raw(hospital_data, name="second"))
     remote2, _ = isolated_participants(second, tmp_path / "nodes")
+    shutil.copytree(tmp_path / "c1" / "keys", tmp_path / "c2" / "keys")  # the same coordinator, a new run directory
     provision(second, coordinator_dir=tmp_path / "c2", node_dirs={pid: tmp_path / "nodes" / pid for pid in nodes})
     with pytest.raises(RemoteSetupError, match="holds run 'first'; refusing to start run 'second'"):
         Federation(second, tmp_path / "c2", progress=False, remote=remote2)
