@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     trust = steps.add_parser("trust", help="install other parties' cards in the roster, after checking fingerprints")
     trust.add_argument("cards", nargs="+")
     trust.add_argument("--key-dir", required=True)
+    trust.add_argument("--fingerprint", help="the fingerprint its owner read out (one card only): trust the card "
+                                             "only if it matches (spaces and case do not matter)")
     show = steps.add_parser("list", help="the roster: every trusted party and its fingerprint")
     show.add_argument("--key-dir", required=True)
     committee = steps.add_parser("committee-create", help="on one data owner: the CKKS committee key, an envelope "
@@ -193,9 +195,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"{args.party}: keys in {key_dir} (never copy them). Send {path} to the other parties; "
               f"read them its fingerprint: {card.fingerprint}")
     elif args.step == "trust":
+        if args.fingerprint is not None and len(args.cards) != 1:
+            raise ConfigError(f"--fingerprint: give one card with it, not {len(args.cards)}")
         for name in args.cards:
-            card = ceremony.trust_card(key_dir, _read(name), source=name)
-            print(f"trusted {card.party_id:<16} {card.fingerprint}   (compare with its owner's)")
+            card = ceremony.trust_card(key_dir, _read(name), source=name, expected_fingerprint=args.fingerprint)
+            print(f"trusted {card.party_id:<16} {card.fingerprint}   "
+                  f"({'matches the one read out' if args.fingerprint else 'compare with its owner'})")
     elif args.step == "list":
         rows = ceremony.roster_entries(key_dir)
         if not rows:

@@ -179,6 +179,14 @@ def test_key_ceremony_steps_refuse_bad_input_with_one_line(tmp_path: Path, capsy
     assert "this party" in capsys.readouterr().out
     assert main(["keys", "trust", str(tmp_path / "nowhere.card"), "--key-dir", key_dir]) == 2
     assert "nowhere.card: cannot read" in capsys.readouterr().err
+    other = tmp_path / "p1" / "keys"
+    assert main(["keys", "create", "p1", "--key-dir", str(other)]) == 0
+    heard = out.rsplit("fingerprint: ", 1)[1].strip()  # p0's, as its owner would read it out
+    assert main(["keys", "trust", key_dir + "/p0.card", "--key-dir", str(other), "--fingerprint", "0000"]) == 2
+    assert "not the '0000' its owner read out" in capsys.readouterr().err
+    assert not (other / "roster" / "p0.pub").exists()
+    assert main(["keys", "trust", key_dir + "/p0.card", "--key-dir", str(other), "--fingerprint", heard.upper()]) == 0
+    assert "matches the one read out" in capsys.readouterr().out
     assert main(["keys", "committee-create", str(config), "--id", "p0", "--key-dir", key_dir, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "secure_aggregation='none'" in err and "Traceback" not in err

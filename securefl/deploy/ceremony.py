@@ -160,9 +160,16 @@ def create_party(key_dir: str | Path, party_id: str) -> tuple[PublicCard, Path]:
 
 
 # ----- step 2: trust -----------------------------------------------------------------------------
-def trust_card(key_dir: str | Path, data: bytes, *, source: str = "card") -> PublicCard:
-    """Install a verified card in ``key_dir``'s roster; refuse one that would replace another key for its id."""
+def trust_card(key_dir: str | Path, data: bytes, *, source: str = "card",
+               expected_fingerprint: str | None = None) -> PublicCard:
+    """Install a verified card in ``key_dir``'s roster; refuse one that would replace another key for its id,
+    or whose fingerprint is not ``expected_fingerprint`` (what its owner read out; spaces and case ignored)."""
     card = PublicCard.from_bytes(data, source=source)
+    if expected_fingerprint is not None:
+        heard = "".join(expected_fingerprint.split()).lower()
+        if heard != card.fingerprint.replace(" ", ""):
+            raise CeremonyError(f"{source}: {card.party_id!r}'s card has fingerprint {card.fingerprint}, not the "
+                                f"{expected_fingerprint!r} its owner read out; do not trust it")
     roster = Path(key_dir) / ROSTER
     signing, transport = roster / f"{card.party_id}.pub", roster / f"{card.party_id}{TRANSPORT_PUB_SUFFIX}"
     for path, new in ((signing, card.signing_key), (transport, card.transport_key)):
