@@ -213,6 +213,15 @@ def _own(key_dir: Path, party_id: str) -> tuple[Any, X25519PrivateKey]:
 
 
 # ----- step 3: the CKKS committee ----------------------------------------------------------------
+def _committee_key(secret: bytes, what: str) -> Any:
+    from securefl.crypto.ckks import KeyHolderContext
+
+    try:
+        return KeyHolderContext.from_committee_secret(secret)
+    except ValueError as exc:
+        raise CeremonyError(f"{what}: not a readable CKKS committee key ({str(exc)[:160]})") from None
+
+
 def _committee_members(config: Any, own_id: str) -> list[str]:
     if config.secure_aggregation != "ckks":
         raise CeremonyError(f"secure_aggregation={config.secure_aggregation!r}: only a ckks run has a committee key")
@@ -235,14 +244,16 @@ def create_committee(config: Any, key_dir: str | Path, own_id: str, out_dir: str
     recipients = {pid: _transport_key(key_dir, pid) for pid in members if pid != own_id}  # all missing ones fail first
     secret_path = key_dir / CkksLayer.COMMITTEE_FILE
     if secret_path.exists():
-        committee = KeyHolderContext.from_committee_secret(secret_path.read_bytes())
+        # The file's own bytes travel, so an owner that already joined compares equal.
+        secret = secret_path.read_bytes()
+        committee = _committee_key(secret, str(secret_path))
         if committee.params != config.ckks:
             raise CeremonyError(f"{secret_path}: a committee key with other CKKS parameters than the config's ckks "
                                 "section; a run with this config could not use it")
     else:
         committee = KeyHolderContext.generate(config.ckks)
-        write_private_file(secret_path, committee.export_secret_for_committee(), exclusive=True)
-    secret = committee.export_secret_for_committee()
+        secret = committee.export_secret_for_committee()
+        write_private_file(secret_path, secret, exclusive=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for pid, transport in recipients.items():
@@ -258,7 +269,6 @@ def create_committee(config: Any, key_dir: str | Path, own_id: str, out_dir: str
 def join_committee(config: Any, key_dir: str | Path, own_id: str, envelope: bytes) -> str:
     """On a fellow owner's machine: open its envelope (sealed by another data owner of the config) and keep the
     committee key. Returns the sender."""
-    from securefl.crypto.ckks import KeyHolderContext
     from securefl.layers.secure_aggregation import CkksLayer
 
     key_dir = Path(key_dir)
@@ -272,7 +282,7 @@ def join_committee(config: Any, key_dir: str | Path, own_id: str, envelope: byte
                                        trusted_senders=trusted)
     except EnvelopeError as exc:
         raise CeremonyError(f"committee envelope refused: {exc}") from None
-    committee = KeyHolderContext.from_committee_secret(secret)
+    committee = _committee_key(secret, f"the committee key {sender!r} sent")
     if committee.params != config.ckks:
         raise CeremonyError(f"the committee key {sender!r} sent has other CKKS parameters than the config's ckks section")
     path = key_dir / CkksLayer.COMMITTEE_FILE

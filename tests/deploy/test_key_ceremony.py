@@ -194,6 +194,9 @@ def test_the_committee_key_reaches_only_owners_and_only_from_an_owner(parties: d
     create_committee(config, parties["h3"], "h3", tmp_path / "out3")
     with pytest.raises(CeremonyError, match="already holds another committee key"):
         join_committee(config, parties["h3"], "h3", (tmp_path / "out" / "ckks_committee.for-h3.envelope").read_bytes())
+    (parties["h3"] / "ckks_committee.secret").write_bytes(b"SFSK damaged")
+    with pytest.raises(CeremonyError, match="not a readable CKKS committee key"):
+        create_committee(config, parties["h3"], "h3", tmp_path / "out3")
 
 
 def test_the_coordinator_refuses_a_context_that_could_decrypt(parties: dict[str, Path], tmp_path: Path) -> None:
