@@ -68,7 +68,7 @@ def test_a_ckks_run_over_keys_made_on_each_machine_and_no_secret_leaves_home(
         for suffix in (".ed25519", ".x25519"):
             assert [p.parent.parent for p in tmp_path.rglob(f"{pid}{suffix}")] == [machine]
     assert sorted(p.parent.parent.name for p in tmp_path.rglob("ckks_committee.secret")) == sorted(ids)
-    assert {(machines[pid] / "keys" / "ckks_committee.secret").read_bytes() for pid in ids}.__len__() == 1
+    assert len({(machines[pid] / "keys" / "ckks_committee.secret").read_bytes() for pid in ids}) == 1
     assert sorted(p.suffix for p in (tmp_path / "mail").iterdir()) == [".card"] * 5 + [".context"] + [".envelope"] * 3
 
     # What travelled through the coordinator is useless to it: it cannot open an envelope with its own key.
