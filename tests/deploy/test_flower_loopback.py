@@ -97,7 +97,8 @@ def test_private_fml_with_pairwise_masking_on_a_loopback_flower_deployment(tmp_p
         states = list((node_dir / "keys" / "secagg").iterdir())
         assert [s.name for s in states] == [f"{node_dir.name}.round2.state"]
         assert states[0].stat().st_mode & 0o077 == 0
-    assert sorted(p.name for p in (coordinator / "keys").iterdir() if p.is_file()) == ["aggregator.ed25519"]
+    assert sorted(p.name for p in (coordinator / "keys").iterdir() if p.is_file()) == [
+        "aggregator.card", "aggregator.ed25519", "aggregator.x25519"]  # its own keys and card only
 
     Federation(load_config(config_path), tmp_path / "simulation", progress=False).run()
     assert metrics_without_time(coordinator) == metrics_without_time(tmp_path / "simulation")
