@@ -21,8 +21,11 @@ inbound layer opens), with the public facts needed to apply it; every
 participant applies it to its own :class:`Replica`. Applying is deterministic,
 so all replicas are identical. A participant that sat out some rounds
 receives the updates it missed, in order, before it trains again
-(:class:`UpdateLog`). The same code runs in plaintext, under masking and
-under CKKS.
+(:class:`UpdateLog`). An update that sets the whole state regardless of what
+the replica held (a protocol's ``supersedes`` says which, from public facts
+only) makes every earlier one unnecessary: the log drops them, and a replica
+behind it applies it over the gap. The same code runs in plaintext, under
+masking and under CKKS.
 """
 
 from __future__ import annotations
@@ -270,15 +273,21 @@ class UpdateLog:
     its replica holds. An ack behind what was sent means a message was lost:
     the participant is sent everything after its ack again. The log keeps the
     updates some participant has not acknowledged, so under full participation
-    it holds at most the latest one. Its size grows with how long a participant
-    sits out (every update since, sealed under CKKS).
+    it holds at most the latest one. While a participant sits out, its size
+    grows by one update a round (sealed under CKKS), unless ``supersedes``
+    says an update sets the whole state: then nothing before the latest such
+    update is kept, since a replica at any version applies it directly.
+    ``supersedes`` must decide from public facts (the update's meta and which
+    fields it has), so the server, which cannot read a sealed field, and every
+    participant reach the same answer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, supersedes: Callable[[GlobalUpdate], bool] | None = None) -> None:
         self.updates: list[GlobalUpdate] = []
         self.holds: dict[str, int] = {}
         self.acked: dict[str, int] = {}
         self.version = 0
+        self.supersedes = supersedes
 
     def register(self, party_id: str) -> None:
         self.holds.setdefault(party_id, 0)
@@ -310,6 +319,9 @@ class UpdateLog:
             self.holds[pid] = self.version
         oldest = min(self.acked.values(), default=self.version)
         self.updates = [u for u in self.updates if u.version > oldest]
+        if self.supersedes is not None:
+            base = max((u.version for u in self.updates if self.supersedes(u)), default=0)
+            self.updates = [u for u in self.updates if u.version >= base]
 
     def state_dict(self) -> dict[str, Any]:
         return {"updates": list(self.updates), "holds": dict(self.holds), "acked": dict(self.acked),
@@ -357,18 +369,19 @@ class Replica:
     round: int = 0
 
     def catch_up(self, updates: Sequence[GlobalUpdate], apply: Callable[[Any, GlobalUpdate], None],
-                 owner: str) -> None:
-        """Apply the updates not applied yet, in order, and never skip one.
+                 owner: str, supersedes: Callable[[GlobalUpdate], bool] | None = None) -> None:
+        """Apply the updates not applied yet, in order, and never skip one that matters.
 
-        After a gap (a lost downlink) nothing later is applied: applying it without the missing one would
-        make this replica differ from everyone else's. The replica stays where it is; its owner's next
+        After a gap (a lost downlink, or updates the log dropped) an update is applied only if
+        ``supersedes`` says it sets the whole state: applying any other without the missing one would make
+        this replica differ from everyone else's. Otherwise the replica stays where it is; its owner's next
         uplink says which version it holds (``replica_version``), and the server sends the rest again.
         """
         for update in sorted(updates, key=lambda u: u.version):
             if update.version <= self.version:
                 continue  # already applied (the same update delivered twice)
-            if update.version != self.version + 1:
-                return
+            if update.version != self.version + 1 and not (supersedes is not None and supersedes(update)):
+                continue  # a gap: a later update may still supersede everything missing
             apply(self, update)
             self.version, self.round = update.version, update.round
 

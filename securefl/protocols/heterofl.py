@@ -441,7 +441,7 @@ class HeteroFL(Protocol):
         self.layout = ParamLayout(self._blank(self.global_rate))
         if config.norm == "bn":
             self.simulation_only = self.SBN_IN_PROCESS  # type: ignore[misc]
-        self.log = UpdateLog()
+        self.log = UpdateLog(supersedes=self.supersedes)
         self._ids: list[str] = []  # every participant, in config order (public)
         # The parties hosted in this process: the sBN query's handles on the clients (simulation only).
         self._parties: dict[str, Party] = {}
@@ -552,7 +552,7 @@ class HeteroFL(Protocol):
         cfg = self.config
         down = only_message(inbox, self.assignment.kind)
         replica = self.replica(party)
-        replica.catch_up(read_updates(down), self.apply_update, party.id)
+        replica.catch_up(read_updates(down), self.apply_update, party.id, self.supersedes)
         rate = float(down.meta["rate"])
         model = self.submodel(replica, rate)
         classes = self.label_split(party)
@@ -605,7 +605,14 @@ class HeteroFL(Protocol):
 
     def client_update(self, party: Party, inbox: Sequence[Message], rnd: int) -> None:
         self.replica(party).catch_up(read_updates(only_message(inbox, self.downlink.kind)), self.apply_update,
-                                     party.id)
+                                     party.id, self.supersedes)
+
+    def supersedes(self, update: GlobalUpdate) -> bool:
+        """Whether applying ``update`` leaves nothing of the replica's earlier state: every element has a
+        contributor (the public counts), and under ``bn`` the update carries the statistics too. Then a
+        replica that missed earlier updates reaches everyone's state from this one alone."""
+        covered = bool((self.counts(update.meta["contributors"]) > 0).all())
+        return covered and (self.config.norm != "bn" or "statistics" in update.fields)
 
     def apply_update(self, replica: HeteroFLReplica, update: GlobalUpdate) -> None:
         """``new = where(count > 0, sum / count, old)``, then the update's sBN statistics if any."""

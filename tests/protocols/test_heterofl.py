@@ -442,29 +442,94 @@ def test_secure_aggregation_refuses_the_sbn_query_before_round_one(scheme: str, 
     Federation(parse_config(gn), tmp_path / "gn", progress=False)  # accepted
 
 
+def _play(fed: Federation, proto: HeteroFL, rnd: int, sampled: list, lost: set) -> list:
+    """One round by hand; the parties in ``lost`` never receive the round's broadcast."""
+    down = proto.open_round(rnd, [p.id for p in sampled])
+    replies = [proto.client_step(p, [down[p.id]], rnd) for p in sampled]
+    broadcast = proto.server_step(rnd, replies, fed.aggregator)
+    for party in sampled:
+        if party.id not in lost:
+            proto.client_update(party, [broadcast[party.id]], rnd)
+    return replies
+
+
+def _assert_same_replicas(proto: HeteroFL, mine: Any, theirs: Any) -> None:
+    ours, reference = proto.replica(mine).model.state_dict(), proto.replica(theirs).model.state_dict()
+    for name, value in reference.items():
+        assert torch.equal(ours[name], value), name
+
+
 def test_a_replica_never_skips_a_lost_update_and_is_sent_it_again(tmp_path: Path) -> None:
     """Round 1's update never reaches c; c sits out round 2; in round 3 its catch-up holds update 2 only.
     It must not apply 2 over 0 (its model would differ from everyone's for good): it stays at 0, trains
-    from there, says so in its uplink, and the end of round 3 brings it 1, 2 and 3."""
-    fed = _federation(tmp_path, norm="gn")
+    from there, says so in its uplink, and the end of round 3 brings it 1, 2 and 3.
+
+    No silo holds every class, so no update covers the whole classifier and none supersedes the others."""
+    fed = _federation(tmp_path, partition=_class_partition([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9],
+                                                            [0, 1, 2, 7, 8, 9]]),
+                      data={"public_size": 0, "val_fraction": 0.0}, norm="gn")
     proto: HeteroFL = fed.protocol  # type: ignore[assignment]
     a, b, c = fed.parties
 
-    def play(rnd: int, sampled: list, lost: set) -> list:
-        down = proto.open_round(rnd, [p.id for p in sampled])
-        replies = [proto.client_step(p, [down[p.id]], rnd) for p in sampled]
-        broadcast = proto.server_step(rnd, replies, fed.aggregator)
-        for party in sampled:
-            if party.id not in lost:
-                proto.client_update(party, [broadcast[party.id]], rnd)
-        return replies
-
-    play(1, [a, b, c], lost={c.id})
-    play(2, [a, b], lost=set())
+    _play(fed, proto, 1, [a, b, c], lost={c.id})
+    _play(fed, proto, 2, [a, b], lost=set())
     assert [proto.replica(p).version for p in (a, b, c)] == [2, 2, 0]
-    replies = play(3, [a, b, c], lost=set())
+    assert [u.version for u in proto.log.updates] == [1, 2]  # c still lacks both
+    assert not any(proto.supersedes(u) for u in proto.log.updates)
+    replies = _play(fed, proto, 3, [a, b, c], lost=set())
     assert replies[2].meta["replica_version"] == 0  # c did not apply update 2 without update 1
     assert [proto.replica(p).version for p in (a, b, c)] == [3, 3, 3]
-    mine, theirs = proto.replica(c).model.state_dict(), proto.replica(a).model.state_dict()
-    for name, value in theirs.items():
-        assert torch.equal(mine[name], value), name
+    _assert_same_replicas(proto, c, a)
+
+
+def test_an_update_covering_every_element_lets_the_log_drop_the_updates_before_it(tmp_path: Path) -> None:
+    """Every silo holds every class, so each round with the rate-1 client covers the whole model: its
+    update alone sets the state. The log keeps no more than that update for a client that sits out, and
+    the client, back after four rounds, reaches everyone's model from it alone."""
+    fed = _federation(tmp_path, norm="gn")
+    proto: HeteroFL = fed.protocol  # type: ignore[assignment]
+    by_rate = {proto.rate_of(p.id, 1): p for p in fed.parties}
+    full, half, quarter = by_rate[1.0], by_rate[0.5], by_rate[0.25]
+
+    _play(fed, proto, 1, [full, half, quarter], lost={quarter.id})
+    # Round 2 without the rate-1 client covers only the narrower slices: it supersedes nothing.
+    _play(fed, proto, 2, [half], lost=set())
+    assert [proto.supersedes(u) for u in proto.log.updates] == [True, False]
+    assert [u.version for u in proto.log.updates] == [1, 2]
+    for rnd in (3, 4, 5):
+        _play(fed, proto, rnd, [full, half], lost=set())
+        assert [u.version for u in proto.log.updates] == [rnd]  # the quarter client lacks only this one now
+    down = proto.open_round(6, [quarter.id])[quarter.id]
+    assert [u.version for u in read_updates(down)] == [5]
+    reply = proto.client_step(quarter, [down], 6)
+    assert reply.meta["replica_version"] == 5  # applied over the gap 0 -> 5
+    _assert_same_replicas(proto, quarter, full)
+
+
+def test_the_generic_log_and_replica_rules_for_superseding_updates() -> None:
+    """UpdateLog and Replica without a protocol: an update the predicate marks as setting the whole state
+    is applied over any gap, even after a skipped one, and the log drops what came before it (and only
+    that); without the predicate nothing is ever dropped or applied over a gap."""
+    from securefl.protocols.base import GlobalUpdate, Replica, UpdateLog
+
+    def whole(update: GlobalUpdate) -> bool:
+        return bool(update.meta.get("whole"))
+
+    applied: list[int] = []
+    replica = Replica()
+    updates = [GlobalUpdate(v, v, {}, {"whole": v == 4}) for v in (2, 3, 4, 5)]  # 1 was lost
+    replica.catch_up(updates, lambda _r, u: applied.append(u.version), "p", whole)
+    assert applied == [4, 5] and replica.version == 5
+    plain = Replica()
+    plain.catch_up(updates, lambda _r, u: applied.append(u.version), "p")
+    assert plain.version == 0 and applied == [4, 5]
+
+    for predicate, kept in ((whole, [4, 5]), (None, [1, 2, 3, 4, 5])):
+        log = UpdateLog(supersedes=predicate)
+        for pid in ("here", "away"):
+            log.register(pid)
+        for v in range(1, 6):
+            log.record(v, {}, {"whole": v == 4})
+            log.delivered(["here"])
+        assert [u.version for u in log.updates] == kept
+        assert [u.version for u in log.missed("away")] == kept
