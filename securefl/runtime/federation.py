@@ -63,6 +63,28 @@ class RunDirError(ValueError):
     """The output directory cannot be used as asked (e.g. it holds a run and --resume was not given)."""
 
 
+RUN_LOCK = ".lock"
+
+
+def lock_run_dir(out: Path) -> int:
+    """Hold ``out`` for this process until the returned descriptor is closed (the OS releases it if the process
+    dies). Two processes writing one run directory would interleave its metrics and checkpoints; a private run's
+    ledgers lock themselves, but a run without DP has nothing else to stop a second ``--resume``."""
+    import fcntl
+
+    fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(f"{out} is in use by another process (pid {holder}); wait for it to finish, or choose "
+                          "another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def build_split(config: Any, dataset: Dataset) -> FederatedSplit:
     """Public set and private silos, deterministic in ``run.seed``."""
     data, seed, n_parties = config.data, config.run.seed, len(config.participants)
@@ -186,6 +208,7 @@ class Federation:
         self.transport = transport or InProcessTransport()
         self.on_round_end = on_round_end
         made_here = not resume and not self.out.exists()
+        self._run_lock: int | None = None
         self._prepare_run_dir(resume, run_id=run_id)
         try:
             # A coordinator of remote participants reads no participant's data (local = nobody).
@@ -230,9 +253,20 @@ class Federation:
             for layer in self.layers:
                 layer.check(self.protocol, self.parties)
         except BaseException:
+            self.release_run_dir()
             if made_here:
                 self._discard_unstarted_run_dir()
             raise
+
+    def release_run_dir(self) -> None:
+        """Let another process use the run directory (after the run, or when this object is dropped)."""
+        fd, self._run_lock = self._run_lock, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_run_lock", None) is not None:
+            self.release_run_dir()
 
     # ----- set-up ------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool, *, run_id: str | None = None) -> None:
@@ -241,17 +275,12 @@ class Federation:
         if resume:
             if not checkpoint.exists():
                 raise RunDirError(f"{self.out}: --resume given but there is no checkpoint ({checkpoint})")
-            saved = (self.out / "config.yaml").read_text()
-            if saved != config_text:
-                self._check_same_config(saved)
-                # Only fields added since the run started, at their defaults: the record gets them too.
-                (self.out / "config.yaml").write_text(config_text)
+            self._run_lock = lock_run_dir(self.out)
             try:
-                self.run_id = str(json.loads((self.out / "run.json").read_text())["run_id"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise RunDirError(f"{self.out / 'run.json'}: unreadable or corrupt ({type(exc).__name__}); it names the "
-                                  "run that the ledgers and signatures belong to, so the run cannot resume without "
-                                  "it") from None
+                self._resume_run_dir(config_text)
+            except BaseException:
+                self.release_run_dir()
+                raise
             return
         if checkpoint.exists() or (self.out / "metrics.jsonl").exists():
             raise RunDirError(
@@ -259,9 +288,24 @@ class Federation:
                 "(securefl never overwrites a run, its ledgers or its checkpoints)"
             )
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._run_lock = lock_run_dir(self.out)
         self.run_id = run_id or self.config.run.name or uuid.uuid4().hex[:12]
         (self.out / "config.yaml").write_text(config_text)
         (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
+
+    def _resume_run_dir(self, config_text: str) -> None:
+        """--resume: the saved config must be this one (up to fields added since), and run.json names the run."""
+        saved = (self.out / "config.yaml").read_text()
+        if saved != config_text:
+            self._check_same_config(saved)
+            # Only fields added since the run started, at their defaults: the record gets them too.
+            (self.out / "config.yaml").write_text(config_text)
+        try:
+            self.run_id = str(json.loads((self.out / "run.json").read_text())["run_id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(f"{self.out / 'run.json'}: unreadable or corrupt ({type(exc).__name__}); it names the "
+                              "run that the ledgers and signatures belong to, so the run cannot resume without "
+                              "it") from None
 
     def _discard_unstarted_run_dir(self) -> None:
         """Set-up failed (a refusal, missing data, an interrupt) in a directory this invocation created: remove it,
@@ -340,6 +384,7 @@ class Federation:
             return write_report(self.out, self.config, self.parties, self.protocol, facts=facts, stopped=self.stopped)
         finally:
             self.participants.close()
+            self.release_run_dir()
 
     def _rounds(self, start_round: int) -> None:
         cfg = self.config

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,15 +25,12 @@ import pytest
 import yaml
 
 from securefl.cli import main
+from securefl.config import parse_config
 from securefl.privacy.audit import audit_run
-from securefl.runtime.federation import Federation
-from tests.conftest import tiny_raw
+from securefl.runtime.federation import Federation, RunDirError, lock_run_dir
+from tests.conftest import Crash, crash_after_round, tiny_raw
 from tests.data.test_datasets import _write_idx
 from tests.reliability.helpers import small_raw
-
-
-class Crash(Exception):
-    pass
 
 
 def _raw(**changes: Any) -> dict[str, Any]:
@@ -290,3 +291,29 @@ def test_a_checkpoint_of_another_run_is_refused(run: tuple[Path, Path], tmp_path
     state = torch.load(checkpoint, weights_only=False)
     torch.save({**state, "run_id": "someone-else"}, checkpoint)
     _fails_cleanly(*_resume(run, capsys), "checkpoints/last.pt", "not a checkpoint of run", "someone-else")
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused_and_freed_when_that_process_dies(
+        tmp_path: Path) -> None:
+    """A run without DP has no ledger lock: only the run directory's lock stops a second `--resume` from
+    interleaving its metrics and checkpoints with the first. The OS frees it when its holder dies, so a
+    killed run can be resumed at once."""
+    cfg, out = parse_config(tiny_raw(run={"rounds": 2})), tmp_path / "run"
+    with pytest.raises(Crash):
+        Federation(cfg, out, progress=False, on_round_end=crash_after_round(1)).run()
+    first = Federation(cfg, out, progress=False, resume=True)
+    with pytest.raises(RunDirError, match=rf"{out} is in use by another process \(pid {os.getpid()}\)"):
+        Federation(cfg, out, progress=False, resume=True)
+    first.run()
+    os.close(lock_run_dir(out))  # freed once the run is over
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from securefl.runtime.federation import lock_run_dir\n"
+                               "lock_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirError, match=rf"in use by another process \(pid {holder.pid}\)"):
+        lock_run_dir(out)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    os.close(lock_run_dir(out))
