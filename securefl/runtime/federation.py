@@ -12,6 +12,7 @@ uninterrupted run would have done; no RNG state needs saving.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -265,7 +266,8 @@ class Federation:
             os.close(fd)
 
     def __del__(self) -> None:
-        if getattr(self, "_run_lock", None) is not None:
+        # Also when __init__ failed early, or at interpreter shutdown: never raise from a finaliser.
+        with contextlib.suppress(Exception):
             self.release_run_dir()
 
     # ----- set-up ------------------------------------------------------------------------
