@@ -311,9 +311,11 @@ def test_a_run_directory_in_use_by_another_process_is_refused_and_freed_when_tha
                                "from securefl.runtime.federation import lock_run_dir\n"
                                "lock_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(out)],
                               stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-    with pytest.raises(RunDirError, match=rf"in use by another process \(pid {holder.pid}\)"):
-        lock_run_dir(out)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(timeout=30)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirError, match=rf"in use by another process \(pid {holder.pid}\)"):
+            lock_run_dir(out)
+    finally:
+        holder.send_signal(signal.SIGKILL)  # also when an assertion failed: never leave it sleeping
+        holder.wait(timeout=30)
     os.close(lock_run_dir(out))
