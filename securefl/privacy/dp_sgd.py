@@ -7,9 +7,9 @@ with no change to the protocol file.
 
 What it does, per ``fit`` call (Abadi et al. 2016, as in Opacus):
 
-- Poisson sampling with ``sample_rate = batch_size / n_local`` through Opacus's
-  ``UniformWithReplacementSampler``; an epoch is ``1 / sample_rate`` steps, as
-  in Opacus. (A shuffled fixed-size batch would not match the accounting.)
+- Poisson sampling with ``sample_rate = batch_size / n_local``, as Opacus's
+  ``UniformWithReplacementSampler`` does; an epoch is ``1 / sample_rate`` steps,
+  as in Opacus. (A shuffled fixed-size batch would not match the accounting.)
 - per-example gradients (Opacus ``GradSampleModule``), clipped to
   ``max_grad_norm`` and summed, plus Gaussian noise of std
   ``noise_multiplier * max_grad_norm`` (Opacus ``DPOptimizer``), divided by the
@@ -20,6 +20,13 @@ What it does, per ``fit`` call (Abadi et al. 2016, as in Opacus):
 
 Empty Poisson batches still take a noise-only step, as they must for the
 accounting to hold.
+
+The Poisson sample, the gradient noise, the noise-only steps and the label
+histogram's noise all come from :class:`~securefl.privacy.randomness.SecureRandom`
+(OS entropy), never from torch's global RNG: the host seeds that from the run's
+seed, which the coordinator knows, so it could predict the sample (voiding
+amplification) and regenerate the noise. Opacus's own ``secure_mode`` needs
+torchcsprng, which is not available, hence the small optimizer subclass here.
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ from collections.abc import Callable, Iterator
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
+from securefl.privacy.randomness import SecureRandom
 from securefl.runtime.training import (
     BatchLoss,
     GradientCombine,
@@ -62,6 +70,22 @@ def _quiet_hooks() -> Iterator[None]:
         yield
 
 
+class _SecureDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer, its Gaussian noise drawn from a :class:`SecureRandom` instead of torch's RNG."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom, **kwargs: object) -> None:
+        super().__init__(optimizer, **kwargs)  # type: ignore[arg-type]
+        self._rng = rng
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self._rng.normal(p.summed_grad.shape, std=std, dtype=p.summed_grad.dtype)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 class DPSGDTrainer:
     """DP-SGD over a participant's private data; spends are committed through ``commit``."""
 
@@ -85,14 +109,14 @@ class DPSGDTrainer:
         keeps its latest weights, so its ε is exactly what was planned and booked."""
         return None
 
-    def label_histogram(self, labels: torch.Tensor, num_classes: int, *, generator: torch.Generator) -> torch.Tensor:
+    def label_histogram(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """Label counts released with the Gaussian mechanism at sensitivity 1 (adding or removing one record
-        moves one count by one), committed to the ledger before they exist outside this call."""
+        moves one count by one), committed to the ledger before they exist outside this call. The noise is
+        fresh OS entropy (see :mod:`securefl.privacy.randomness`), so the caller passes no generator."""
         from securefl.privacy.mechanisms import gaussian_histogram
 
         counts = torch.bincount(labels, minlength=num_classes)
-        noised, event = gaussian_histogram(counts, noise_multiplier=self.histogram_noise_multiplier,
-                                           generator=generator)
+        noised, event = gaussian_histogram(counts, noise_multiplier=self.histogram_noise_multiplier)
         self.commit(event)
         return noised.float()
 
@@ -125,27 +149,27 @@ class DPSGDTrainer:
         self.commit(event)
 
         expected_batch = sample_rate * n
-        sampler_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=sampler_gen,
-                                                steps=total_steps)
+        # One secret stream per call for the sample and one for the noise: neither follows from the run's seed.
+        sampling, noise = SecureRandom(), SecureRandom()
         # The look-ahead point's per-record gradients come from a copy of the model that holds theta' (its own
         # per-sample hooks), so neither pass's activations mix into the other's. The copy's buffers stay those of
         # the call's start; the zoo's models keep no running statistics (GroupNorm only), so none go stale.
         ahead = GradSampleModule(copy.deepcopy(model)) if lookahead is not None else None
         gsm = GradSampleModule(model)
-        dp_opt = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                             expected_batch_size=max(1, round(expected_batch)), loss_reduction="mean")
+        dp_opt = _SecureDPOptimizer(optimizer, rng=noise, noise_multiplier=self.noise_multiplier,
+                                    max_grad_norm=self.max_grad_norm,
+                                    expected_batch_size=max(1, round(expected_batch)), loss_reduction="mean")
         model.train()
         if ahead is not None:
             ahead.train()
         total, seen, done = 0.0, 0, 0
         try:
-            for indices in sampler:
+            for _ in range(total_steps):
+                idx = sampling.poisson_sample(n, sample_rate=sample_rate)
                 dp_opt.zero_grad(set_to_none=True)
-                if len(indices) == 0:
-                    self._noise_only_step(dp_opt, expected_batch, gsm, model, public_loss, combine)
+                if len(idx) == 0:
+                    self._noise_only_step(dp_opt, noise, expected_batch, gsm, model, public_loss, combine)
                 else:
-                    idx = torch.as_tensor(indices, dtype=torch.long)
                     loss = batch_loss(gsm, x[idx], y[idx])
                     with _quiet_hooks():
                         loss.backward()
@@ -177,14 +201,14 @@ class DPSGDTrainer:
                                     reason="trained on public inputs and released aggregates only"))
         return fit_public(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, batch_loss=batch_loss)
 
-    def _noise_only_step(self, dp_opt: DPOptimizer, expected_batch: float, gsm: GradSampleModule, model: nn.Module,
-                         public_loss: PublicLoss | None, combine: GradientCombine | None) -> None:
+    def _noise_only_step(self, dp_opt: DPOptimizer, rng: SecureRandom, expected_batch: float, gsm: GradSampleModule,
+                         model: nn.Module, public_loss: PublicLoss | None, combine: GradientCombine | None) -> None:
         """An empty Poisson batch: the released update is pure noise, exactly as DPOptimizer would add."""
         std = self.noise_multiplier * self.max_grad_norm
         for group in dp_opt.original_optimizer.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    p.grad = torch.normal(0.0, std, size=p.shape) / expected_batch
+                    p.grad = rng.normal(p.shape, std=std, dtype=p.dtype).to(p.device) / expected_batch
         self._add_public_gradient(gsm, model, public_loss, combine)
         dp_opt.original_optimizer.step()
 

@@ -16,11 +16,15 @@ and only then releases the payload (check, then commit; write-ahead).
 - :func:`gaussian_histogram`: record-level Gaussian mechanism on label counts
   (sensitivity 1 under add/remove: one record changes one count by one).
 
-All randomness comes from an explicit, seeded ``torch.Generator`` so that runs
-are reproducible. Caveat (Mironov, "On Significance of the Least Significant
-Bits for Differential Privacy", CCS 2012): floating-point Gaussian samples from
-a non-cryptographic PRNG are the standard practice of Opacus and TF-Privacy, but
-are not a formally proven implementation of the continuous Gaussian.
+All noise comes from :class:`~securefl.privacy.randomness.SecureRandom`, a
+CSPRNG keyed from OS entropy, fresh for every call and every field: never from
+the run's seed, which the coordinator knows (it could regenerate the noise and
+subtract it). There is no generator argument, so none can be passed by mistake;
+a DP release is reproducible in distribution only. Caveat (Mironov, "On
+Significance of the Least Significant Bits for Differential Privacy", CCS 2012):
+floating-point Gaussian samples are the standard practice of Opacus and
+TF-Privacy, but are not a formally proven implementation of the continuous
+Gaussian.
 
 References
 ----------
@@ -39,6 +43,7 @@ import torch
 
 from securefl.privacy.analysis.conversions import effective_noise_multiplier, top_up_std
 from securefl.privacy.events import PrivacyEvent, Relation, Unit
+from securefl.privacy.randomness import SecureRandom
 
 Payload = TypeVar("Payload", torch.Tensor, Mapping[str, torch.Tensor])
 
@@ -63,15 +68,6 @@ def _positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
-
-
-def _check_generator(generator: object) -> torch.Generator:
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a seeded torch.Generator, got {type(generator).__name__}; "
-            "mechanisms never draw from global randomness"
-        )
-    return generator
 
 
 def _check_relation(relation: str) -> None:
@@ -139,10 +135,10 @@ def clip_payload(payload: Payload, *, clip_norm: float) -> Payload:
     return _map(payload, lambda t: t.detach() * factor)
 
 
-def _add_noise(payload: Payload, *, std: float, generator: torch.Generator) -> Payload:
+def _add_noise(payload: Payload, *, std: float) -> Payload:
     def noisy(t: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device)
-        return t + std * noise
+        # A fresh key per field: no two fields (or releases) share noise, so none can cancel another's.
+        return t + SecureRandom().normal(t.shape, std=std, dtype=t.dtype).to(t.device)
 
     return _map(payload, noisy)
 
@@ -152,7 +148,6 @@ def clip_and_noise(
     *,
     clip_norm: float,
     noise_multiplier: float,
-    generator: torch.Generator,
     relation: Relation = "replace_one",
     unit: Unit = "participant",
     payload_kind: str = "participant_update",
@@ -167,8 +162,6 @@ def clip_and_noise(
         C, the L2 bound of the clipped payload.
     noise_multiplier : float
         σ; the noise std is σ·Δ with Δ = :func:`sensitivity_for` (C or 2C, see there).
-    generator : torch.Generator
-        Seeded source of all randomness.
     relation : {"replace_one", "add_remove"}
         Replace-one (the default) is the meaningful relation for local noise:
         an observer sees whether a participant sent a message at all.
@@ -186,10 +179,9 @@ def clip_and_noise(
     """
     clip_norm = _positive("clip_norm", clip_norm)
     noise_multiplier = _positive("noise_multiplier", noise_multiplier)
-    generator = _check_generator(generator)
     sensitivity = sensitivity_for(clip_norm=clip_norm, relation=relation, unit=unit)
     clipped = clip_payload(payload, clip_norm=clip_norm)
-    noised = _add_noise(clipped, std=noise_multiplier * sensitivity, generator=generator)
+    noised = _add_noise(clipped, std=noise_multiplier * sensitivity)
     event = PrivacyEvent(
         unit=unit,
         mechanism="gaussian",
@@ -239,7 +231,6 @@ def distributed_noise_share(
     noise_multiplier: float,
     n_contributors: int,
     relation: Relation,
-    generator: torch.Generator,
     payload_kind: str = "participant_update",
 ) -> tuple[Payload, PrivacyEvent]:
     """Clip to C and add this contributor's share N(0, σ²Δ²/n) of the distributed noise.
@@ -255,11 +246,10 @@ def distributed_noise_share(
         raise ValueError(f"n_contributors must be an integer >= 1, got {n_contributors!r}")
     clip_norm = _positive("clip_norm", clip_norm)
     noise_multiplier = _positive("noise_multiplier", noise_multiplier)
-    generator = _check_generator(generator)
     sensitivity = sensitivity_for(clip_norm=clip_norm, relation=relation)
     clipped = clip_payload(payload, clip_norm=clip_norm)
     share_std = noise_multiplier * sensitivity / math.sqrt(n_contributors)
-    noised = _add_noise(clipped, std=share_std, generator=generator)
+    noised = _add_noise(clipped, std=share_std)
     event = distributed_event(
         clip_norm=clip_norm,
         noise_multiplier=noise_multiplier,
@@ -274,7 +264,6 @@ def gaussian_histogram(
     counts: torch.Tensor,
     *,
     noise_multiplier: float,
-    generator: torch.Generator,
     payload_kind: str = "label_histogram",
 ) -> tuple[torch.Tensor, PrivacyEvent]:
     """Release label counts with the Gaussian mechanism, record-level, sensitivity 1.
@@ -289,10 +278,9 @@ def gaussian_histogram(
     if counts.dim() != 1:
         raise ValueError(f"counts must be 1-D (one count per label), got shape {tuple(counts.shape)}")
     noise_multiplier = _positive("noise_multiplier", noise_multiplier)
-    generator = _check_generator(generator)
     values = counts.detach().to(torch.float64)
-    noise = torch.randn(values.shape, generator=generator, dtype=torch.float64)
-    return values + noise_multiplier * noise, histogram_event(noise_multiplier, payload_kind=payload_kind)
+    noise = SecureRandom().normal(values.shape, std=noise_multiplier, dtype=torch.float64)
+    return values + noise, histogram_event(noise_multiplier, payload_kind=payload_kind)
 
 
 def histogram_event(noise_multiplier: float, *, payload_kind: str = "label_histogram") -> PrivacyEvent:

@@ -127,7 +127,7 @@ class PlainTrainer:
         """Train on public data. A DP trainer logs it as a zero-cost step; this one just trains."""
         return fit_public(model, optimizer, x, y, batch_size=batch_size, epochs=epochs, batch_loss=batch_loss)
 
-    def label_histogram(self, labels: torch.Tensor, num_classes: int, *, generator: torch.Generator) -> torch.Tensor:
+    def label_histogram(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The participant's label counts as it may share them: here, exactly (a DP trainer adds noise)."""
         return torch.bincount(labels, minlength=num_classes).float()
 

@@ -1,4 +1,4 @@
-"""Mechanisms clip and noise as their events claim, from an explicit generator."""
+"""Mechanisms clip and noise as their events claim, with fresh secret noise on every call and field."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_mapping_payload_is_clipped_jointly() -> None:
 def test_clip_and_noise_std_and_event(relation: str, factor: float) -> None:
     clip, sigma = 0.7, 1.3
     noised, event = clip_and_noise(
-        torch.zeros(N, dtype=torch.float64), clip_norm=clip, noise_multiplier=sigma, generator=gen(), relation=relation
+        torch.zeros(N, dtype=torch.float64), clip_norm=clip, noise_multiplier=sigma, relation=relation
     )
     assert float(noised.std()) == pytest.approx(sigma * factor * clip, rel=0.02)
     assert abs(float(noised.mean())) < 0.02
@@ -64,17 +64,21 @@ def test_clip_and_noise_std_and_event(relation: str, factor: float) -> None:
     assert event.noise_multiplier == sigma and event.noise_std == pytest.approx(sigma * factor * clip)
 
 
-def test_noise_is_deterministic_given_the_generator() -> None:
+def test_noise_is_fresh_for_every_call_and_every_field() -> None:
     x = torch.ones(1000)
-    a, _ = clip_and_noise(x, clip_norm=1.0, noise_multiplier=1.0, generator=gen(5))
-    b, _ = clip_and_noise(x, clip_norm=1.0, noise_multiplier=1.0, generator=gen(5))
-    c, _ = clip_and_noise(x, clip_norm=1.0, noise_multiplier=1.0, generator=gen(6))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    a, _ = clip_and_noise(x, clip_norm=1.0, noise_multiplier=1.0)
+    b, _ = clip_and_noise(x, clip_norm=1.0, noise_multiplier=1.0)
+    assert not torch.equal(a, b)  # the same input twice: independent noise, nothing to cancel
+    both, _ = clip_and_noise({"u": torch.zeros(1000), "v": torch.zeros(1000)}, clip_norm=1.0, noise_multiplier=1.0)
+    assert not torch.equal(both["u"], both["v"])
+    assert abs(float(torch.corrcoef(torch.stack([both["u"], both["v"]]))[0, 1])) < 0.2
 
 
-def test_randomness_must_be_explicit() -> None:
+def test_a_seeded_generator_cannot_be_passed() -> None:
+    # The run's seed is known to the coordinator: no mechanism takes its randomness from outside.
     with pytest.raises(TypeError, match="generator"):
-        clip_and_noise(torch.ones(3), clip_norm=1.0, noise_multiplier=1.0, generator=None)  # type: ignore[arg-type]
+        clip_and_noise(torch.ones(3), clip_norm=1.0, noise_multiplier=1.0,
+                       generator=torch.Generator().manual_seed(0))  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(
@@ -88,27 +92,26 @@ def test_randomness_must_be_explicit() -> None:
     ],
 )
 def test_bad_parameters_named(kwargs: dict, match: str) -> None:
-    base = dict(clip_norm=1.0, noise_multiplier=1.0, generator=gen())
+    base = dict(clip_norm=1.0, noise_multiplier=1.0)
     with pytest.raises(ValueError, match=match):
         clip_and_noise(torch.ones(3), **{**base, **kwargs})
 
 
 def test_nan_payload_refused() -> None:
     with pytest.raises(ValueError, match="NaN"):
-        clip_and_noise(torch.tensor([1.0, math.nan]), clip_norm=1.0, noise_multiplier=1.0, generator=gen())
+        clip_and_noise(torch.tensor([1.0, math.nan]), clip_norm=1.0, noise_multiplier=1.0)
 
 
 def test_distributed_shares_sum_to_sigma_delta() -> None:
     n, clip, sigma = 4, 1.0, 1.5
     shares, events = [], []
-    for i in range(n):
+    for _ in range(n):
         share, event = distributed_noise_share(
             torch.zeros(N, dtype=torch.float64),
             clip_norm=clip,
             noise_multiplier=sigma,
             n_contributors=n,
             relation="add_remove",
-            generator=gen(100 + i),
         )
         assert float(share.std()) == pytest.approx(sigma * clip / math.sqrt(n), rel=0.02)
         shares.append(share)
@@ -139,7 +142,7 @@ def test_histogram_sensitivity_one_and_noise() -> None:
     counts = torch.bincount(labels, minlength=10)
     neighbour = torch.bincount(labels[1:], minlength=10)  # one record removed
     assert float((counts - neighbour).double().norm()) == 1.0  # the sensitivity the event claims
-    noised, event = gaussian_histogram(counts, noise_multiplier=2.0, generator=gen(4))
+    noised, event = gaussian_histogram(counts, noise_multiplier=2.0)
     assert noised.dtype == torch.float64 and noised.shape == counts.shape
     assert (event.sensitivity, event.relation, event.unit, event.payload) == (
         1.0,
@@ -147,15 +150,15 @@ def test_histogram_sensitivity_one_and_noise() -> None:
         "record",
         "label_histogram",
     )
-    big, _ = gaussian_histogram(torch.zeros(N, dtype=torch.long), noise_multiplier=2.0, generator=gen(4))
+    big, _ = gaussian_histogram(torch.zeros(N, dtype=torch.long), noise_multiplier=2.0)
     assert float(big.std()) == pytest.approx(2.0, rel=0.02)
     with pytest.raises(ValueError, match="1-D"):
-        gaussian_histogram(torch.zeros(2, 2), noise_multiplier=1.0, generator=gen())
+        gaussian_histogram(torch.zeros(2, 2), noise_multiplier=1.0)
 
 
 def test_record_level_clip_and_noise_uses_the_ball_diameter() -> None:
     # One record can move a clipped payload anywhere in the C-ball: Δ = 2C even under add/remove.
     _, event = clip_and_noise(
-        torch.ones(4), clip_norm=1.5, noise_multiplier=1.0, generator=gen(), relation="add_remove", unit="record"
+        torch.ones(4), clip_norm=1.5, noise_multiplier=1.0, relation="add_remove", unit="record"
     )
     assert event.unit == "record" and event.sensitivity == 3.0
