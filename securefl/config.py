@@ -23,6 +23,7 @@ from pydantic import Field as PydField
 
 from securefl.crypto.ckks import CkksParams
 from securefl.models.zoo import ModelName
+from securefl.privacy.cohort import Cohort, participants_per_round
 from securefl.protocols import PROTOCOLS
 
 
@@ -150,12 +151,15 @@ class PrivacyConfig(Section):
     noise: Literal["local", "distributed"] = PydField(
         "local", description="participant level: full noise at each participant, or shares summed under secure aggregation")
     min_contributors: float = PydField(
-        0.67, gt=0, le=1, description="distributed noise: fraction of a round's participants whose shares must reach the sum")
+        0.67, gt=0, le=1, description="minimum cohort under CKKS or distributed noise: the fewest contributors an "
+        "aggregate may hold, as a fraction of a round's participants (t = max(ceil(f·n), n//2+1)); participants "
+        "refuse to open fewer, and distributed noise is booked for the shares of t")
 
 
 class MaskingConfig(Section):
     threshold_fraction: float = PydField(
-        0.67, gt=0.5, le=1, description="Shamir threshold t as a fraction of the round's participants (t > n/2)")
+        0.67, gt=0.5, le=1, description="Shamir threshold t as a fraction of the round's participants (t > n/2); "
+        "with distributed noise the larger of this and privacy.min_contributors is the one t of both")
 
 
 class _ExperimentBase(Section):
@@ -248,6 +252,31 @@ class _ExperimentBase(Section):
             raise ValueError("privacy.noise = 'distributed' needs secure_aggregation (ckks or masking): without it "
                              "the server sees each participant's share, which carries only part of the noise")
         return self
+
+    @model_validator(mode="after")
+    def _cohort_of_two(self) -> _ExperimentBase:
+        n = self.cohort().per_round
+        if self.secure_aggregation != "none" and n < 2:
+            # A "sum" of one contributor is that owner's payload: every key holder could open it.
+            raise ValueError(
+                f"run.participation = {self.run.participation:g} samples {n} of {len(self.participants)} "
+                f"participants a round; secure_aggregation = {self.secure_aggregation!r} needs at least 2 per "
+                "round (an aggregate of one contributor is that owner's payload)")
+        return self
+
+    def cohort_fraction(self) -> float:
+        """The fraction that gives the one minimum cohort t: the larger of those in force (masking's threshold
+        under masking, privacy.min_contributors under CKKS or distributed noise)."""
+        if self.secure_aggregation != "masking":
+            return self.privacy.min_contributors
+        if self.privacy.unit == "participant" and self.privacy.noise == "distributed":
+            return max(self.masking.threshold_fraction, self.privacy.min_contributors)
+        return self.masking.threshold_fraction
+
+    def cohort(self) -> Cohort:
+        """n (participants sampled a round, from participation × participants) and the minimum cohort t."""
+        return Cohort.plan(per_round=participants_per_round(self.run.participation, len(self.participants)),
+                           fraction=self.cohort_fraction(), participants=[p.id for p in self.participants])
 
     def protocol_config(self) -> BaseModel:
         return getattr(self, self.protocol)

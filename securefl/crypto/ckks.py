@@ -849,6 +849,13 @@ def _normalised_weights(replies: Sequence[Message], weights: Weights) -> list[fl
     return [w / total for w in raw]
 
 
+def _contributors(replies: Sequence[Message]) -> dict[str, Any]:
+    """The public facts an aggregate carries: how many replies it sums, and whose. A key holder opens no
+    aggregate of fewer than the run's minimum cohort (:mod:`securefl.privacy.cohort`), and an individual
+    upload, which carries no such list, not at all."""
+    return {"n": len(replies), "contributors": sorted(r.sender for r in replies)}
+
+
 class CkksAggregator:
     """The aggregator interface over CKKS ciphertexts; holds only a :class:`PublicContext`.
 
@@ -936,7 +943,7 @@ class CkksAggregator:
         total = vectors[0]
         for vec in vectors[1:]:
             total += vec
-        return self._seal(total, like, n=len(replies))
+        return self._seal(total, like, **_contributors(replies))
 
     def mean(self, replies: Sequence[Message], field: str) -> SealedTensor:
         """Encrypted unweighted mean: the sum times the plaintext ``1/n``."""
@@ -944,7 +951,7 @@ class CkksAggregator:
         total = vectors[0]
         for vec in vectors[1:]:
             total += vec
-        return self._seal(total * (1.0 / len(vectors)), like, n=len(replies))
+        return self._seal(total * (1.0 / len(vectors)), like, **_contributors(replies))
 
     def weighted_mean(self, replies: Sequence[Message], field: str, weights: Weights) -> SealedTensor:
         """Encrypted weighted mean with public weights.
@@ -963,7 +970,7 @@ class CkksAggregator:
         total = vectors[0] * norm[0]
         for vec, w in zip(vectors[1:], norm[1:], strict=True):
             total += vec * w
-        return self._seal(total, like, n=len(replies))
+        return self._seal(total, like, **_contributors(replies))
 
     def scale(self, sealed: SealedTensor, factor: float | np.ndarray | torch.Tensor) -> SealedTensor:
         """Multiply a sealed sum by a public plaintext (e.g. a per-element ``1 / count``).

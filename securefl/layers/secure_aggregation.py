@@ -23,6 +23,18 @@ aggregator for one that combines sealed values.
 Both also refuse what a protocol declares it cannot do under secure
 aggregation (``protocol.secure_aggregation_refusal()``, e.g. HeteroFL's sBN
 statistics query, which bypasses the layers).
+
+Minimum cohort (:mod:`securefl.privacy.cohort`). Every participant knows ``n``
+(participants sampled per round) and ``t`` from the config it accepted, not
+from the coordinator's list of who was sampled, and refuses a round whose list
+names more than ``n`` or fewer than ``t``. Under CKKS every aggregate carries
+its contributors (``params["contributors"]`` of the sealed value, inside the
+coordinator's signed message) and a participant opens none that names fewer
+than ``t``: it holds against an honest-but-curious coordinator or a bug (e.g. a
+catch-up log), not against a coordinator that forges the list, since all
+owners share one key and TenSEAL has no threshold decryption. Under masking
+``t`` is the Shamir threshold: a participant reveals no unmasking share for
+fewer than ``t`` survivors, so no aggregate of fewer can be unmasked at all.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from securefl.crypto.masking import (
 from securefl.crypto.sealed import SealedTensor, open_sealed_fields
 from securefl.crypto.signing import SIGNATURE_META_KEY, canonical_bytes
 from securefl.layers.base import Layer, LayerSetupError, Rejected, aggregatable_fields
+from securefl.privacy.cohort import UNPLANNED, Cohort, min_cohort
 from securefl.runtime.message import AGGREGATOR, Message
 
 
@@ -113,8 +126,10 @@ class CkksLayer(Layer):
     COMMITTEE_FILE = "ckks_committee.secret"
     PUBLIC_FILE = "ckks_public.context"
 
-    def __init__(self, params: CkksParams, *, key_dir: Path | None = None) -> None:
-        """A simulation's layer: the committee's keys (participant side) and the aggregator (server side)."""
+    def __init__(self, params: CkksParams, *, key_dir: Path | None = None, cohort: Cohort | None = None) -> None:
+        """A simulation's layer: the committee's keys (participant side) and the aggregator (server side).
+
+        ``cohort``: the run's (from the config); without one, only aggregates of fewer than two are refused."""
         committee_file = key_dir / self.COMMITTEE_FILE if key_dir is not None else None
         if committee_file is not None and committee_file.exists():
             # A resumed run keeps the committee's key: sealed state may outlive a round.
@@ -124,6 +139,7 @@ class CkksLayer(Layer):
             if committee_file is not None:
                 write_private_file(committee_file, keys.export_secret_for_committee())
         self._keys: KeyHolderContext | None = keys
+        self.cohort = cohort
         self._set_public(keys.public())
 
     def _set_public(self, public: PublicContext) -> None:
@@ -132,11 +148,14 @@ class CkksLayer(Layer):
         self._fields: list[str] = []
 
     @classmethod
-    def for_participant(cls, key_dir: Path) -> CkksLayer:
-        """A deployed participant's layer: the committee secret its data owner was provisioned with."""
+    def for_participant(cls, key_dir: Path, *, cohort: Cohort | None = None) -> CkksLayer:
+        """A deployed participant's layer: the committee secret its data owner was provisioned with, and the
+        cohort of the config it accepted."""
         keys = _load_committee(_provisioned(Path(key_dir) / cls.COMMITTEE_FILE, "CKKS committee key; every "
                                             "participant of a CKKS run must hold the same one"))
-        return cls._deployed(keys, keys.public())
+        layer = cls._deployed(keys, keys.public())
+        layer.cohort = cohort
+        return layer
 
     @classmethod
     def for_coordinator(cls, key_dir: Path) -> CkksLayer:
@@ -149,6 +168,7 @@ class CkksLayer(Layer):
     def _deployed(cls, keys: KeyHolderContext | None, public: PublicContext) -> CkksLayer:
         layer = cls.__new__(cls)
         layer._keys = keys
+        layer.cohort = None
         layer._set_public(public)
         return layer
 
@@ -174,7 +194,7 @@ class CkksLayer(Layer):
 
     def inbound(self, msg: Message, party: Any) -> Message:
         try:
-            return open_sealed_fields(msg, self._key_holder())
+            return open_sealed_fields(msg, _CohortOpener(self._key_holder(), self.cohort or UNPLANNED))
         except (CiphertextError, KeyError, ValueError) as exc:
             raise Rejected(msg.sender, f"cannot open a sealed field: {str(exc):.300}") from None
 
@@ -184,6 +204,9 @@ class CkksLayer(Layer):
         return self._keys
 
     def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
+        if self._keys is not None and self.cohort is not None:
+            # A participant's check of the coordinator's list (ValueError: the node refuses the request).
+            self.cohort.check_sampled(sampled)
         self._aggregator.forget_parsed()
 
     def server_inbound(self, msg: Message) -> Message:
@@ -206,10 +229,34 @@ class CkksLayer(Layer):
         return self._aggregator
 
 
-def _masking_session(run_id: str, rnd: int, sampled: Sequence[str], threshold_fraction: float) -> MaskingSession:
-    n = len(sampled)
-    # SecAgg needs a strict majority threshold (t > n/2) for its dropout-robustness argument.
-    threshold = min(n, max(n // 2 + 1, int(round(threshold_fraction * n))))
+class _CohortOpener:
+    """Opens a CKKS value only if it is an aggregate that names at least the cohort's ``t`` contributors.
+
+    An individual upload carries no contributor list, so a coordinator that forwards one owner's ciphertext
+    to another (or a log that holds a one-contributor "sum") is refused here, before anything is decrypted.
+    """
+
+    def __init__(self, keys: KeyHolderContext, cohort: Cohort) -> None:
+        self._keys, self._cohort = keys, cohort
+
+    def open(self, sealed: SealedTensor) -> torch.Tensor:
+        contributors = self._cohort.check_contributors(sealed.params.get("contributors"), what="the CKKS aggregate")
+        if sealed.params.get("n", len(contributors)) != len(contributors):
+            raise ValueError(f"the CKKS aggregate says it sums n = {sealed.params.get('n')!r:.20} replies but names "
+                             f"{len(contributors)} contributors; refusing to open it")
+        return self._keys.open(sealed)
+
+
+def _masking_session(run_id: str, rnd: int, sampled: Sequence[str], threshold_fraction: float,
+                     per_round: int | None = None) -> MaskingSession:
+    """The round's session. With ``per_round`` (n from the config) the list is checked and t comes from n;
+    without it (the coordinator's own list, on the coordinator), from the list."""
+    if per_round is None:
+        threshold = min_cohort(len(sampled), fraction=threshold_fraction)
+    else:
+        cohort = Cohort.plan(per_round=per_round, fraction=threshold_fraction)
+        cohort.check_sampled(sampled)
+        threshold = cohort.minimum
     return MaskingSession(run_id=run_id, round=rnd, participant_ids=list(sampled), threshold=threshold)
 
 
@@ -231,9 +278,12 @@ class _MaskingServer(Layer):
 
     name = "masking"
 
-    def __init__(self, *, run_id: str, threshold_fraction: float) -> None:
+    def __init__(self, *, run_id: str, threshold_fraction: float, per_round: int | None = None) -> None:
+        """``per_round``: n, the participants the config samples a round (t comes from it, and a round's list
+        is checked against it); None: from each round's list."""
         self.run_id = run_id
         self.threshold_fraction = threshold_fraction
+        self.per_round = per_round
         self._session: MaskingSession | None = None
         self._aggregator: MaskingAggregator | None = None
         self._fields: list[str] = []
@@ -275,12 +325,13 @@ class _MaskingServer(Layer):
 class MaskingLayer(_MaskingServer):
     """A simulation's masking: every participant's client and the server in one process."""
 
-    def __init__(self, *, run_id: str, threshold_fraction: float) -> None:
-        super().__init__(run_id=run_id, threshold_fraction=threshold_fraction)
+    def __init__(self, *, run_id: str, threshold_fraction: float, per_round: int | None = None) -> None:
+        super().__init__(run_id=run_id, threshold_fraction=threshold_fraction, per_round=per_round)
         self._sim: SecAggSimulation | None = None
 
     def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
-        self._sim = SecAggSimulation.setup(_masking_session(self.run_id, rnd, sampled, self.threshold_fraction))
+        self._sim = SecAggSimulation.setup(_masking_session(self.run_id, rnd, sampled, self.threshold_fraction,
+                                                            self.per_round))
         self._session, self._aggregator = self._sim.session, self._sim.aggregator
 
     def outbound(self, msg: Message, party: Any) -> Message:
@@ -333,8 +384,9 @@ class MaskingCoordinatorLayer(_MaskingServer):
     node would refuse that roster, and one bad node could abort every round's key agreement.
     """
 
-    def __init__(self, *, run_id: str, threshold_fraction: float, public_keys: Mapping[str, Any] | None = None) -> None:
-        super().__init__(run_id=run_id, threshold_fraction=threshold_fraction)
+    def __init__(self, *, run_id: str, threshold_fraction: float, public_keys: Mapping[str, Any] | None = None,
+                 per_round: int | None = None) -> None:
+        super().__init__(run_id=run_id, threshold_fraction=threshold_fraction, per_round=per_round)
         self._participants: Any = None
         self.public_keys = None if public_keys is None else dict(public_keys)
 
@@ -345,7 +397,7 @@ class MaskingCoordinatorLayer(_MaskingServer):
         if self._participants is None:
             raise LayerSetupError("secure_aggregation = 'masking' on a coordinator needs the channel to the nodes")
         ask = self._participants.ask
-        session = _masking_session(self.run_id, rnd, sampled, self.threshold_fraction)
+        session = _masking_session(self.run_id, rnd, sampled, self.threshold_fraction, self.per_round)
         aggregator = MaskingAggregator(session, unmask_batch=lambda requests: self._unmask(rnd, sampled, requests))
         invites = {pid: session.message(sender=AGGREGATOR, receiver=pid, kind=KIND_INVITE, payload={})
                    for pid in session.participant_ids}
@@ -402,15 +454,19 @@ class MaskingNodeLayer(Layer):
     name = "masking"
     STATE_DIR = "secagg"
 
-    def __init__(self, *, run_id: str, threshold_fraction: float, participant_id: str, key_dir: Path,
-                 signing_key: Any = None, public_keys: Mapping[str, Any] | None = None) -> None:
-        """``signing_key`` (this participant's :class:`~securefl.crypto.signing.PartyKeys`) and
+    def __init__(self, *, run_id: str, threshold_fraction: float, per_round: int, participant_id: str,
+                 key_dir: Path, signing_key: Any = None, public_keys: Mapping[str, Any] | None = None) -> None:
+        """``per_round``: n, the participants the accepted config samples a round; t comes from it, never from
+        the coordinator's list, and a list of more than n or fewer than t is refused.
+
+        ``signing_key`` (this participant's :class:`~securefl.crypto.signing.PartyKeys`) and
         ``public_keys`` (everyone's, from the provisioned roster): sign this node's SecAgg keys, and refuse a
         roster whose keys its peers did not sign. Both or neither."""
         if (signing_key is None) != (public_keys is None):
             raise LayerSetupError("MaskingNodeLayer needs both signing_key and public_keys, or neither")
         self.run_id = run_id
         self.threshold_fraction = threshold_fraction
+        self.per_round = per_round
         self.participant_id = participant_id
         self.state_dir = Path(key_dir) / self.STATE_DIR
         self.signing_key = signing_key
@@ -429,7 +485,7 @@ class MaskingNodeLayer(Layer):
             _provisioned(Path(key_dir) / f"{participant_id}.ed25519", f"signing key of {participant_id!r}")
             keys = {"signing_key": load_or_create_party_keys(key_dir, participant_id),
                     "public_keys": load_roster(key_dir, [p.id for p in config.participants])}
-        return cls(run_id=run_id, threshold_fraction=config.masking.threshold_fraction,
+        return cls(run_id=run_id, threshold_fraction=config.cohort_fraction(), per_round=config.cohort().per_round,
                    participant_id=participant_id, key_dir=key_dir, **keys)
 
     def check(self, protocol: Any, parties: Sequence[Any]) -> None:
@@ -438,8 +494,10 @@ class MaskingNodeLayer(Layer):
 
     def start_round(self, rnd: int, sampled: Sequence[str]) -> None:
         self._session = None
-        if self.participant_id in sampled and len(sampled) >= 2:
-            self._session = _masking_session(self.run_id, rnd, sampled, self.threshold_fraction)
+        # Checked whether or not this node was sampled: a list the config cannot produce is a lying coordinator.
+        session = _masking_session(self.run_id, rnd, sampled, self.threshold_fraction, self.per_round)
+        if self.participant_id in sampled:
+            self._session = session
         for old in self.state_dir.glob(f"{self.participant_id}.round*.state"):
             if old != self._state_file(rnd):
                 old.unlink()

@@ -54,15 +54,17 @@ def build_layers(config: Any, *, side: Side, run_id: str, key_dir: Path, party_i
         from securefl.layers.secure_aggregation import CkksLayer
 
         if side == "simulation":
-            layers.append(CkksLayer(config.ckks, key_dir=key_dir))
+            layers.append(CkksLayer(config.ckks, key_dir=key_dir, cohort=config.cohort()))
         elif side == "participant":
-            layers.append(CkksLayer.for_participant(key_dir))
+            layers.append(CkksLayer.for_participant(key_dir, cohort=config.cohort()))
         else:
             layers.append(CkksLayer.for_coordinator(key_dir))
     elif config.secure_aggregation == "masking":
         from securefl.layers import secure_aggregation as sa
 
-        masking = {"run_id": run_id, "threshold_fraction": config.masking.threshold_fraction}
+        # One minimum cohort t for masking and DP, from n = participation × participants (never the round's list).
+        masking = {"run_id": run_id, "threshold_fraction": config.cohort_fraction(),
+                   "per_round": config.cohort().per_round}
         if side == "simulation":
             layers.append(sa.MaskingLayer(**masking))
         elif side == "participant":

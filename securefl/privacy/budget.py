@@ -38,6 +38,18 @@ class PrivacyPolicy(BaseModel):
         The unit of privacy the policy protects.
     participant : str, optional
         Whose policy this is (checked against the participant it is applied to).
+    secure_aggregation : list of {"ckks", "masking"}, optional
+        The secure aggregations the owner accepts; a node refuses a run with none of them
+        (absent: no requirement).
+    signing : bool, optional
+        ``true``: a node refuses a run whose messages are not signed.
+    min_contributors : float, optional
+        Smallest fraction of a round's participants any aggregate of the owner's releases may hold
+        (in (0, 1]); a node refuses a run whose cohort fractions (``privacy.min_contributors`` and, under
+        masking, ``masking.threshold_fraction``) are smaller.
+
+    Without a policy a node may run without DP; with one it refuses ``privacy.unit: none`` and a
+    larger δ than the policy's, and keeps a ledger (see :mod:`securefl.deploy.approval`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -46,6 +58,10 @@ class PrivacyPolicy(BaseModel):
     delta: float = Field(gt=0, lt=1)
     unit: Unit = "record"
     participant: str | None = None
+    # Optional requirements on the setup (older policy files, without them, stay valid).
+    secure_aggregation: list[Literal["ckks", "masking"]] | None = Field(None, min_length=1)
+    signing: bool | None = None
+    min_contributors: float | None = Field(None, gt=0, le=1)
 
     @field_validator("max_epsilon")
     @classmethod

@@ -43,10 +43,12 @@ class FreshProcessNodes:
         self.key_root, self.silent = key_root, silent if silent is not None else set()
         self.tamper = tamper  # a coordinator that rewrites what it relays
         self.keys = {pid: PartyKeys.generate(pid) for pid in ids}
+        self.per_round = len(ids)  # n of the config the nodes accepted
         self.rejected: list[tuple[str, str]] = []
 
     def node(self, pid: str, rnd: int, sampled: list[str]) -> MaskingNodeLayer:
-        layer = MaskingNodeLayer(run_id=RUN, threshold_fraction=0.5, participant_id=pid, key_dir=self.key_root / pid,
+        layer = MaskingNodeLayer(run_id=RUN, threshold_fraction=0.5, per_round=self.per_round, participant_id=pid,
+                                 key_dir=self.key_root / pid,
                                  signing_key=self.keys[pid],
                                  public_keys={q: k.public_key for q, k in self.keys.items()})
         layer.check(FAKE_PROTOCOL, [])
@@ -153,7 +155,9 @@ def test_nodes_refuse_a_roster_whose_keys_the_coordinator_substituted(tmp_path: 
 
 
 def fedmd_config(secure_aggregation: str) -> Any:
-    return tiny_config(protocol="fedmd", secure_aggregation=secure_aggregation, run={"rounds": 2})
+    # t = 2 of 3 (min_cohort(3, 0.6)), so one lost node is recovered; at the default 0.67, t = ceil(2.01) = 3.
+    return tiny_config(protocol="fedmd", secure_aggregation=secure_aggregation, run={"rounds": 2},
+                       masking={"threshold_fraction": 0.6})
 
 
 def deployed_run(tmp_path: Path, name: str, config: Any, fail: dict[tuple[str, int], set[str]]) -> Path:

@@ -272,7 +272,9 @@ def test_a_payload_outside_the_ckks_range_is_withheld_and_logged_not_a_crash(tmp
     from securefl.runtime.federation import Federation
     from tests.conftest import tiny_config
 
-    fed = Federation(tiny_config(secure_aggregation="ckks"), tmp_path / "run", progress=False)
+    # t = 2 of 3 (min_cohort(3, 0.5)): the other two's consensus is an aggregate participants may open.
+    fed = Federation(tiny_config(secure_aggregation="ckks", privacy={"min_contributors": 0.5}), tmp_path / "run",
+                     progress=False)
     original = fed.protocol.client_step
 
     def diverged(party, inbox, rnd):  # type: ignore[no-untyped-def]

@@ -32,9 +32,13 @@ def small_config(*, secure: str = "none", dp: bool = False, signing: bool = True
         "run": {"rounds": rounds},
         "secure_aggregation": secure,
         "signing": signing,
+        # A minimum cohort of t = 2 of 3 (min_cohort(3, 0.6)), so one faulty participant leaves an aggregate the
+        # others may open; at the default 0.67, t = ceil(2.01) = 3 and any fault aborts the round.
+        "masking": {"threshold_fraction": 0.6},
+        "privacy": {"min_contributors": 0.6},
     }
     if dp:
-        raw["privacy"] = {"unit": "participant", "clip_norm": 5.0}
+        raw["privacy"] = {"unit": "participant", "clip_norm": 5.0, "min_contributors": 0.6}
     return parse_config(small_raw(raw, changes, partition))
 
 
