@@ -22,13 +22,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol: Protocol, *,
                  facts: Mapping[str, Mapping[str, Any]] | None = None,
                  stopped: dict[str, str] | None = None) -> dict[str, Any]:
-    """``facts``: what each participant's host reports about it (train records; with DP its ε, δ, target,
-    unit, ...): in a deployment only the owner's node knows them."""
+    """``facts``: what each participant's host reports about it (train records, which it withholds under DP;
+    with DP its ε, δ, target, unit, ...): in a deployment only the owner's node knows them. The record
+    counts come only from there, never from this process's own view of the data."""
     metrics = read_metrics(run_dir)
     final = metrics[-1]
     stopped = stopped or {}
     participants = [
-        {"id": p.id, "model": p.model_name, **({"lr": p.lr} if p.lr is not None else {}), "train_records": p.num_samples,
+        {"id": p.id, "model": p.model_name, **({"lr": p.lr} if p.lr is not None else {}),
          "final_accuracy": final["participants"][p.id]["accuracy"],
          **{k: v for k, v in final["participants"][p.id].items() if k != "accuracy"},
          "stopped_early": p.id in stopped,
@@ -72,6 +73,11 @@ def model_label(participant: dict[str, Any]) -> str:
     return participant["model"] + (f" (own lr {participant['lr']:g})" if "lr" in participant else "")
 
 
+def train_records(participant: Mapping[str, Any]) -> str:
+    """A participant's record count as the report shows it; its host withholds it under DP."""
+    return str(participant["train_records"]) if "train_records" in participant else "withheld (DP)"
+
+
 def participant_report(row: Mapping[str, Any], run: Mapping[str, Any], *, ledger: str, audit_dir: Path | str) -> str:
     """One data owner's page: what its data bought, what it spent, what bound it, and how to check."""
     lines = [
@@ -79,7 +85,7 @@ def participant_report(row: Mapping[str, Any], run: Mapping[str, Any], *, ledger
         "",
         f"- Run: {run['protocol']} on {run['dataset']}, {run['rounds']} rounds, seed {run['seed']}; "
         f"secure aggregation: {run['secure_aggregation']}",
-        f"- Model: {model_label(row)}; training records: {row['train_records']}",
+        f"- Model: {model_label(row)}; training records: {train_records(row)}",
         f"- Final test accuracy: **{row['final_accuracy']:.4f}**",
     ]
     if "epsilon" in row:
@@ -175,7 +181,7 @@ def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[st
     ]
     first = metrics[0]["participants"]
     for p in summary["participants"]:
-        lines.append(f"| {p['id']} | {model_label(p)} | {p['train_records']} | {p['final_accuracy']:.4f} | "
+        lines.append(f"| {p['id']} | {model_label(p)} | {train_records(p)} | {p['final_accuracy']:.4f} | "
                      f"{first[p['id']]['accuracy']:.4f} |")
     if summary["privacy_unit"] != "none":
         lines += ["", f"## Privacy ({summary['privacy_unit']}-level DP, secure aggregation: "

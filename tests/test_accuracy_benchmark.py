@@ -225,3 +225,29 @@ def test_a_finished_cell_made_under_another_config_is_not_reused(accuracy, tmp_p
     assert "summary" not in stale and "fedgen.lr" in stale["failed"]
     (tmp_path / "config.yaml").write_text(dump_config(config))
     assert accuracy.reuse_finished(task, tmp_path, config)["summary"] == {"mean_accuracy": 0.29}
+
+
+def test_every_dp_cell_passes_the_privacy_set_up_and_releases_no_count(accuracy):
+    """Issue 19, findings 4-7: a DP cell must not weight by exact record counts or send the classes present,
+    or its run is refused before round 1 (FedAvg averages uniformly, FedGen's reference heads unweighted, HeteroFL
+    takes every class), while the non-private column keeps each paper's own setting."""
+    from types import SimpleNamespace
+
+    from securefl.layers.privacy import unsafe_release_reasons
+    from securefl.protocols import get_protocol
+
+    # What the protocols read of the data at construction (Fashion-MNIST's shapes), without loading it.
+    ctx = SimpleNamespace(input_shape=(1, 28, 28), num_classes=10, seed=0,
+                          split=SimpleNamespace(private_classes=tuple(range(10))))
+    for row in accuracy.ROWS:
+        if row.protocol == "pooled":
+            continue  # refused under record-level DP for its own reason (no participant to protect)
+        for eps in ("8", "mixed"):
+            config = parse_config(accuracy.cell_config("A1", row, eps, 0, quick=False, data_dir=None, rounds=None,
+                                                       sets=()))
+            protocol = get_protocol(config.protocol)(config.protocol_config(), ctx)
+            assert unsafe_release_reasons(protocol, unit=config.privacy.unit, noise=config.privacy.noise) == [], row
+    by_name = {(row.protocol, row.variant): row for row in accuracy.ROWS}
+    private = accuracy.cell_config("A1", by_name["fedavg", "homogeneous cnn_s"], "inf", 0, quick=False, data_dir=None,
+                                   rounds=None, sets=())
+    assert "weighting" not in private.get("fedavg", {})  # the paper's sample weighting, without DP

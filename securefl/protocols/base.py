@@ -192,6 +192,43 @@ class Protocol(ABC):
         """
         return None
 
+    # ----- what leaves a participant besides the declared payload fields ----------------------
+    # Declarations only: the privacy set-up (``securefl.layers.privacy.refuse_unsafe_releases``) reads them
+    # and refuses, before round 1, a combination that would release private data outside the ledger.
+    def uplink_metadata(self) -> dict[str, Field]:
+        """The metadata keys this configuration puts on its uplink, each as a :class:`Field`.
+
+        ``private=True`` marks a key derived from private data (a record count, the classes present). Its
+        description says what it reveals and which setting sends none: no DP layer noises metadata, so under
+        any DP unit a private key is refused before round 1.
+        """
+        return {}
+
+    def weighted_aggregation(self) -> str | None:
+        """The per-contributor weights the server combines uplinks with, and which setting drops them (None:
+        unweighted sums and means only).
+
+        A weighted sum scales each contributor's noise share by its weight, so the heaviest one carries less
+        than its booked share of distributed noise: distributed noise is for unweighted sums only.
+        """
+        return None
+
+    def peer_to_peer(self) -> str | None:
+        """What goes to peers one message at a time, each seen on its own, and which setting sends it through
+        the aggregator instead (None: everything goes to the aggregator)."""
+        return None
+
+    def releases_outside_layers(self) -> str | None:
+        """What this configuration releases that does not pass the participants' layers, so no DP layer
+        clips, noises or books it (None: everything goes through them)."""
+        return None
+
+    def record_coupling(self) -> str | None:
+        """How one record's presence changes the training on the other records of its participant (None: each
+        record's loss depends on that record and public facts only). Coupled records void DP-SGD's
+        per-record clipping bound."""
+        return None
+
     def run_notes(self) -> dict[str, str]:
         """Facts the run report must state (e.g. FedH2L's seed-set privacy assumption)."""
         return {}

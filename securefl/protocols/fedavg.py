@@ -3,15 +3,24 @@
 McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data", AISTATS 2017. The server broadcasts the global model,
 sampled clients train ``local_epochs`` on their data and send their weights,
-and the server takes the mean weighted by sample counts. FedAvg cannot mix
+and the server takes the mean weighted by sample counts (``fedavg.weighting:
+samples``, the paper's) or the plain mean (``uniform``). FedAvg cannot mix
 architectures; a heterogeneous set-up is refused before round 1.
+
+Sample weighting sends each client's exact record count in the clear, and a
+weighted sum scales each client's share of distributed noise by its count.
+Both are declared (:meth:`FedAvg.uplink_metadata`,
+:meth:`FedAvg.weighted_aggregation`), so the privacy set-up refuses
+``samples`` under DP before round 1; a DP run uses ``uniform``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+from pydantic import Field as PydField
 
 from securefl.protocols.base import (
     Downlink,
@@ -31,12 +40,14 @@ from securefl.runtime.training import accuracy
 
 
 class FedAvgConfig(ProtocolConfig):
-    pass
+    weighting: Literal["samples", "uniform"] = PydField(
+        "samples", description="server mean weighted by each client's record count (the paper), or uniform "
+                               "(sends no count; what DP needs)")
 
 
 class FedAvg(Protocol):
     name = "fedavg"
-    summary = "baseline: sample-weighted parameter averaging (homogeneous models only)"
+    summary = "baseline: parameter averaging, sample-weighted or uniform (homogeneous models only)"
     paper = "McMahan et al. 2017"
     Config = FedAvgConfig
     uplink = Schema("weights", weights=Field(aggregatable=True, description="all float parameters, flattened"))
@@ -45,6 +56,8 @@ class FedAvg(Protocol):
 
     # Sent at the start of a round to a sampled participant that missed earlier rounds' downlinks.
     CATCH_UP = "global_model_catch_up"
+
+    config: FedAvgConfig
 
     def __init__(self, config: FedAvgConfig, ctx) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, ctx)
@@ -60,6 +73,18 @@ class FedAvg(Protocol):
                 f"fedavg needs every participant to use the same model; participants use {', '.join(models)}. "
                 "Use a heterogeneous protocol (fedmd, fedh2l, heterofl, fml, fedgen) or one model name."
             )
+
+    def uplink_metadata(self) -> dict[str, Field]:
+        if self.config.weighting != "samples":
+            return {}
+        count = Field(private=True, description="the client's exact number of training records "
+                                                "(fedavg.weighting: uniform sends none)")
+        return {"num_samples": count, "aggregation_weight": count}
+
+    def weighted_aggregation(self) -> str | None:
+        if self.config.weighting == "samples":
+            return "each client's record count (fedavg.weighting = 'samples'; use fedavg.weighting: uniform)"
+        return None
 
     def setup_server(self, parties: Sequence[Party]) -> None:
         self.global_model = self.ctx.build_model(parties[0].model_name, purpose="fedavg-global")
@@ -88,9 +113,11 @@ class FedAvg(Protocol):
                           batch_size=self.ctx.training.batch_size, epochs=self.ctx.training.local_epochs,
                           max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
         msg = self.reply(party, rnd, weights=flat_parameters(party.model))
-        # Sample counts are public metadata in FedAvg (they set the weights); a masking layer
-        # pre-weights the input with the declared aggregation weight.
-        return msg.with_meta(num_samples=party.num_samples, aggregation_weight=float(party.num_samples))
+        if self.config.weighting == "samples":
+            # The count sets the client's weight, so it leaves in the clear (declared in uplink_metadata);
+            # a masking layer pre-weights the input with the declared aggregation weight.
+            msg = msg.with_meta(num_samples=party.num_samples, aggregation_weight=float(party.num_samples))
+        return msg
 
     def expected_uplink_shape(self, kind: str, field: str, sender: str, rnd: int) -> tuple[int, ...] | None:
         if (kind, field) != ("weights", "weights") or self.global_model is None:
@@ -99,8 +126,11 @@ class FedAvg(Protocol):
 
     def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
         assert self.global_model is not None
-        weights = [float(r.meta["num_samples"]) for r in replies]
-        load_flat_parameters(self.global_model, aggregator.weighted_mean(replies, "weights", weights))
+        if self.config.weighting == "samples":
+            merged = aggregator.weighted_mean(replies, "weights", [float(r.meta["num_samples"]) for r in replies])
+        else:
+            merged = aggregator.mean(replies, "weights")
+        load_flat_parameters(self.global_model, merged)
         self._global_round = rnd
         # Every participant of the round gets the new global model (the runtime sends to the sampled ones).
         for r in replies:

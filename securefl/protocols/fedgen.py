@@ -342,6 +342,20 @@ class FedGen(Protocol):
             return self.config.head_aggregation
         return "weighted_mean" if self.config.mode == "reference" else "mean"
 
+    def uplink_metadata(self) -> dict[str, Field]:
+        meta = {"replica_version": Field(private=False, description="the global update the user built on")}
+        if self.head_weighting == "weighted_mean":
+            meta["num_samples"] = Field(private=True, description=(
+                "the user's exact number of training records, which weights its head (fedgen.head_aggregation: "
+                "mean sends none)"))
+        return meta
+
+    def weighted_aggregation(self) -> str | None:
+        if self.head_weighting == "weighted_mean":
+            return ("each user's record count (fedgen.head_aggregation resolves to 'weighted_mean' in this mode; "
+                    "use fedgen.head_aggregation: mean)")
+        return None
+
     # ----- set-up ----------------------------------------------------------------------
     def _new_generator(self) -> ConditionalGenerator:
         cfg = self.config
@@ -378,8 +392,8 @@ class FedGen(Protocol):
         if self.config.label_counts == "none":
             return party.train.label_counts(self.ctx.num_classes).float()  # used only where ω = 1
         if "released_label_counts" not in party.state:
-            released = party.trainer.label_histogram(party.train.y, self.ctx.num_classes,
-                                                     generator=self.ctx.generator("label-histogram", party.id))
+            # No generator from the run's seed: a DP trainer draws the noise from OS entropy itself.
+            released = party.trainer.label_histogram(party.train.y, self.ctx.num_classes)
             party.state["released_label_counts"] = released.float().clamp_min(0)
         return party.state["released_label_counts"]
 
@@ -520,7 +534,8 @@ class FedGen(Protocol):
         # Which global update this user built on: the server sends again whatever it lost.
         msg = self.reply(party, rnd, **payload).with_meta(replica_version=replica.version)
         if self.head_weighting == "weighted_mean":
-            # Sample counts are then public metadata, as in FedAvg (they set the head weights).
+            # The count sets the head's weight, so it leaves in the clear (declared in uplink_metadata, and
+            # refused under DP).
             msg = msg.with_meta(num_samples=party.num_samples)
         return msg
 

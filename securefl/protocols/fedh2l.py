@@ -65,6 +65,15 @@ that does not depend on the model), so the relay form trains like the direct
 one up to rounding. In the ``direct`` form the relay
 never computes: ``server_step`` is never given a message.
 
+The ``direct`` form under secure aggregation or distributed noise. A secure
+aggregator seals only what goes to the relay's sum, so the posteriors a peer
+sends to each neighbour would leave in the clear, and under distributed DP
+noise each would carry only its 1/sqrt(n) share of the noise that the ledger
+books for a sum (a peer reading one message sees about twice the booked ε).
+Both combinations are refused before round 1
+(:meth:`FedH2L.secure_aggregation_refusal`, :meth:`FedH2L.peer_to_peer`).
+``exchange: relay_sum`` is the form that runs under them.
+
 Each peer is evaluated on the global balanced test set: the paper's goal is
 that every peer does well on the whole distribution, not just its own silo.
 
@@ -238,6 +247,19 @@ class FedH2L(Protocol):
                 "that only sums gives every peer the mean over all other peers, which is the full mesh")
         self.neighbours = neighbour_sets([p.id for p in parties], cfg.topology, cfg.k,
                                          self.ctx.generator("fedh2l-topology"))
+
+    def peer_to_peer(self) -> str | None:
+        if self.config.exchange == "direct":
+            return ("fedh2l.exchange = 'direct' sends each peer's posteriors to every neighbour in a message of its "
+                    "own (fedh2l.exchange: relay_sum sends them only into the relay's sum)")
+        return None
+
+    def secure_aggregation_refusal(self) -> str | None:
+        if self.config.exchange == "direct":
+            return ("fedh2l.exchange = 'direct' sends each peer's posteriors to its neighbours one message at a "
+                    "time, which no secure aggregator seals (they would cross in the clear); use "
+                    "fedh2l.exchange: relay_sum (full mesh), where the relay only ever sees the sealed sum")
+        return None
 
     def seed_indices(self) -> torch.Tensor:
         """S as indices into the public set: drawn once from the run seed, identical at every peer."""

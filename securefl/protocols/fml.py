@@ -29,10 +29,11 @@ The procedure, as in the paper:
    optimizer on the *same* minibatch.
 3. Each client uploads its meme's parameters (and float buffers).
 4. The server *merges*: the new global meme is the mean of the uploaded
-   memes (uniform as in the reference; sample-count weighting is an option),
-   and sends it back to the clients, which load it as their meme. The server
-   only forwards the merge and never reads it, so the merge can run under
-   secure aggregation, CKKS included.
+   memes (uniform as in the reference; sample-count weighting is an option,
+   which sends each client's exact record count in the clear and so is refused
+   under DP), and sends it back to the clients, which load it as their meme.
+   The server only forwards the merge and never reads it, so the merge can run
+   under secure aggregation, CKKS included.
 
 Evaluation reports both models: ``accuracy`` is the local (personalized)
 model, the paper's headline; ``meme_accuracy`` is the client's copy of the
@@ -205,6 +206,18 @@ class FML(Protocol):
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
         return [(self.config.batch_size, self.ctx.rounds * self.ctx.training.local_epochs, None)]
 
+    def uplink_metadata(self) -> dict[str, Field]:
+        if self.config.weighting != "samples":
+            return {}
+        count = Field(private=True, description="the client's exact number of training records "
+                                                "(fml.weighting: uniform sends none)")
+        return {"num_samples": count, "aggregation_weight": count}
+
+    def weighted_aggregation(self) -> str | None:
+        if self.config.weighting == "samples":
+            return "each client's record count (fml.weighting = 'samples'; use fml.weighting: uniform)"
+        return None
+
     def setup_party(self, party: Party) -> None:
         cfg = self.config
         party.model = self.ctx.build_model(party.model_name, purpose=party.id)  # the local model
@@ -262,8 +275,8 @@ class FML(Protocol):
                           payload="mutual_training")
         msg = self.reply(party, rnd, meme=flat_parameters(meme))
         if cfg.weighting == "samples":
-            # Sample counts become public metadata only when they set the weights; a masking layer
-            # pre-weights the input with the declared aggregation weight.
+            # Counts leave in the clear only when they set the weights (declared in uplink_metadata); a
+            # masking layer pre-weights the input with the declared aggregation weight.
             msg = msg.with_meta(num_samples=party.num_samples, aggregation_weight=float(party.num_samples))
         return msg
 

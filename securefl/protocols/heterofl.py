@@ -31,8 +31,9 @@ Scaler divides by r_m / r_global. Each round:
    the reference's defaults, fresh optimizer every round as in the
    reference), with static batch norm (batch statistics only), the Scaler,
    and the cross-entropy masked to the classes present in its data (its
-   *label split*). The learning rate follows the reference's MultiStepLR over
-   global rounds: ``lr * lr_decay ** #{milestones < round}``.
+   *label split*; ``label_split: all`` takes every class instead, see
+   "Under DP" below). The learning rate follows the reference's MultiStepLR
+   over global rounds: ``lr * lr_decay ** #{milestones < round}``.
 3. **Up.** The trained slice, zero-padded to global coordinates as one flat
    vector, with the classifier rows (weights and biases) of the classes
    absent from the client's data set to 0. The client's rate and label split
@@ -95,6 +96,27 @@ therefore refuses ``norm: bn`` before round 1
 ``norm: bn`` cannot run with participants on their own nodes
 (``simulation_only``). Routing the query through the layers needs a
 post-aggregation query phase in the runtime.
+
+Under DP. Two habits of the reference release private data that no DP layer
+noises or books; each is declared, and the privacy set-up refuses it before
+round 1 under any DP unit:
+
+- ``norm: bn`` sends the per-channel sums (sum x, sum x^2, n) of every
+  client's raw training data to the server, outside the layers and the ledger
+  (:meth:`HeteroFL.releases_outside_layers`); use ``norm: gn``;
+- ``label_split: present`` sends the set of classes in a client's data in the
+  clear every round (a class held by one record exposes that record exactly),
+  and masks every record's loss to that set, so removing a class's only record
+  changes the gradient of every other record and DP-SGD's per-record clipping
+  no longer bounds one record (:meth:`HeteroFL.uplink_metadata`,
+  :meth:`HeteroFL.record_coupling`). ``label_split: all`` uses every class of
+  the task: the split is public, the mask is constant, and every classifier
+  row is sent and counted.
+
+How the protocol learns that it runs under DP: it does not. ``label_split`` is
+an ordinary setting, and the privacy set-up (which reads the declarations)
+refuses the unsafe value, naming it, so a DP config states ``all`` itself and
+the same file runs the same way everywhere.
 
 Participants' ``model`` names are ignored: every HeteroFL client's model is a
 slice of the one global model, chosen by ``heterofl.model`` (``conv`` or
@@ -183,6 +205,9 @@ class HeteroFLConfig(ProtocolConfig):
     lr_decay: float = PydField(0.1, gt=0, le=1, description="MultiStepLR factor")
     sbn_clients: Literal["all", "sampled"] = PydField(
         "all", description="whose training data the sBN statistics are summed over")
+    label_split: Literal["present", "all"] = PydField(
+        "present", description="a client's classes: those present in its data (the reference; public metadata, "
+                               "refused under DP) or every class of the task")
 
     @field_validator("proportions")
     @classmethod
@@ -503,9 +528,10 @@ class HeteroFL(Protocol):
         passed = sum(1 for m in self.config.milestones if m < rnd)
         return (self.config.lr if base is None else base) * self.config.lr_decay ** passed
 
-    @staticmethod
-    def label_split(party: Party) -> torch.Tensor:
-        """The classes present in a client's training data (public metadata in HeteroFL)."""
+    def label_split(self, party: Party) -> torch.Tensor:
+        """A client's classes, sent as metadata: those present in its training data, or every class."""
+        if self.config.label_split == "all":
+            return torch.arange(self.ctx.num_classes)
         return torch.unique(party.train.y)
 
     # ----- lifecycle ---------------------------------------------------------------------
@@ -519,6 +545,30 @@ class HeteroFL(Protocol):
 
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
         return [(self.config.batch_size, self.ctx.rounds * self.config.local_epochs, None)]
+
+    def uplink_metadata(self) -> dict[str, Field]:
+        present = self.config.label_split == "present"
+        return {
+            "rate": Field(private=False, description="the rate the server assigned"),
+            "label_split": Field(private=present, description=(
+                "the exact set of classes in the client's training data (a class held by one record exposes it; "
+                "heterofl.label_split: all sends every class)" if present else "every class of the task")),
+            "replica_version": Field(private=False, description="the global update the client built on"),
+        }
+
+    def releases_outside_layers(self) -> str | None:
+        if self.config.norm == "bn":
+            return ("the static batch-norm statistics, per-channel (sum x, sum x^2, n) of each client's raw training "
+                    "data, which the server's sBN query reads in the clear (heterofl.norm = 'bn'; use "
+                    "heterofl.norm: gn)")
+        return None
+
+    def record_coupling(self) -> str | None:
+        if self.config.label_split == "present" and self.config.mask:
+            return ("heterofl.label_split = 'present' masks every record's loss to the classes present in its "
+                    "client's data: removing a class's only record changes the gradient of every other record "
+                    "(use heterofl.label_split: all)")
+        return None
 
     def validate_participants(self, parties: Sequence[Party]) -> None:
         # Rates are drawn over every participant in config order, on the server and on every node alike.

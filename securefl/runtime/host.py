@@ -139,9 +139,14 @@ class ParticipantHost:
 
     def finish(self) -> dict[str, dict[str, Any]]:
         """Seal every hosted ledger; what the report says of each participant (records, the rate it trained at
-        if its own, privacy spent). On a deployment only the node knows them: its owner may have set the rate."""
+        if its own, privacy spent). On a deployment only the node knows them: its owner may have set the rate.
+
+        Under DP the record count is left out: an exact count is private (one record more or less changes it)
+        and no ledger books it, so it never leaves the owner."""
+        private = self.config.privacy.unit != "none"
         facts: dict[str, dict[str, Any]] = {
-            p.id: {"train_records": p.num_samples, **({"lr": p.lr} if p.lr is not None else {})} for p in self.parties}
+            p.id: {**({} if private else {"train_records": p.num_samples}), **({"lr": p.lr} if p.lr is not None else {})}
+            for p in self.parties}
         if self.privacy is not None:
             self.privacy.seal_all()
             for p in self.parties:

@@ -51,6 +51,7 @@ class ParticipantPrivacy:
     planned_steps: int
     sample_rate: float
     ledger: Ledger
+    adversary: str = ""
 
 
 @dataclass
@@ -64,6 +65,10 @@ class PrivacyRuntime:
     @classmethod
     def build(cls, fed: ParticipantHost) -> PrivacyRuntime:
         cfg = fed.config.privacy
+        from securefl.layers.privacy import refuse_unsafe_releases
+
+        # Before any ledger opens, and on every owner's node: a release the ledger could not book is refused here.
+        refuse_unsafe_releases(fed.protocol, unit=cfg.unit, noise=cfg.noise)
         runtime = cls(unit=cfg.unit, accountant=cfg.accountant, fed=fed)
         for party in fed.parties:
             runtime.participants[party.id] = runtime._set_up(fed, party, fed.config.participants[party.index])
@@ -76,8 +81,9 @@ class PrivacyRuntime:
             runtime.layer = ParticipantDPLayer(
                 noise_multipliers={pid: p.noise_multiplier for pid, p in runtime.participants.items()},
                 clip_norm=cfg.clip_norm, mode=cfg.noise, commit=runtime.commit,
-                generator=lambda pid, rnd: fed.ctx.generator("participant-dp-noise", pid, rnd),
-                min_contributors=cfg.min_contributors)
+                min_contributors=fed.config.cohort_fraction())
+            # n and t from the config this side accepted, never from the coordinator's sampled lists.
+            runtime.layer.plan_cohort(fed.config.cohort())
         return runtime
 
     # ----- set-up ----------------------------------------------------------------------------
@@ -90,6 +96,10 @@ class PrivacyRuntime:
         if target is None:
             raise PolicyError(f"participant {party.id!r}: no ε target (set target_epsilon or a policy_file)")
         experiment = ExperimentTarget(target_epsilon=target, delta=pcfg.delta or cfg.delta, unit=cfg.unit)
+        _refuse_large_delta(fed, party, experiment.delta,
+                            f"participants.{party.index}.delta" if pcfg.delta else "privacy.delta")
+        if policy is not None:
+            _refuse_large_delta(fed, party, policy.delta, f"{pcfg.policy_file}: field 'delta' of the privacy policy")
         budget, note = resolve_budget(policy, experiment, participant=party.id)
         path = ledger_path(fed.out, party.id)
         if not path.exists() and _has_checkpoint(fed.out):
@@ -103,7 +113,8 @@ class PrivacyRuntime:
         sigma, steps, rate = self._calibrate(fed, party, budget.max_epsilon, budget.delta)
         return ParticipantPrivacy(participant=party.id, unit=cfg.unit, target_epsilon=budget.max_epsilon,
                                   delta=budget.delta, budget_note=note, noise_multiplier=sigma,
-                                  planned_steps=steps, sample_rate=rate, ledger=ledger)
+                                  planned_steps=steps, sample_rate=rate, ledger=ledger,
+                                  adversary=adversary_of(fed.config))
 
     def _calibrate(self, fed: ParticipantHost, party: Any, target: float, delta: float) -> tuple[float, int, float]:
         cfg = fed.config.privacy
@@ -130,9 +141,10 @@ class PrivacyRuntime:
                                  releases=releases, accountant=cfg.accountant, unit="participant",
                                  relation="replace_one", sensitivity=2 * cfg.clip_norm)
         if cfg.noise == "distributed":
-            # The ledger books the worst case of only t of n shares reaching the sum.
-            n = fed.sampled_per_round()
-            sigma /= math.sqrt(max(1, math.ceil(cfg.min_contributors * n)) / n)
+            # The ledger books the t-1 other shares of the smallest sum accepted (a participant that sees the sum
+            # knows its own share), with n and t from the config: ParticipantDPLayer.booked_noise_factor.
+            cohort = fed.config.cohort()
+            sigma /= math.sqrt((cohort.minimum - 1) / cohort.per_round)
         return sigma, releases, 1.0
 
     @staticmethod
@@ -184,10 +196,45 @@ class PrivacyRuntime:
             "noise_multiplier": pp.noise_multiplier,
             "accountant": self.accountant,
             "budget_note": pp.budget_note,
+            "adversary": pp.adversary,
         }
 
     def ledger_path(self, participant: str) -> Path:
         return ledger_path(self.fed.out, participant)
+
+
+def _refuse_large_delta(fed: ParticipantHost, party: Any, delta: float, field: str) -> None:
+    """PolicyError, before round 1, if δ >= 1/n: such a δ allows a mechanism that publishes one unit's data
+    outright (n: the participant's records at record level, the run's participants at participant level)."""
+    if fed.config.privacy.unit == "record":
+        n, what = max(party.num_samples, 1), f"its {party.num_samples} training records (record-level DP)"
+    else:
+        n, what = len(fed.config.participants), f"the run's {len(fed.config.participants)} participants " \
+                                                  "(participant-level DP)"
+    if delta >= 1 / n:
+        raise PolicyError(f"participant {party.id!r}: {field} = {delta:g} is not below 1/n = {1 / n:.3g} (n = "
+                          f"{what}); a δ that large allows releasing one unit's data outright. Choose δ well below "
+                          f"1/n (e.g. 1e-5)")
+
+
+def adversary_of(config: Any) -> str:
+    """Whom a booked ε protects against, in words (the summary and report carry it)."""
+    cfg = config.privacy
+    if cfg.unit == "record":
+        return ("any observer of what the participant sends (the coordinator, peers, a reader of the run "
+                "directory): DP-SGD's noise is added on the participant")
+    if cfg.noise == "local":
+        return ("any observer of each release (the coordinator, peers, a reader of the run directory): the "
+                "participant adds the full noise")
+    cohort = config.cohort()
+    t, n = cohort.minimum, cohort.per_round
+    text = (f"any single observer of an aggregate, which holds at least t = {t} of n = {n} contributors: the "
+            f"coordinator, a reader, or a participant that subtracts its own share (booked with the t-1 other "
+            f"shares, σ·sqrt({t - 1}/{n})); not a coalition: k colluding owners remove k shares")
+    if config.secure_aggregation == "ckks":
+        text += ("; under CKKS all owners share one key, so the coordinator colluding with one owner can open any "
+                 f"single upload, which carries only its own share (σ/sqrt({n}))")
+    return text
 
 
 def _has_checkpoint(run_dir: Path) -> bool:

@@ -50,6 +50,17 @@ def test_fedavg_global_model_is_the_sample_weighted_mean(tmp_path: Path) -> None
     torch.testing.assert_close(down.tensor("weights"), expected)  # the round ends with the model at the clients
 
 
+def test_fedavg_uniform_weighting_takes_the_plain_mean_and_sends_no_count(tmp_path: Path) -> None:
+    fed = Federation(tiny_config(protocol="fedavg", fedavg={"weighting": "uniform"}, **SAME_MODELS), tmp_path / "run",
+                     progress=False)
+    proto = fed.protocol
+    replies = [proto.client_step(p, [], 1) for p in fed.parties]
+    assert all(not r.meta for r in replies)  # no record count, no aggregation weight
+    proto.server_step(1, replies, fed.aggregator)
+    expected = torch.stack([r.tensor("weights") for r in replies]).mean(dim=0)
+    torch.testing.assert_close(flat_parameters(proto.global_model), expected)
+
+
 def test_fedavg_catches_up_a_participant_that_missed_a_round(tmp_path: Path) -> None:
     fed = Federation(tiny_config(protocol="fedavg", **SAME_MODELS), tmp_path / "run", progress=False)
     proto, (p0, p1, p2) = fed.protocol, fed.parties
