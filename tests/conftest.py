@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,14 @@ def metrics_without_time(run_dir: Path) -> list[dict[str, Any]]:
 @pytest.fixture
 def make_config():
     return tiny_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def key_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Simulations keep their owners' keys outside the run directory (one directory per run id): in tests, a
+    temporary key store, never the home directory. Session-wide, so module-scoped runs use it too; subprocesses
+    inherit it through the environment."""
+    root = tmp_path_factory.mktemp("keys")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SECUREFL_KEYS", str(root))
+        yield root

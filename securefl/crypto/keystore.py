@@ -2,8 +2,16 @@
 
 The same Ed25519 key signs a participant's messages and seals its privacy
 ledger, and a resumed run must find it again, so keys are files in the data
-owner's key directory (in simulation, ``RUN_DIR/keys``), never regenerated
-behind the owner's back.
+owner's key directory, never regenerated behind the owner's back.
+
+A key never sits in a run directory: whoever reads a run directory (an auditor,
+a leaked backup) could otherwise re-seal a ledger with its owner's key. A node
+keeps its keys in ``NODE_DIR/keys``; a simulation, which plays every owner in
+one process, keeps them in a key store outside the run directory,
+``<root>/<run_id>/`` (:func:`simulation_key_dir`), where ``<root>`` is
+``--keys DIR``, else ``$SECUREFL_KEYS``, else ``$XDG_DATA_HOME/securefl/keys``
+(``~/.local/share/securefl/keys``). Its ``roster/`` holds the public keys the
+audit pins every ledger's seal to.
 """
 
 from __future__ import annotations
@@ -15,6 +23,26 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from securefl.crypto.signing import PartyKeys, load_public_key, public_key_bytes
+
+#: Environment variable naming the root of the simulations' key store.
+KEYS_ENV = "SECUREFL_KEYS"
+
+
+def keys_root(root: str | Path | None = None) -> Path:
+    """The simulations' key store: ``root`` if given, else ``$SECUREFL_KEYS``, else the user's data directory."""
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get(KEYS_ENV):
+        return Path(os.environ[KEYS_ENV]).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "securefl" / "keys"
+
+
+def simulation_key_dir(run_id: str, root: str | Path | None = None) -> Path:
+    """Where a simulation keeps its owners' private keys: outside its run directory, one directory per run id."""
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        raise KeyFileError(f"run id {run_id!r} cannot name a key directory")
+    return keys_root(root) / run_id
 
 
 class KeyFileError(ValueError):

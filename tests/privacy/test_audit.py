@@ -19,11 +19,17 @@ from .helpers import DELTA, key_from_seed, read_entries, rechain, write_lines, w
 KEY = key_from_seed(7)
 
 
+def pinned(**keys: object) -> dict[str, str]:
+    """Participant → hex public key, as a roster outside the run directory gives them to the audit."""
+    return {pid: key.public_key().public_bytes_raw().hex() for pid, key in keys.items()}  # type: ignore[attr-defined]
+
+
 def test_honest_run_with_every_accountant_passes(tmp_path: Path) -> None:
     for i, name in enumerate(["rdp", "pld", "prv"]):
         write_sealed_ledger(tmp_path, f"h{i}", key_from_seed(i), accountant=name)
-    report = audit_run(tmp_path)
+    report = audit_run(tmp_path, public_keys=pinned(**{f"h{i}": key_from_seed(i) for i in range(3)}))
     assert report.ok, report.format_table()
+    assert all(r.pinned for r in report.rows) and report.unpinned == []
     assert {(r.participant, r.unit) for r in report.rows} == {(f"h{i}", u) for i in range(3) for u in ("participant", "record")}
     by = {(r.participant, r.unit): r for r in report.rows}
     rdp_row = by[("h0", "record")]
@@ -44,8 +50,8 @@ def test_honest_run_with_every_accountant_passes(tmp_path: Path) -> None:
 
 def test_quick_recheck_gives_the_same_verdict(tmp_path: Path) -> None:
     write_sealed_ledger(tmp_path, "h1", KEY, accountant="pld")
-    full = audit_run(tmp_path)
-    quick = audit_run(tmp_path, full_recheck=False)
+    full = audit_run(tmp_path, public_keys=pinned(h1=KEY))
+    quick = audit_run(tmp_path, full_recheck=False, public_keys=pinned(h1=KEY))
     assert full.ok and quick.ok
     assert [r.epsilon_recomputed for r in full.rows] == [r.epsilon_recomputed for r in quick.rows]
 
@@ -114,7 +120,7 @@ def test_events_only_pld_can_analyse_get_a_note_not_a_failure(tmp_path: Path) ->
     ) as ledger:
         ledger.commit(event, round=0)
         ledger.seal(KEY)
-    report = audit_run(tmp_path)
+    report = audit_run(tmp_path, public_keys=pinned(h1=KEY))
     (row,) = report.rows
     assert report.ok and row.epsilon_independent is None
     assert any("no independent accountant" in reason for reason in row.reasons)
@@ -125,9 +131,24 @@ def test_participant_without_releases(tmp_path: Path) -> None:
         tmp_path / "ledgers" / "h1.jsonl", participant="h1", max_epsilon=8.0, delta=DELTA, signing_key=KEY
     ) as ledger:
         ledger.seal(KEY)
-    report = audit_run(tmp_path)
+    report = audit_run(tmp_path, public_keys=pinned(h1=KEY))
     (row,) = report.rows
     assert report.ok and row.unit is None and row.epsilon_reported == 0.0
+
+
+def test_a_ledger_no_outside_key_confirms_is_unpinned_and_fails_unless_allowed(tmp_path: Path) -> None:
+    # Nothing outside the run directory vouches for the key: whoever wrote the directory could have re-sealed it.
+    write_sealed_ledger(tmp_path, "h1", KEY)
+    report = audit_run(tmp_path)
+    assert not report.ok and {r.status for r in report.rows} == {"unpinned"} and report.unpinned == ["h1"]
+    table = report.format_table()
+    assert "WARNING: UNPINNED" in table
+    assert any(line.startswith("h1") and line.endswith("UNPINNED") for line in table.splitlines())
+    assert "result: FAILED" in table
+    allowed = audit_run(tmp_path, allow_unpinned=True)
+    assert allowed.ok and "result: OK, but UNPINNED" in allowed.format_table()
+    data = json.loads(allowed.to_json())
+    assert data["unpinned"] == ["h1"] and data["warnings"] and not data["rows"][0]["pinned"]
 
 
 def test_unsealed_run_fails(tmp_path: Path) -> None:

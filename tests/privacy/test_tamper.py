@@ -17,6 +17,8 @@ from securefl.privacy.ledger import Ledger, canonical_json, entry_hash, public_k
 from .helpers import DELTA, key_from_seed, read_entries, rechain, write_lines, write_sealed_ledger
 
 KEY = key_from_seed(7)
+# The owners' public keys as a roster outside the run directory gives them: what the audit pins seals to.
+PINNED = {pid: key.public_key().public_bytes_raw().hex() for pid, key in (("h1", KEY), ("h2", key_from_seed(8)))}
 
 
 def reopen(path: Path, key: Ed25519PrivateKey = KEY) -> Ledger:
@@ -99,7 +101,7 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 def test_untampered_sealed_ledger_passes(sealed: Path) -> None:
-    report = audit_run(sealed.parent.parent)
+    report = audit_run(sealed.parent.parent, public_keys=PINNED)
     assert report.ok, report.format_table()
     reopen(sealed).close()
 
@@ -108,7 +110,7 @@ def test_untampered_sealed_ledger_passes(sealed: Path) -> None:
 def test_tampering_is_detected(sealed: Path, name: str) -> None:
     tamper, where = TAMPERS[name]
     tamper(sealed)
-    report = audit_run(sealed.parent.parent)
+    report = audit_run(sealed.parent.parent, public_keys=PINNED)
     assert not report.ok
     h1 = [r for r in report.rows if r.participant == "h1"]
     assert h1 and all(r.status == "tampered" for r in h1), report.format_table()
@@ -164,7 +166,13 @@ def test_the_audit_command_pins_ledger_keys_to_a_roster(sealed: Path, tmp_path: 
         (officer / "roster" / f"{pid}.pub").write_bytes(key.public_key().public_bytes_raw())
     assert main(["audit", str(run), "--roster", str(officer)]) == 0
     rewrite_with_a_forger_key(sealed, understate_steps=False)  # the same spend, sealed by someone else
-    assert main(["audit", str(run)]) == 0  # self-consistent: nothing inside the run can tell
+    capsys.readouterr()
+    # Self-consistent: nothing inside the run can tell, so without a roster the audit refuses to vouch for it...
+    assert main(["audit", str(run)]) == 1
+    assert "WARNING: UNPINNED" in capsys.readouterr().out
+    # ...and passes it only when told to, still flagging it.
+    assert main(["audit", str(run), "--allow-unpinned"]) == 0
+    assert "OK, but UNPINNED" in capsys.readouterr().out
     assert main(["audit", str(run), "--roster", str(officer)]) == 1
     assert "differs from the pinned public key" in capsys.readouterr().out
     (officer / "roster" / "h2.pub").unlink()
@@ -180,8 +188,8 @@ def test_rollback_to_an_earlier_seal_needs_the_recorded_head(sealed: Path) -> No
     lines = sealed.read_text().splitlines(keepends=True)
     sealed.write_text("".join(lines[:-2]))  # back to the first seal: a valid, signed, smaller spend
     run = sealed.parent.parent
-    assert audit_run(run).ok  # nothing inside the file can tell...
-    report = audit_run(run, expected_heads={"h1": final_head})  # ...an external record can
+    assert audit_run(run, public_keys=PINNED).ok  # nothing inside the file can tell...
+    report = audit_run(run, public_keys=PINNED, expected_heads={"h1": final_head})  # ...an external record can
     assert {r.status for r in report.rows if r.participant == "h1"} == {"tampered"}
 
 

@@ -61,11 +61,19 @@ def cut(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def run(cut: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
-    """A private copy of the cut run, with its config file."""
+def run(cut: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A private copy of the cut run, with its config file and its owners' keys (kept outside the run)."""
     shutil.copytree(cut[0], tmp_path / "run")
     shutil.copy(cut[1], tmp_path / "cfg.yaml")
+    run_id = json.loads((cut[0] / "run.json").read_text())["run_id"]
+    shutil.copytree(Path(os.environ["SECUREFL_KEYS"]) / run_id, tmp_path / "keys" / run_id)
+    monkeypatch.setenv("SECUREFL_KEYS", str(tmp_path / "keys"))
     return tmp_path / "run", tmp_path / "cfg.yaml"
+
+
+def _key_dir(run_dir: Path) -> Path:
+    """Where the simulation keeps this run's private keys: the key store, outside the run directory."""
+    return Path(os.environ["SECUREFL_KEYS"]) / json.loads((run_dir / "run.json").read_text())["run_id"]
 
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -204,17 +212,27 @@ def test_a_policy_changed_mid_run_cannot_reset_or_rewrite_the_ledger(tmp_path: P
 
 # ----- key files ----------------------------------------------------------------------------------------
 def test_a_corrupt_signing_key_file_is_named(run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    key = run[0] / "keys" / "p1.ed25519"
+    key = _key_dir(run[0]) / "p1.ed25519"
     key.write_bytes(key.read_bytes()[:40])
-    _fails_cleanly(*_resume(run, capsys), "keys/p1.ed25519", "not a readable Ed25519 private key")
+    _fails_cleanly(*_resume(run, capsys), str(key), "not a readable Ed25519 private key")
+
+
+def test_a_resume_without_the_key_store_is_refused(run: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh keys could not extend the sealed ledgers: a resume that cannot find the run's keys names where it
+    looked, and changes nothing."""
+    monkeypatch.setenv("SECUREFL_KEYS", str(tmp_path / "elsewhere"))
+    before = _snapshot(run[0])
+    _fails_cleanly(*_resume(run, capsys), str(tmp_path / "elsewhere"), "keys of run", "SECUREFL_KEYS")
+    assert _snapshot(run[0]) == before and not (tmp_path / "elsewhere").exists()
 
 
 def test_a_corrupt_ckks_committee_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, cfg = _cut_run(tmp_path, _raw(secure_aggregation="ckks"))
-    secret = run_dir / "keys" / "ckks_committee.secret"
+    secret = _key_dir(run_dir) / "ckks_committee.secret"
     secret.write_bytes(secret.read_bytes()[:100])
     before = _snapshot(run_dir)
-    _fails_cleanly(*_resume((run_dir, cfg), capsys), "keys/ckks_committee.secret", "corrupt or unreadable")
+    _fails_cleanly(*_resume((run_dir, cfg), capsys), str(secret), "corrupt or unreadable")
     assert _snapshot(run_dir) == before
 
 
