@@ -28,12 +28,14 @@ healthcare: $(STAMP)
 	$(BIN)/securefl audit runs/healthcare
 	@echo "Report: runs/healthcare/report.md; one page per hospital: runs/healthcare/participants/"
 
-# The same on a real Flower federation on this machine: a SuperLink and one SuperNode per hospital.
+# The same on a real Flower federation on this machine: a SuperLink and one SuperNode per hospital. Each node
+# requires its owner's approval of the run (signed in nodes/<id>/approvals/, as `securefl approve --yes` would)
+# and refuses any other setup, or one weaker than its policy file.
 healthcare-flower: $(STAMP)
 	$(BIN)/python examples/healthcare/make_data.py
 	rm -rf runs/healthcare-flower
 	$(BIN)/securefl flower-loopback examples/healthcare/experiment.yaml --out runs/healthcare-flower
-	@echo "Coordinator: runs/healthcare-flower/coordinator; each hospital's node: runs/healthcare-flower/nodes/"
+	@echo "Coordinator: runs/healthcare-flower/coordinator; each hospital's node (its approval, ledger, report): runs/healthcare-flower/nodes/"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

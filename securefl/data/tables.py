@@ -4,7 +4,9 @@ A table is float32 features plus int64 labels. It comes from a CSV file
 (``data.dataset = files``: each participant's ``data_file``, and the shared
 ``test_file`` and ``public_file``) or from code (:mod:`securefl.api`: a numpy
 array, a pandas DataFrame or a torch ``Dataset``). Every check names the
-participant and the file or column at fault, before any training starts.
+participant and the file, line or column at fault, before any training starts,
+and never quotes what the file holds: on a deployed node these messages go
+back to the coordinator, and a line of an owner's table is private data.
 
 On a deployed node only the node's own table is read: the other participants
 are known by id and model, never by their data.
@@ -43,12 +45,15 @@ def read_csv_table(path: str | Path, *, label_column: str, what: str) -> Table:
         with open(path, newline="") as handle:
             rows = list(csv.reader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{what}: {path} is not a readable CSV file ({exc})") from None
+        # The type only: a decoder's or CSV parser's message can quote the bytes it choked on.
+        raise DataError(f"{what}: {path} is not a readable CSV file ({type(exc).__name__})") from None
     if not rows:
         raise DataError(f"{what}: {path} is empty (no header row)")
     header, body = [h.strip() for h in rows[0]], rows[1:]
     if label_column not in header:
-        raise DataError(f"{what}: {path} has no label column {label_column!r} (columns: {', '.join(header[:12])})")
+        # Not the header itself: it is the file's first line (whatever file the path names).
+        raise DataError(f"{what}: {path} has no label column {label_column!r} (its header row has {len(header)} "
+                        "columns; check data.files.label_column against it)")
     label_at = header.index(label_column)
     features = [i for i in range(len(header)) if i != label_at]
     x = np.empty((len(body), len(features)), dtype=np.float32)
@@ -59,12 +64,22 @@ def read_csv_table(path: str | Path, *, label_column: str, what: str) -> Table:
         try:
             label = float(row[label_at])
             values = [float(row[i]) for i in features]
-        except ValueError as exc:
-            raise DataError(f"{what}: {path} line {line}: not a number ({exc})") from None
+        except ValueError:
+            bad = next(i for i in [label_at, *features] if not _is_number(row[i]))
+            raise DataError(f"{what}: {path} line {line}: not a number in column {bad + 1} "
+                            f"({'the label column' if bad == label_at else 'a feature'})") from None
         if label != int(label):
-            raise DataError(f"{what}: {path} line {line}: label {row[label_at]!r} is not an integer class")
+            raise DataError(f"{what}: {path} line {line}: the label is not an integer class")
         x[line - 2], y[line - 2] = values, int(label)
     return Table(x, y)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def table_from_arrays(features: Any, labels: Any = None, *, label_column: str | None = None, what: str) -> Table:
@@ -120,10 +135,11 @@ def check_table(table: Table, *, what: str, num_classes: int, feature_shape: tup
     if not np.isfinite(table.x).all():
         bad = int(np.argwhere(~np.isfinite(table.x))[0][0])
         raise DataError(f"{what}: record {bad} has a missing, NaN or infinite feature")
-    outside = table.y[(table.y < 0) | (table.y >= num_classes)]
+    outside = np.flatnonzero((table.y < 0) | (table.y >= num_classes))
     if len(outside):
-        raise DataError(f"{what}: label {int(outside[0])} is outside the configured classes 0..{num_classes - 1} "
-                        "(data.files.num_classes)")
+        # The record, not its label: the label is the owner's data.
+        raise DataError(f"{what}: record {int(outside[0])} has a label outside the configured classes "
+                        f"0..{num_classes - 1} (data.files.num_classes)")
     if feature_shape is not None and tuple(table.x.shape[1:]) != feature_shape:
         raise DataError(f"{what}: records have {table.x.shape[1:]} features, the others have {feature_shape}")
 

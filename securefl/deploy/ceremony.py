@@ -10,8 +10,10 @@ recipient. The steps, each run by its party on its own machine
    creates its Ed25519 signing key and an X25519 *transport* key in its key
    directory (``NODE/keys``), and a public *card*: both public keys, signed
    with the signing key. Only the card leaves the machine.
-2. **trust** — each party installs the others' cards in its roster, after
-   comparing their fingerprints with their owners out of band (a phone call).
+2. **trust** — each party installs the others' cards in its roster, giving
+   each card's fingerprint as its owner read it out out of band (a phone
+   call, never through the coordinator); a card without it, or with another
+   one, is refused.
    A card that would replace a different key already trusted for that id is
    refused: that is what a key-substitution attack looks like.
 3. **committee** (CKKS runs) — one data owner creates the CKKS key pair and
@@ -160,16 +162,25 @@ def create_party(key_dir: str | Path, party_id: str) -> tuple[PublicCard, Path]:
 
 
 # ----- step 2: trust -----------------------------------------------------------------------------
-def trust_card(key_dir: str | Path, data: bytes, *, source: str = "card",
-               expected_fingerprint: str | None = None) -> PublicCard:
-    """Install a verified card in ``key_dir``'s roster; refuse one that would replace another key for its id,
-    or whose fingerprint is not ``expected_fingerprint`` (what its owner read out; spaces and case ignored)."""
+def trust_card(key_dir: str | Path, data: bytes, *, expected_fingerprint: str, source: str = "card") -> PublicCard:
+    """Install a verified card in ``key_dir``'s roster if its fingerprint is ``expected_fingerprint`` (what its
+    owner read out, out of band; spaces and case ignored); refuse one that would replace another key for its id.
+
+    The fingerprint is required: a card's own signature proves only that whoever made it holds its key, so a
+    coordinator that relays the cards could hand over its own card under an owner's id and then open the
+    committee envelope sealed for that owner. Only the comparison with the real owner stops that.
+    """
     card = PublicCard.from_bytes(data, source=source)
-    if expected_fingerprint is not None:
-        heard = "".join(expected_fingerprint.split()).lower()
-        if heard != card.fingerprint.replace(" ", ""):
-            raise CeremonyError(f"{source}: {card.party_id!r}'s card has fingerprint {card.fingerprint}, not the "
-                                f"{expected_fingerprint!r} its owner read out; do not trust it")
+    heard = "".join(str(expected_fingerprint or "").split()).lower()
+    if not heard:
+        raise CeremonyError(f"{source}: no fingerprint given for {card.party_id!r}'s card; ask its owner to read out "
+                            "the fingerprint `securefl keys create` printed (by phone, not through the coordinator) "
+                            "and pass it (--fingerprint \"3f1a 09c2 ...\"). A card trusted unchecked may be someone "
+                            "else's key under that id")
+    if heard != card.fingerprint.replace(" ", ""):
+        raise CeremonyError(f"{source}: {card.party_id!r}'s card has fingerprint {card.fingerprint}, not the "
+                            f"{expected_fingerprint!r} its owner read out; do not trust it (the card may have been "
+                            "swapped on its way: get it again from its owner)")
     roster = Path(key_dir) / ROSTER
     signing, transport = roster / f"{card.party_id}.pub", roster / f"{card.party_id}{TRANSPORT_PUB_SUFFIX}"
     for path, new in ((signing, card.signing_key), (transport, card.transport_key)):

@@ -16,9 +16,11 @@ runs:
 Node configuration (``flower-supernode --node-config``), set by each data owner:
 ``participant-id``, ``node-dir``, and optionally ``policy-file``, ``data-file`` (the owner's
 table, for ``data.dataset = files``), ``public-file`` and ``test-file`` (where this machine keeps
-the shared tables, if not at the config's paths; every node's must be identical, which the
-coordinator checks), ``data-dir`` and ``lr`` (the owner's own learning rate, which overrides the
-experiment config's for this participant).
+the shared tables; every node's must be identical, which the coordinator checks), ``data-dir``
+(a node reads only these paths: a config that names a path the owner did not set is refused),
+``lr`` (the owner's own learning rate, which overrides the experiment config's for this
+participant) and ``approval`` (``true``: take part only in a setup the owner approved with
+``securefl approve``; a node that holds any approval requires one anyway).
 Run configuration (``flwr run ... --run-config``), set by the coordinator:
 ``config`` (the experiment YAML on the coordinator), ``out`` (the coordinator's
 run directory), ``timeout`` (seconds to wait for a phase's replies) and
@@ -79,8 +81,16 @@ def _node(node_config: Mapping[str, Any]) -> ParticipantNode:
                                       data_file=node_config.get("data-file") or None,
                                       public_file=node_config.get("public-file") or None,
                                       test_file=node_config.get("test-file") or None,
-                                      lr=node_config.get("lr"))
+                                      lr=node_config.get("lr"),
+                                      require_approval=_yes(node_config.get("approval")))
     return _nodes[key]
+
+
+def _yes(value: Any) -> bool:
+    """A node-config flag: ``approval=true`` or ``approval="required"`` (strings as an operator types them)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "yes", "1", "required")
+    return bool(value)
 
 
 # ----- the coordinator's side -------------------------------------------------------------------

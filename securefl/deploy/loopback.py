@@ -34,6 +34,11 @@ class NodeSpec:
     policy_file: Path | None = None
     data_file: Path | None = None
     lr: float | None = None
+    approval: bool = False  # take part only in a setup the owner approved
+    # Where this machine keeps the shared tables and datasets: a node reads no path it was not given.
+    public_file: Path | None = None
+    test_file: Path | None = None
+    data_dir: Path | None = None
 
     def node_config(self) -> str:
         parts = [f'participant-id="{self.participant_id}"', f'node-dir="{self.node_dir}"']
@@ -41,8 +46,13 @@ class NodeSpec:
             parts.append(f'policy-file="{self.policy_file}"')
         if self.data_file:
             parts.append(f'data-file="{self.data_file}"')
+        for key, value in (("public-file", self.public_file), ("test-file", self.test_file), ("data-dir", self.data_dir)):
+            if value:
+                parts.append(f'{key}="{value}"')
         if self.lr is not None:
             parts.append(f"lr={self.lr!r}")
+        if self.approval:
+            parts.append("approval=true")
         return " ".join(parts)
 
 
@@ -152,6 +162,29 @@ class LoopbackFederation:
         raise LoopbackError(f"{name} did not open port {port} within 60 s: {self.log(name)}")
 
 
+def approve_on_nodes(config: Any, specs: list[NodeSpec]) -> None:
+    """Each owner's ``securefl approve --yes`` of ``config`` on its node, with its node's own settings; the
+    specs then require an approval."""
+    from securefl.config import dump_config
+    from securefl.deploy import approval
+    from securefl.deploy.node import ParticipantNode
+    from securefl.privacy.budget import PrivacyPolicy
+
+    text = dump_config(config)
+    for spec in specs:
+        node = ParticipantNode(spec.node_dir, spec.participant_id, policy_file=spec.policy_file,
+                               data_file=spec.data_file, lr=spec.lr, public_file=spec.public_file,
+                               test_file=spec.test_file, data_dir=spec.data_dir)
+        policy = PrivacyPolicy.from_file(spec.policy_file) if spec.policy_file else None
+        approval.sign(approval.propose(node.accepted_config(text), spec.participant_id, node_dir=spec.node_dir,
+                                       policy=policy), spec.node_dir)
+        spec.approval = True
+
+
+def _paths(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: Path(value) for key, value in settings.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,17 +197,23 @@ def _toml(value: Any) -> str:
     return repr(value) if not isinstance(value, bool) else str(value).lower()
 
 
-def deploy_loopback(config_path: str | Path, out: str | Path, *, timeout: float = 1800.0) -> dict[str, Any]:
+def deploy_loopback(config_path: str | Path, out: str | Path, *, timeout: float = 1800.0,
+                    approve: bool = True) -> dict[str, Any]:
     """Provision, start a SuperLink and one SuperNode per participant, run, stop; the coordinator's summary.
 
     Layout under ``out``: ``coordinator/`` (the ServerApp's run directory), ``nodes/<id>/`` (each owner's
     node directory: keys, ledger, checkpoints, its report), ``logs/`` (every process's log).
     Each node is configured with the participant's own ``policy_file``, ``data_file`` and ``lr`` from the config,
-    as its owner would set them in ``--node-config``.
+    and the shared tables' and data directory's paths, as its owner would set them in ``--node-config``.
+
+    ``approve``: each node requires its owner's approval (``approval=true``), and, this machine standing in
+    for every owner, the run's setup is approved on each node as ``securefl approve --yes`` would (shown in
+    ``nodes/<id>/approvals/``). Without it the nodes run without approvals, under their policies only.
     """
     import json
 
     from securefl.config import load_config
+    from securefl.deploy.node import settings_from_config
     from securefl.deploy.provision import provision
 
     config = load_config(config_path)
@@ -183,10 +222,12 @@ def deploy_loopback(config_path: str | Path, out: str | Path, *, timeout: float 
     if (coordinator / "summary.json").exists():
         raise LoopbackError(f"{coordinator} already holds a finished run; choose another --out")
     specs = [NodeSpec(p.id, out / "nodes" / p.id,
-                      policy_file=Path(p.policy_file).resolve() if p.policy_file else None,
-                      data_file=Path(p.data_file).resolve() if p.data_file else None, lr=p.lr)
+                      policy_file=Path(p.policy_file).resolve() if p.policy_file else None, lr=p.lr,
+                      **_paths(settings_from_config(config, p.id)))
              for p in config.participants]
     provision(config, coordinator_dir=coordinator, node_dirs={s.participant_id: s.node_dir for s in specs})
+    if approve:
+        approve_on_nodes(config, specs)
     with LoopbackFederation(out / "logs", specs) as federation:
         result = federation.run({"config": str(Path(config_path).resolve()), "out": str(coordinator),
                                  "timeout": 600.0, "wait-for-nodes": 120.0}, timeout=timeout)

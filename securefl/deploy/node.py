@@ -13,6 +13,8 @@ data owner chooses:
 - ``checkpoints/node.pt``: its models and optimizer state after every phase,
   so a node process that restarts (or a ClientApp started afresh for every
   message) carries on where it was;
+- ``replay/<participant>.replay.json``: the signed messages it has accepted, so a
+  message replayed to a fresh process is refused;
 - ``config.yaml``: the experiment config as the node accepted it.
 
 Policy: the node's own policy file (``policy_file``) always applies; whatever
@@ -20,10 +22,23 @@ policy file the coordinator's config names for this participant is ignored,
 and the stricter of the node's policy and the experiment's target binds. The
 coordinator cannot loosen it.
 
-Shared tables: a node may read the public and test tables (``data.dataset =
-files``) from its own paths (``public_file``, ``test_file``); its setup reply
-carries their SHA-256, and the coordinator refuses to start if two nodes'
-differ.
+Paths: a node reads only the paths its owner configured (``data_file``,
+``public_file``, ``test_file``, ``data_dir``). A path the coordinator's config
+names that the owner did not configure is refused at setup, naming the setting
+to give: the coordinator must not make a node read (and hash, or quote in an
+error) whatever file it likes. The shared public and test tables (``data.dataset
+= files``) are read from the node's own paths; its setup reply carries their
+SHA-256, and the coordinator refuses to start if two nodes' differ.
+
+Errors: a request that fails gets back one line (:func:`wire_message`):
+securefl's own reasons whole, any other error as its type only, since its
+message may quote a file; ``errors.log`` in the node directory keeps the
+traceback for the owner.
+
+Owner approval: the node refuses, at ``setup``, a setup weaker than its owner's policy file (no DP, a
+larger δ, or a secure aggregation, signing or cohort the policy requires), and, when it requires an
+approval (``require_approval``, or any approval in ``approvals/``), a setup its owner has not signed with
+``securefl approve``; the matching approval goes into its ledger (see :mod:`securefl.deploy.approval`).
 
 Learning rate: an owner that sets its own (``lr``) trains at it whatever the
 coordinator's config says for this participant; without one, the config's
@@ -47,6 +62,7 @@ from securefl.runtime.host import HostReport, ParticipantHost
 from securefl.runtime.message import BROADCAST
 
 NODE_CHECKPOINT = "checkpoints/node.pt"
+REPLAY_DIR = "replay"  # <participant>.replay.json: the signed messages this node has accepted (see layers/signing.py)
 PHASES = ("hello", "setup", "prepare", "layer", "step", "update", "evaluate", "finish")
 
 
@@ -60,8 +76,10 @@ class ParticipantNode:
     def __init__(self, node_dir: str | Path, participant_id: str, *, policy_file: str | Path | None = None,
                  data_dir: str | Path | None = None, data_file: str | Path | None = None,
                  public_file: str | Path | None = None, test_file: str | Path | None = None,
-                 lr: float | str | None = None) -> None:
+                 lr: float | str | None = None, require_approval: bool = False) -> None:
         self.node_dir = Path(node_dir)
+        # Take part only in a setup the owner approved (securefl approve); any approval on disk implies it.
+        self.require_approval = require_approval
         self.participant_id = participant_id
         self.policy_file = str(policy_file) if policy_file else None
         self.data_dir = str(data_dir) if data_dir else None
@@ -99,12 +117,14 @@ class ParticipantNode:
             if phase == "prepare":
                 reply.update(_report(host.prepare()))
             elif phase == "step":
+                inbox = self._refuse_replays(host, self._inbox(request))
                 self._rewind_if_redone(host, int(request["round"]))
                 rnd = self._enter_round(host, request)
-                reply.update(_report(host.step(rnd, {self.participant_id: self._inbox(request)})))
+                reply.update(_report(host.step(rnd, {self.participant_id: inbox})))
             elif phase == "update":
+                inbox = self._refuse_replays(host, self._inbox(request))
                 rnd = self._enter_round(host, request)
-                reply.update(_report(host.update(rnd, {self.participant_id: self._inbox(request)})))
+                reply.update(_report(host.update(rnd, {self.participant_id: inbox})))
             elif phase == "evaluate":
                 reply["metrics"] = host.evaluate(int(request["round"]))
                 return reply  # evaluation changes nothing: no checkpoint
@@ -121,11 +141,11 @@ class ParticipantNode:
                 self.close()  # the ledger is sealed; release it
             return reply
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the coordinator as a reason
-            detail = f"{type(exc).__name__}: {exc}" if not isinstance(exc, NodeError | ConfigError) else str(exc)
+            # The full error stays with the owner; the coordinator gets a message that holds no file content.
             (self.node_dir / "errors.log").parent.mkdir(parents=True, exist_ok=True)
             with open(self.node_dir / "errors.log", "a") as log:
                 log.write(traceback.format_exc() + "\n")
-            return {"ok": False, "error": f"node {self.participant_id!r}: {detail}"}
+            return {"ok": False, "error": f"node {self.participant_id!r}: {wire_message(exc)}"}
 
     def _enter_round(self, host: ParticipantHost, request: dict[str, Any]) -> int:
         """Start the round in this process's layers once, whichever phase of it arrives first (a ClientApp
@@ -169,6 +189,7 @@ class ParticipantNode:
     def _setup(self, request: dict[str, Any]) -> None:
         run_id = str(request.get("run_id") or "")
         config = self._accept_config(request.get("config"), run_id)
+        approval = self._check_owner_terms(config)
         saved = self.node_dir / "run.json"
         if saved.exists():
             previous = json.loads(saved.read_text())["run_id"]
@@ -181,6 +202,37 @@ class ParticipantNode:
             saved.write_text(json.dumps({"run_id": run_id, "participant": self.participant_id}) + "\n")
         self.close()
         self._build(config, run_id)
+        self._record_approval(approval)
+
+    def accepted_config(self, text: str) -> Any:
+        """``text`` with this node's own overrides applied, as :meth:`handle` would accept it at setup (what
+        ``securefl approve`` shows the owner and signs)."""
+        return self._accept_config(text, "approval")
+
+    def _check_owner_terms(self, config: Any) -> dict[str, Any] | None:
+        """Refuse a setup weaker than the owner's policy, or one the owner has not approved (one line)."""
+        from securefl.deploy.approval import ApprovalError, check_setup
+        from securefl.privacy.budget import PrivacyPolicy
+
+        policy = PrivacyPolicy.from_file(self.policy_file) if self.policy_file else None
+        try:
+            return check_setup(config, self.participant_id, self.node_dir, policy=policy,
+                               require_approval=self.require_approval)
+        except ApprovalError as exc:
+            raise NodeError(str(exc)) from None
+
+    def _record_approval(self, approval: dict[str, Any] | None) -> None:
+        """Write the approval the run proceeds under into the participant's ledger, once per approval."""
+        from securefl.deploy.approval import ledger_record
+
+        assert self.host is not None
+        if approval is None or self.host.privacy is None:
+            return
+        ledger = self.host.privacy.participants[self.participant_id].ledger
+        if any(e["approval_digest"] == approval["digest"] for e in ledger.approvals()):
+            return
+        ledger.record_approval(digest=approval["digest"], approver_key=approval["fingerprint"],
+                               approved=ledger_record(approval))
 
     def _accept_config(self, text: Any, run_id: Any) -> Any:
         if not isinstance(text, str) or not isinstance(run_id, str) or not run_id:
@@ -189,23 +241,41 @@ class ParticipantNode:
         ids = [p.get("id") for p in (raw or {}).get("participants", []) if isinstance(p, dict)]
         if self.participant_id not in ids:
             raise NodeError(f"the experiment config has no participant {self.participant_id!r} (it has {ids})")
-        for participant in raw["participants"]:
+        for index, participant in enumerate(raw["participants"]):
             if participant.get("id") == self.participant_id:
                 # The data owner's policy, never the coordinator's idea of it; and its own table.
                 participant["policy_file"] = self.policy_file
-                if self.data_file is not None:
-                    participant["data_file"] = self.data_file
+                self._own_path(participant, "data_file", self.data_file, f"participants.{index}.data_file",
+                               "data-file")
                 if self.lr is not None:
                     participant["lr"] = self.lr
-        if self.data_dir is not None:
-            raw.setdefault("data", {})["data_dir"] = self.data_dir
+        if raw.get("data") is None:
+            raw["data"] = {}
+        data = raw["data"]
+        if not isinstance(data, dict):
+            raise NodeError("the experiment config's data section is not a mapping")
+        self._own_path(data, "data_dir", self.data_dir, "data.data_dir", "data-dir")
         if self.shared_files:
-            dataset = (raw.get("data") or {}).get("dataset")
-            if dataset != "files":
+            if data.get("dataset") != "files":
                 raise NodeError(f"this node gives its own {' and '.join(self.shared_files)}, but the experiment's "
-                                f"data.dataset is {dataset!r}, not 'files'")
-            raw["data"].setdefault("files", {}).update(self.shared_files)
+                                f"data.dataset is {data.get('dataset')!r}, not 'files'")
+            if data.get("files") is None:
+                data["files"] = {}
+        if isinstance(data.get("files"), dict):
+            for field, setting in (("public_file", "public-file"), ("test_file", "test-file")):
+                self._own_path(data["files"], field, self.shared_files.get(field), f"data.files.{field}", setting)
         return parse_config(raw, f"config sent to node {self.participant_id!r}")
+
+    def _own_path(self, section: dict[str, Any], field: str, own: str | None, where: str, setting: str) -> None:
+        """Put this node's own path at ``section[field]``. A path the coordinator names that the owner has not
+        configured is refused: the node would read it, and its errors could quote what it holds (any file the
+        node's user may read)."""
+        if own is not None:
+            section[field] = own
+        elif section.get(field) not in (None, ""):
+            raise NodeError(f"the experiment config names {where} = {str(section[field])[:200]!r}, but this node's "
+                            f"owner configured no {setting}: a node reads only the paths in its own settings (set "
+                            f"{setting} in the node's config, e.g. --node-config '{setting}=\"/path\"')")
 
     def _open(self, request: dict[str, Any]) -> ParticipantHost:
         run_id = request.get("run_id")
@@ -223,6 +293,7 @@ class ParticipantNode:
         return self.host
 
     def _build(self, config: Any, run_id: str) -> None:
+        from securefl.layers.signing import SigningLayer
         from securefl.layers.stack import build_layers
         from securefl.runtime.federation import build_world, load_checkpoint
 
@@ -239,6 +310,10 @@ class ParticipantNode:
                                    privacy_layer=host.privacy.layer if host.privacy is not None else None)
         for layer in host.layers:
             layer.check(protocol, parties)
+            if isinstance(layer, SigningLayer):
+                # This process may live for one message only (Flower): what the node accepted must outlive it,
+                # or a captured message replayed to the next process would be taken as new.
+                layer.keep_replay_state(self.node_dir / REPLAY_DIR)
         checkpoint = self.node_dir / NODE_CHECKPOINT
         if checkpoint.exists():
             state = load_checkpoint(checkpoint)
@@ -277,6 +352,7 @@ class ParticipantNode:
         """A step of a round this node has already worked in: go back to the state it started that round
         from. Spends booked the first time stay in the ledger (a redone round is charged twice, never
         under-counted)."""
+        from securefl.layers.signing import SigningLayer
         from securefl.runtime.federation import load_checkpoint
 
         self._last_round = max(self._last_round, host.current_round)
@@ -291,6 +367,25 @@ class ParticipantNode:
         host.stopped.clear()
         host.stopped.update(state["stopped"])
         host.current_round = int(state["round"])
+        for layer in host.layers:
+            if isinstance(layer, SigningLayer):
+                layer.redo_round()  # a process that lives on accepts the round's newly signed messages
+
+    def _refuse_replays(self, host: ParticipantHost, inbox: list[Any]) -> list[Any]:
+        """Refuse a request that carries a message this node accepted before, or one older than what it accepted
+        since (a captured request delivered again), before anything is rewound, trained or released: a round a
+        resumed coordinator redoes brings newly signed messages."""
+        from securefl.layers.signing import SigningLayer
+
+        for layer in host.layers:
+            if isinstance(layer, SigningLayer):
+                for msg in inbox:
+                    reason = layer.seen_before(msg, self.participant_id)
+                    if reason is not None:
+                        why = "was accepted before" if reason == "replay" else "is older than what this node accepted"
+                        raise NodeError(f"{reason}: {msg.kind!r:.80} from {msg.sender!r:.80} for round {msg.round} "
+                                        f"{why}; refusing the request")
+        return inbox
 
     def _inbox(self, request: dict[str, Any]) -> list[Any]:
         inbox = []
@@ -321,6 +416,45 @@ class ParticipantNode:
                "seed": config.run.seed, "secure_aggregation": config.secure_aggregation}
         (self.node_dir / "report.md").write_text(participant_report(
             row, run, ledger=str(ledger_path(self.node_dir, pid)), audit_dir=self.node_dir))
+
+
+def settings_from_config(config: Any, participant_id: str) -> dict[str, str]:
+    """The path settings of an owner that keeps its files where ``config`` names them, as
+    :class:`ParticipantNode` keyword arguments (one machine standing in for every owner: the isolation check,
+    tests, the loopback federation): its own table, the shared tables and the data directory."""
+    participant = next(p for p in config.participants if p.id == participant_id)
+    files = config.data.files if config.data.dataset == "files" else None
+    paths = {"data_file": participant.data_file, "data_dir": config.data.data_dir,
+             "public_file": files.public_file if files else None, "test_file": files.test_file if files else None}
+    return {key: str(Path(value).resolve()) for key, value in paths.items() if value}
+
+
+def wire_message(exc: BaseException) -> str:
+    """What the coordinator may read of an error on this node.
+
+    securefl's own errors are composed from the request and the node's settings, never from the bytes of a
+    file (the table readers name a line or column, not what it holds), and go back whole: the coordinator
+    needs the reason to act on it. Any other error (a parser's, the OS's, a library's) may quote what it
+    read, e.g. a line of the owner's table, so only its type leaves; ``errors.log`` in the node directory
+    keeps all of it for the owner.
+    """
+    from securefl.crypto.keystore import KeyFileError
+    from securefl.crypto.signing import ReplayStateError
+    from securefl.data.datasets import DataError
+    from securefl.deploy.ceremony import CeremonyError
+    from securefl.layers.base import LayerSetupError
+    from securefl.models.zoo import UnknownModel
+    from securefl.privacy.errors import CalibrationError, LedgerCorrupt, LedgerMismatch, PolicyError
+    from securefl.protocols import ProtocolSetupError
+    from securefl.runtime.federation import RunDirError
+
+    if isinstance(exc, NodeError | ConfigError):
+        return str(exc)
+    if isinstance(exc, DataError | KeyFileError | CeremonyError | LayerSetupError | UnknownModel | ProtocolSetupError
+                  | PolicyError | CalibrationError | LedgerCorrupt | LedgerMismatch | RunDirError | ReplayStateError):
+        return f"{type(exc).__name__}: {exc}"
+    return (f"{type(exc).__name__} (its message is not sent, as it may quote a file; the node's owner finds it "
+            "in errors.log in the node directory)")
 
 
 def _snapshot_round(path: Path) -> int:

@@ -196,10 +196,15 @@ def local_exchange(nodes: Mapping[str, Any], *, fresh_process: bool = False) -> 
     return exchange
 
 
-def isolated_participants(config: Any, root: Path, *, fresh_process: bool = False) -> tuple[RemoteParticipants, dict[str, Any]]:
+def isolated_participants(config: Any, root: Path, *, fresh_process: bool = False,
+                          require_approval: bool = False) -> tuple[RemoteParticipants, dict[str, Any]]:
     """Every participant as its own node under ``root/<id>`` (provisioned), in this process: the deployment's
-    code path without the network. Returns the coordinator's view and the nodes."""
-    from securefl.deploy.node import ParticipantNode
+    code path without the network. Returns the coordinator's view and the nodes. ``require_approval``: each
+    node takes part only in a setup its owner approved (see :mod:`securefl.deploy.approval`)."""
+    from securefl.deploy.node import ParticipantNode, settings_from_config
 
-    nodes = {p.id: ParticipantNode(root / p.id, p.id, policy_file=p.policy_file) for p in config.participants}
+    # Each stand-in owner configures the paths the config names (a node reads no path it was not given).
+    nodes = {p.id: ParticipantNode(root / p.id, p.id, policy_file=p.policy_file, require_approval=require_approval,
+                                   **settings_from_config(config, p.id))
+             for p in config.participants}
     return RemoteParticipants(local_exchange(nodes, fresh_process=fresh_process), list(nodes)), nodes

@@ -19,7 +19,9 @@ One canonical JSON object per line (``sort_keys``, no spaces, UTF-8), each with
 first) and ``hash`` = SHA-256 of the canonical JSON of the entry without
 ``hash``. Line 1 is the ``header`` (participant, budget, δ, accountant, public
 key). ``release`` entries carry the event, the round, the payload kind and the
-running ε. A ``seal`` entry carries an Ed25519 signature (RFC 8032, via
+running ε. An ``approval`` entry records the data owner's signed approval of the run's setup
+(its digest, the approving key's fingerprint and the approved settings; it spends
+nothing). A ``seal`` entry carries an Ed25519 signature (RFC 8032, via
 ``cryptography``) by the participant's key over the chain head, i.e. the hash of
 the line before it; the public key is also written to ``<path>.pub`` (hex).
 Appending after a seal (a resumed run) is allowed; the run must be sealed again.
@@ -148,6 +150,24 @@ _SEAL_KEYS = frozenset(
         "head",
         "public_key",
         "signature",
+        "epsilon_by_unit",
+        "written_at",
+        "prev_hash",
+        "hash",
+    }
+)
+#: An owner's approval of the run (see :mod:`securefl.deploy.approval`): it costs nothing and releases
+#: nothing, so it is its own kind, not a release; the chain and the seal cover it like any entry.
+_APPROVAL_KEYS = frozenset(
+    {
+        "kind",
+        "seq",
+        "participant",
+        "accountant",
+        "delta",
+        "approval_digest",
+        "approver_key",
+        "approved",
         "epsilon_by_unit",
         "written_at",
         "prev_hash",
@@ -337,11 +357,12 @@ def read_ledger(path: str | Path) -> LedgerContents:
         if entry.get("hash") != entry_hash(entry):
             fail("field 'hash' does not match the entry's content (the entry was edited)")
         kind = entry.get("kind")
-        expected = {"header": _HEADER_KEYS, "release": _RELEASE_KEYS, "seal": _SEAL_KEYS}.get(kind)  # type: ignore[arg-type]
+        expected = {"header": _HEADER_KEYS, "release": _RELEASE_KEYS, "seal": _SEAL_KEYS,
+                    "approval": _APPROVAL_KEYS}.get(kind)  # type: ignore[arg-type]
         if lineno == 1 and kind != "header":
             fail(f"first line must be the header, got kind {kind!r}")
-        if lineno > 1 and kind not in ("release", "seal"):
-            fail(f"field 'kind' must be 'release' or 'seal' after the header, got {kind!r}")
+        if lineno > 1 and kind not in ("release", "seal", "approval"):
+            fail(f"field 'kind' must be 'release', 'seal' or 'approval' after the header, got {kind!r}")
         assert expected is not None
         if set(entry) != expected:
             missing, extra = sorted(expected - set(entry)), sorted(set(entry) - expected)
@@ -367,6 +388,11 @@ def read_ledger(path: str | Path) -> LedgerContents:
                 fail(f"field 'epsilon_after' must be a number >= 0, got {entry['epsilon_after']!r}")
             events.append(_event_from_entry(entry, fail))
             event_lines.append(lineno)
+        elif kind == "approval":
+            if not isinstance(entry["approval_digest"], str) or len(entry["approval_digest"]) != 64:
+                fail(f"field 'approval_digest' must be a SHA-256 hex digest, got {entry['approval_digest']!r}")
+            if not isinstance(entry["approved"], dict):
+                fail(f"field 'approved' must be an object, got {type(entry['approved']).__name__}")
         elif kind == "seal":
             if entry["head"] != entry["prev_hash"]:
                 fail("seal field 'head' must equal its 'prev_hash' (the chain head it signs)")
@@ -733,6 +759,36 @@ class Ledger:
             entry["hash"] = entry_hash(entry)
             self._append(entry)
             self._events.append(event)
+            return json.loads(canonical_json(entry))
+
+    def approvals(self) -> list[dict[str, Any]]:
+        """The owner's approvals recorded in this ledger (``approval`` entries), oldest first."""
+        return [json.loads(canonical_json(e)) for e in self._entries if e["kind"] == "approval"]
+
+    def record_approval(self, *, digest: str, approver_key: str, approved: Mapping[str, Any]) -> dict[str, Any]:
+        """Record, durably, that the data owner approved this run's setup: ``digest`` of what was approved,
+        ``approver_key`` the fingerprint of the key that signed the approval, ``approved`` the settings in
+        plain values. It spends nothing; the seal that follows covers it."""
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise ValueError(f"digest must be a SHA-256 hex digest, got {digest!r}")
+        with self._lock:
+            self._check_usable()
+            entry: dict[str, Any] = {
+                "kind": "approval",
+                "seq": len(self._entries),
+                "participant": self._participant,
+                "accountant": self._accountant.name,
+                "delta": self._delta,
+                "approval_digest": digest,
+                "approver_key": str(approver_key),
+                # Through canonical JSON once, so what is hashed is what a reader will parse back.
+                "approved": json.loads(canonical_json(dict(approved))),
+                "epsilon_by_unit": {u: float(v) for u, v in sorted(self.epsilon_by_unit().items())},
+                "written_at": _now(),
+                "prev_hash": self.head,
+            }
+            entry["hash"] = entry_hash(entry)
+            self._append(entry)
             return json.loads(canonical_json(entry))
 
     def seal(self, signing_key: Ed25519PrivateKey | bytes) -> dict[str, Any]:

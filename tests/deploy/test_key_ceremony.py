@@ -23,7 +23,7 @@ from securefl.deploy.ceremony import (
     join_committee,
     trust_card,
 )
-from securefl.deploy.node import ParticipantNode
+from securefl.deploy.node import ParticipantNode, settings_from_config
 from securefl.deploy.remote import RemoteParticipants, local_exchange
 from securefl.runtime.federation import Federation
 
@@ -39,9 +39,14 @@ def ceremony(config_file: Path, ids: list[str], root: Path) -> dict[str, Path]:
     for pid, machine in machines.items():
         assert main(["keys", "create", pid, "--key-dir", str(machine / "keys")]) == 0
         shutil.copy(machine / "keys" / f"{pid}.card", mail)
+    # What each owner reads out by phone: the fingerprint of its card, from its own machine.
+    heard = {pid: PublicCard.from_bytes((machine / "keys" / f"{pid}.card").read_bytes()).fingerprint
+             for pid, machine in machines.items()}
     for pid, machine in machines.items():
-        others = [str(mail / f"{other}.card") for other in machines if other != pid]
-        assert main(["keys", "trust", *others, "--key-dir", str(machine / "keys")]) == 0
+        others = [other for other in machines if other != pid]
+        fingerprints = [arg for other in others for arg in ("--fingerprint", heard[other])]
+        assert main(["keys", "trust", *[str(mail / f"{other}.card") for other in others], *fingerprints,
+                     "--key-dir", str(machine / "keys")]) == 0
     first, *rest = ids
     assert main(["keys", "committee-create", str(config_file), "--id", first,
                  "--key-dir", str(machines[first] / "keys"), "--out", str(mail)]) == 0
@@ -82,7 +87,7 @@ def test_a_ckks_run_over_keys_made_on_each_machine_and_no_secret_leaves_home(
                       purpose="ckks-committee-secret", recipient_id="hospital_b", recipient_key=coordinator_transport,
                       trusted_senders=load_roster(machines["aggregator"] / "keys", ids))
 
-    nodes = {p.id: ParticipantNode(machines[p.id], p.id, policy_file=p.policy_file, data_file=p.data_file)
+    nodes = {p.id: ParticipantNode(machines[p.id], p.id, policy_file=p.policy_file, **settings_from_config(config, p.id))
              for p in config.participants}
     remote = RemoteParticipants(local_exchange(nodes), ids)
     summary = Federation(config, machines["aggregator"], progress=False, remote=remote).run()
@@ -104,6 +109,11 @@ def card(dirs: dict[str, Path], pid: str) -> bytes:
     return (dirs[pid] / f"{pid}.card").read_bytes()
 
 
+def heard(dirs: dict[str, Path], pid: str) -> str:
+    """The fingerprint ``pid``'s owner reads out by phone, from its own card."""
+    return PublicCard.from_bytes(card(dirs, pid)).fingerprint
+
+
 def test_create_keeps_existing_keys(parties: dict[str, Path]) -> None:
     before = card(parties, "h1")
     again, _ = create_party(parties["h1"], "h1")
@@ -112,11 +122,14 @@ def test_create_keeps_existing_keys(parties: dict[str, Path]) -> None:
 
 
 def test_trust_refuses_a_substituted_key_an_altered_card_and_a_private_key(parties: dict[str, Path], tmp_path: Path) -> None:
-    trust_card(parties["h2"], card(parties, "h1"))
+    trust_card(parties["h2"], card(parties, "h1"), expected_fingerprint=heard(parties, "h1"))
     impostor = tmp_path / "impostor" / "keys"
-    create_party(impostor, "h1")  # someone else claims to be h1
+    impostor_card = create_party(impostor, "h1")[0]  # someone else claims to be h1
+    with pytest.raises(CeremonyError, match="not the .* its owner read out"):
+        trust_card(parties["h2"], impostor_card.to_bytes(), expected_fingerprint=heard(parties, "h1"))
+    # Even if the impostor's own fingerprint were read out, the roster keeps the key it already trusts for h1.
     with pytest.raises(CeremonyError, match="already trusts another key for 'h1'.*key-substitution"):
-        trust_card(parties["h2"], (impostor / "h1.card").read_bytes())
+        trust_card(parties["h2"], impostor_card.to_bytes(), expected_fingerprint=impostor_card.fingerprint)
     assert (parties["h2"] / "roster" / "h1.pub").read_bytes() == PublicCard.from_bytes(card(parties, "h1")).signing_key
 
     # A relay swaps the transport key on h3's card for its own, to read h3's envelope: the card's signature fails.
@@ -124,13 +137,13 @@ def test_trust_refuses_a_substituted_key_an_altered_card_and_a_private_key(parti
     swapped = PublicCard("h3", genuine.signing_key, PublicCard.from_bytes(card(parties, "aggregator")).transport_key,
                          genuine.signature)
     with pytest.raises(CeremonyError, match="signature does not verify"):
-        trust_card(parties["h2"], swapped.to_bytes())
+        trust_card(parties["h2"], swapped.to_bytes(), expected_fingerprint=genuine.fingerprint)
     with pytest.raises(CeremonyError, match="private key, not a public card"):
-        trust_card(parties["h2"], (parties["h3"] / "h3.ed25519").read_bytes())
+        trust_card(parties["h2"], (parties["h3"] / "h3.ed25519").read_bytes(), expected_fingerprint=genuine.fingerprint)
     with pytest.raises(CeremonyError, match="bare 32-byte key"):
-        trust_card(parties["h2"], (parties["h3"] / "h3.x25519").read_bytes())
+        trust_card(parties["h2"], (parties["h3"] / "h3.x25519").read_bytes(), expected_fingerprint=genuine.fingerprint)
     with pytest.raises(CeremonyError, match="not a securefl public card"):
-        trust_card(parties["h2"], b'{"party": "h3"}')
+        trust_card(parties["h2"], b'{"party": "h3"}', expected_fingerprint=genuine.fingerprint)
     assert not (parties["h2"] / "roster" / "h3.pub").exists()
     # A card (validly self-signed) whose id is a path must not write outside the roster.
     from securefl.crypto.signing import generate_signing_key, public_key_bytes
@@ -139,7 +152,7 @@ def test_trust_refuses_a_substituted_key_an_altered_card_and_a_private_key(parti
     unsigned = PublicCard("../../escape", public_key_bytes(key), genuine.transport_key, b"")
     escaping = PublicCard(unsigned.party_id, unsigned.signing_key, unsigned.transport_key, key.sign(unsigned._signed()))
     with pytest.raises(CeremonyError, match="party id '../../escape' must be"):
-        trust_card(parties["h2"], escaping.to_bytes())
+        trust_card(parties["h2"], escaping.to_bytes(), expected_fingerprint=escaping.fingerprint)
     assert not list(tmp_path.rglob("escape*"))
     with pytest.raises(CeremonyError, match="party id 'a/b' must be"):
         create_party(tmp_path / "x", "a/b")
@@ -154,7 +167,7 @@ def trust_everyone(parties: dict[str, Path]) -> None:
     for pid, key_dir in parties.items():
         for other in parties:
             if other != pid:
-                trust_card(key_dir, card(parties, other))
+                trust_card(key_dir, card(parties, other), expected_fingerprint=heard(parties, other))
 
 
 def test_the_committee_key_reaches_only_owners_and_only_from_an_owner(parties: dict[str, Path], tmp_path: Path) -> None:
