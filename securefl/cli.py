@@ -27,6 +27,9 @@ BAD_INPUT = (ConfigError, DataError, UnknownModel, ProtocolSetupError, LayerSetu
              LedgerCorrupt, LedgerMismatch, KeyFileError, CeremonyError)
 
 
+KEYS_HELP = ("key store of the simulated owners' private keys, outside the run directory (default: $SECUREFL_KEYS, "
+             "else ~/.local/share/securefl/keys); the run's keys go to DIR/<run id>/, and --resume and "
+             "`securefl audit` need the same DIR")
 THREADS_HELP = ("CPU threads for torch (default: torch's own, one per core). On a machine shared with other jobs, "
                 "fewer threads than cores avoids OpenMP threads spinning against each other")
 
@@ -60,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="directory of dataset files (sets data.data_dir)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--threads", type=_threads, help=THREADS_HELP)
+    run.add_argument("--keys", metavar="DIR", help=KEYS_HELP)
 
     compare = sub.add_parser("compare", help="run one config under several protocols and print a table")
     compare.add_argument("config")
@@ -69,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--data-dir")
     compare.add_argument("--quiet", action="store_true")
     compare.add_argument("--threads", type=_threads, help=THREADS_HELP)
+    compare.add_argument("--keys", metavar="DIR", help=KEYS_HELP)
 
     audit = sub.add_parser("audit", help="verify a run's privacy ledgers and recompute every ε independently")
     audit.add_argument("run_dir")
@@ -77,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="pin every ledger's signing key to the public key this key directory's roster trusts "
                             "(roster/<id>.pub, fingerprint-checked with its owner): a ledger re-sealed with another "
                             "key then fails")
+    audit.add_argument("--keys", metavar="DIR",
+                       help="key store of a simulation (as given to `securefl run --keys`; default $SECUREFL_KEYS, "
+                            "else ~/.local/share/securefl/keys): by default every ledger's seal is pinned to the "
+                            "public key in DIR/<run id>/roster/")
+    audit.add_argument("--allow-unpinned", action="store_true",
+                       help="pass a ledger whose key no trusted source outside the run directory confirms (status "
+                            "UNPINNED, with a warning): anyone who can write the run directory could have re-sealed it")
 
     prov = sub.add_parser("provision", help="create the keys of a deployment: each node's own, the coordinator's "
                                             "(no CKKS secret), and everyone's public-key roster")
@@ -93,8 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     trust = steps.add_parser("trust", help="install other parties' cards in the roster, after checking fingerprints")
     trust.add_argument("cards", nargs="+")
     trust.add_argument("--key-dir", required=True)
-    trust.add_argument("--fingerprint", help="the fingerprint its owner read out (one card only): trust the card "
-                                             "only if it matches (spaces and case do not matter)")
+    trust.add_argument("--fingerprint", action="append", default=[],
+                       help="required, once per card in the cards' order: the fingerprint its owner read out (by "
+                            "phone, not through the coordinator); a card is trusted only if it matches (spaces and "
+                            "case do not matter)")
     show = steps.add_parser("list", help="the roster: every trusted party and its fingerprint")
     show.add_argument("--key-dir", required=True)
     committee = steps.add_parser("committee-create", help="on one data owner: the CKKS committee key, an envelope "
@@ -112,6 +126,19 @@ def _parser() -> argparse.ArgumentParser:
     context.add_argument("config")
     context.add_argument("context")
     context.add_argument("--key-dir", required=True, help="the coordinator's key directory (COORDINATOR/keys)")
+
+    approve = sub.add_parser("approve", help="as a data owner: read what a run would release from this node, and "
+                                             "approve it with the node's key (the node takes part in nothing else)")
+    approve.add_argument("config", help="the experiment config the coordinator proposes")
+    approve.add_argument("--node-dir", required=True, help="this participant's node directory (its keys/ sign)")
+    approve.add_argument("--participant", required=True, help="this node's participant id")
+    approve.add_argument("--policy", metavar="FILE", help="the owner's policy file, as the node is given it")
+    approve.add_argument("--data-file", metavar="FILE", help="the owner's table, as the node is given it")
+    approve.add_argument("--data-dir", help="the node's data directory, as the node is given it")
+    approve.add_argument("--public-file", metavar="FILE", help="the node's public table, as the node is given it")
+    approve.add_argument("--test-file", metavar="FILE", help="the node's test table, as the node is given it")
+    approve.add_argument("--lr", type=float, help="the owner's own learning rate, as the node is given it")
+    approve.add_argument("--yes", action="store_true", help="approve without asking on stdin")
 
     loop = sub.add_parser("flower-loopback", help="run a config on a real Flower federation on this machine: a "
                                                   "SuperLink and one SuperNode per participant (needs securefl[flower])")
@@ -135,7 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args.config, args.overrides, args.data_dir)
     _use_threads(args.threads)
-    summary = Federation(config, args.out, resume=args.resume, progress=not args.quiet).run()
+    summary = Federation(config, args.out, resume=args.resume, progress=not args.quiet, keys=args.keys).run()
     print(f"{summary['protocol']}: mean accuracy {summary['mean_accuracy']:.4f} "
           f"(min {summary['min_accuracy']:.4f}, max {summary['max_accuracy']:.4f}) -> {args.out}")
     return 0
@@ -151,7 +178,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = []
     for name in args.protocols:
         config = _load(args.config, [*args.overrides, f"protocol={name}"], args.data_dir)
-        summary = Federation(config, Path(args.out) / name, progress=not args.quiet).run()
+        summary = Federation(config, Path(args.out) / name, progress=not args.quiet, keys=args.keys).run()
         rows.append(summary)
         print(f"  {name:<12} mean {summary['mean_accuracy']:.4f}", file=sys.stderr)
     base = rows[-1]["mean_accuracy"] if len(rows) > 1 else None
@@ -165,14 +192,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    """Exit 0 only if every chain and signature verifies and every ε is within its target and re-computes."""
+    """Exit 0 only if every chain and signature verifies against a pinned key, every release the run recorded is
+    booked, and every ε is within its target and re-computes."""
     from securefl.privacy.audit import audit_run
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "ledgers").is_dir():
         raise ConfigError(f"{run_dir}: no ledgers/ directory; was the run private (privacy.unit record or participant)?")
     pinned = _pinned_keys(Path(args.roster), run_dir) if args.roster else None
-    report = audit_run(run_dir, public_keys=pinned)
+    report = audit_run(run_dir, public_keys=pinned, keys=args.keys, allow_unpinned=args.allow_unpinned)
     print(report.to_json() if args.json else report.format_table())
     return 0 if report.ok else 1
 
@@ -195,12 +223,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(f"{args.party}: keys in {key_dir} (never copy them). Send {path} to the other parties; "
               f"read them its fingerprint: {card.fingerprint}")
     elif args.step == "trust":
-        if args.fingerprint is not None and len(args.cards) != 1:
-            raise ConfigError(f"--fingerprint: give one card with it, not {len(args.cards)}")
-        for name in args.cards:
-            card = ceremony.trust_card(key_dir, _read(name), source=name, expected_fingerprint=args.fingerprint)
-            print(f"trusted {card.party_id:<16} {card.fingerprint}   "
-                  f"({'matches the one read out' if args.fingerprint else 'compare with its owner'})")
+        if not args.fingerprint:
+            raise ConfigError("--fingerprint: required for every card. Ask each card's owner to read out the "
+                              "fingerprint `securefl keys create` printed (by phone, not through the coordinator) and "
+                              "give it: securefl keys trust CARD --fingerprint \"3f1a 09c2 ...\" (one --fingerprint "
+                              "per card, in the cards' order)")
+        if len(args.fingerprint) != len(args.cards):
+            raise ConfigError(f"--fingerprint: {len(args.cards)} cards but {len(args.fingerprint)} fingerprints; give "
+                              "one --fingerprint per card, in the cards' order")
+        for name, heard in zip(args.cards, args.fingerprint, strict=True):
+            card = ceremony.trust_card(key_dir, _read(name), source=name, expected_fingerprint=heard)
+            print(f"trusted {card.party_id:<16} {card.fingerprint}   (matches the one read out)")
     elif args.step == "list":
         rows = ceremony.roster_entries(key_dir)
         if not rows:
@@ -253,10 +286,41 @@ def cmd_flower_loopback(args: argparse.Namespace) -> int:
     ok = True
     for node_dir in sorted((Path(args.out) / "nodes").iterdir()):
         if (node_dir / "ledgers").is_dir():
-            report = audit_run(node_dir)
+            # Pinned to the roster the coordinator was provisioned with: a node's own keys/ is no outside source.
+            report = audit_run(node_dir, public_keys=_pinned_keys(Path(args.out) / "coordinator" / "keys", node_dir))
             ok &= report.ok
             print(f"\nnode {node_dir.name}:\n{report.format_table()}")
     return 0 if ok else 1
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Show the owner what the run would release and do, then sign the approval with the node's key."""
+    from securefl.deploy import approval
+    from securefl.deploy.node import NodeError, ParticipantNode
+    from securefl.privacy.budget import PrivacyPolicy
+
+    text = _read(args.config).decode("utf-8", errors="replace")
+    node = ParticipantNode(args.node_dir, args.participant, policy_file=args.policy, data_file=args.data_file,
+                           data_dir=args.data_dir, public_file=args.public_file, test_file=args.test_file, lr=args.lr)
+    try:
+        config = node.accepted_config(text)
+        policy = PrivacyPolicy.from_file(args.policy) if args.policy else None
+        proposal = approval.propose(config, args.participant, node_dir=args.node_dir, policy=policy)
+    except (approval.ApprovalError, NodeError) as exc:
+        print(f"securefl: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    print(approval.describe(proposal))
+    if not args.yes:
+        try:
+            answer = input(f"\nApprove this run for {args.participant}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not approved; the node will refuse this setup", file=sys.stderr)
+            return 1
+    path = approval.sign(proposal, args.node_dir)
+    print(f"approved {proposal['digest']} -> {path}")
+    return 0
 
 
 def cmd_protocols(_: argparse.Namespace) -> int:
@@ -274,7 +338,8 @@ def cmd_models(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "audit": cmd_audit, "protocols": cmd_protocols,
-            "models": cmd_models, "provision": cmd_provision, "keys": cmd_keys, "flower-loopback": cmd_flower_loopback}
+            "models": cmd_models, "provision": cmd_provision, "keys": cmd_keys, "flower-loopback": cmd_flower_loopback,
+            "approve": cmd_approve}
 
 
 def main(argv: list[str] | None = None) -> int:

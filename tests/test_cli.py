@@ -177,11 +177,17 @@ def test_key_ceremony_steps_refuse_bad_input_with_one_line(tmp_path: Path, capsy
     assert "p0.card" in out and "fingerprint" in out
     assert main(["keys", "list", "--key-dir", key_dir]) == 0
     assert "this party" in capsys.readouterr().out
-    assert main(["keys", "trust", str(tmp_path / "nowhere.card"), "--key-dir", key_dir]) == 2
+    assert main(["keys", "trust", str(tmp_path / "nowhere.card"), "--key-dir", key_dir, "--fingerprint", "0000"]) == 2
     assert "nowhere.card: cannot read" in capsys.readouterr().err
     other = tmp_path / "p1" / "keys"
     assert main(["keys", "create", "p1", "--key-dir", str(other)]) == 0
     heard = out.rsplit("fingerprint: ", 1)[1].strip()  # p0's, as its owner would read it out
+    assert main(["keys", "trust", key_dir + "/p0.card", "--key-dir", str(other)]) == 2  # no fingerprint: refused
+    err = capsys.readouterr().err
+    assert "--fingerprint: required for every card" in err and "Traceback" not in err
+    assert main(["keys", "trust", key_dir + "/p0.card", key_dir + "/p0.card", "--key-dir", str(other),
+                 "--fingerprint", heard]) == 2
+    assert "2 cards but 1 fingerprints" in capsys.readouterr().err
     assert main(["keys", "trust", key_dir + "/p0.card", "--key-dir", str(other), "--fingerprint", "0000"]) == 2
     assert "not the '0000' its owner read out" in capsys.readouterr().err
     assert not (other / "roster" / "p0.pub").exists()
@@ -190,3 +196,29 @@ def test_key_ceremony_steps_refuse_bad_input_with_one_line(tmp_path: Path, capsy
     assert main(["keys", "committee-create", str(config), "--id", "p0", "--key-dir", key_dir, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "secure_aggregation='none'" in err and "Traceback" not in err
+
+
+def test_a_simulations_keys_live_outside_its_run_directory_and_the_audit_pins_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`securefl run --keys DIR`: the owners' private keys go to DIR/<run id>/, never into the run directory;
+    `securefl audit` pins every ledger to DIR's roster, and without it says UNPINNED and fails."""
+    raw = tiny_raw(privacy={"unit": "participant", "target_epsilon": 8.0},
+                   participants=[{"id": "p0", "model": "mlp_s"}, {"id": "p1", "model": "mlp_s"}], run={"rounds": 1})
+    cfg, run, keys = _write(tmp_path, raw), tmp_path / "run", tmp_path / "officer-keys"
+    assert main(["run", str(cfg), "--out", str(run), "--quiet", "--keys", str(keys)]) == 0
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    assert sorted(p.name for p in (keys / run_id).glob("*.ed25519")) == ["aggregator.ed25519", "p0.ed25519",
+                                                                          "p1.ed25519"]
+    assert list(run.rglob("*.ed25519")) == [] and (run / "releases.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["audit", str(run), "--keys", str(keys)]) == 0
+    assert "pinned to the key store" in capsys.readouterr().out
+    assert main(["audit", str(run)]) == 1  # $SECUREFL_KEYS is another store: nothing vouches for the keys
+    out = capsys.readouterr().out
+    assert "WARNING: UNPINNED ledger key(s) of p0, p1" in out and "result: FAILED" in out
+    assert main(["audit", str(run), "--allow-unpinned"]) == 0
+    assert "result: OK, but UNPINNED" in capsys.readouterr().out
+    # --keys outside the run directory only: a key store inside it would hand the keys to every reader.
+    assert main(["run", str(cfg), "--out", str(tmp_path / "other"), "--quiet", "--keys",
+                 str(tmp_path / "other" / "keys")]) == 2
+    assert "must live outside the run directory" in capsys.readouterr().err

@@ -28,17 +28,26 @@ What :class:`MessageVerifier` rejects, and the ``reason`` it gives
 ``"wrong run id"``    the message belongs to another run;
 ``"wrong receiver"``  (if the verifier has an identity) addressed to someone else;
 ``"bad signature"``   forged, or modified after signing;
-``"replay"``          this sender already sent this kind to this receiver in this round;
+``"replay"``          this very message was accepted before, or this sender already sent this kind
+                      to this receiver in this round;
 ``"stale"``           the round is older than the latest accepted one for that sender and kind.
+
+A verifier given a ``state_file`` keeps what it accepted on disk (small JSON,
+written atomically and fsynced before the message is let through), so a
+fresh process, as when Flower starts a ClientApp for every message, still
+refuses a replayed message.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import struct
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,8 +60,10 @@ from securefl.crypto.wire import SecretHolder
 from securefl.runtime.message import BROADCAST, Message
 
 __all__ = [
+    "NONCE_META_KEY",
     "SIGNATURE_META_KEY",
     "MessageVerifier",
+    "ReplayStateError",
     "PartyKeys",
     "canonical_bytes",
     "generate_signing_key",
@@ -63,6 +74,14 @@ __all__ = [
 ]
 
 SIGNATURE_META_KEY = "signature"
+# A random value a signer puts in the meta before signing, so no two signing acts give the same bytes: a
+# message seen again byte for byte is then a replay, never a sender that legitimately said the same twice.
+NONCE_META_KEY = "nonce"
+_REPLAY_FORMAT = "securefl-replay-record/1"
+
+
+class ReplayStateError(ValueError):
+    """A verifier's replay record on disk cannot be used (unreadable, or of another run)."""
 _SIG_LEN = 64
 
 
@@ -273,15 +292,25 @@ class MessageVerifier:
         messages addressed to another party (not this one, not broadcast) are
         rejected as ``"wrong receiver"``.
 
+    state_file
+        Keyword-only, optional: where this verifier keeps what it accepted, so
+        that a verifier of a later process refuses the same replays.
+
     Notes
     -----
     Replay and staleness are tracked per ``(sender, receiver, kind)``: the
-    latest accepted round. A message for that same round again is a replay; an
-    older round is stale. Only messages whose signature verified update this
-    state, so a forgery cannot block the genuine message. Thread-safe.
+    latest accepted round, and the digests of the messages accepted in it. A
+    message accepted before (same digest) is a replay; a second message for
+    the same round in this verifier's lifetime is a replay; an older round is
+    stale. A message for the latest round of an earlier process with a digest
+    never seen is accepted: only the sender's key can make it (a coordinator
+    that resumes redoes a round, and signs its messages afresh). Only messages
+    whose signature verified update this state, so a forgery cannot block the
+    genuine message. Thread-safe.
     """
 
-    def __init__(self, run_id: str, public_keys: Mapping[str, Ed25519PublicKey | bytes], *, receiver: str | None = None) -> None:
+    def __init__(self, run_id: str, public_keys: Mapping[str, Ed25519PublicKey | bytes], *, receiver: str | None = None,
+                 state_file: str | os.PathLike[str] | None = None) -> None:
         self.run_id = run_id
         self.receiver = receiver
         self._keys: dict[str, Ed25519PublicKey] = {
@@ -290,13 +319,97 @@ class MessageVerifier:
         for party, key in self._keys.items():
             if not isinstance(key, Ed25519PublicKey):
                 raise TypeError(f"public key of {party!r} must be an Ed25519PublicKey, got {type(key).__name__}")
-        self._latest: dict[tuple[str, str, str], int] = {}
+        self._latest: dict[tuple[str, str, str], int] = {}  # over this process and, with a state file, earlier ones
+        self._digests: dict[tuple[str, str, str], set[str]] = {}  # accepted in the slot's latest round
+        self._here: dict[tuple[str, str, str], int] = {}  # the latest round accepted by this very verifier
         self._lock = threading.Lock()
+        self.state_file: Path | None = None
+        if state_file is not None:
+            self.persist_to(state_file)
+
+    # ----- the replay record on disk ---------------------------------------------------------------
+    def persist_to(self, state_file: str | os.PathLike[str]) -> None:
+        """Keep the replay record in ``state_file`` from now on, after merging what it already holds."""
+        path = Path(state_file)
+        with self._lock:
+            if path.exists():
+                self._merge(self._read_state(path), path)
+            self.state_file = path
+            self._write_state()
+
+    def _read_state(self, path: Path) -> list[Any]:
+        refuse = (f"{path}: the replay record of this node; without it a replayed message would be accepted. "
+                  "Restore it from the node directory's backup")
+        try:
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict) or raw.get("format") != _REPLAY_FORMAT or not isinstance(raw.get("slots"), list):
+                raise ValueError("not a replay record")
+        except (OSError, ValueError) as exc:
+            raise ReplayStateError(f"{refuse} (it is unreadable: {type(exc).__name__})") from None
+        if raw.get("run_id") != self.run_id:
+            raise ReplayStateError(f"{path}: a replay record of run {str(raw.get('run_id'))[:80]!r}, not of run "
+                                   f"{self.run_id!r}; give this run a fresh node directory")
+        return raw["slots"]
+
+    def _merge(self, slots: list[Any], path: Path) -> None:
+        try:
+            for sender, receiver, kind, rnd, digests in slots:
+                slot = (str(sender), str(receiver), str(kind))
+                if rnd > self._latest.get(slot, -1):
+                    self._latest[slot], self._digests[slot] = int(rnd), {str(d) for d in digests}
+                elif rnd == self._latest[slot]:
+                    self._digests[slot].update(str(d) for d in digests)
+        except (TypeError, ValueError) as exc:
+            raise ReplayStateError(f"{path}: a malformed replay record ({type(exc).__name__}); restore it "
+                                   "from the node directory's backup") from None
+
+    def _write_state(self) -> None:
+        """Write the record atomically (temporary file, fsync, rename, fsync of the directory): a crash leaves
+        the old record or the new one, and a message is let through only once its record is on disk."""
+        assert self.state_file is not None
+        path = self.state_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        slots = [[*slot, rnd, sorted(self._digests.get(slot, ()))] for slot, rnd in sorted(self._latest.items())]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps({"format": _REPLAY_FORMAT, "run_id": self.run_id, "slots": slots}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     def add_party(self, party_id: str, public_key: Ed25519PublicKey | bytes) -> None:
         """Register (or replace) a sender's public key."""
         with self._lock:
             self._keys[party_id] = load_public_key(public_key) if isinstance(public_key, bytes) else public_key
+
+    def new_attempt(self) -> None:
+        """Behave as a verifier of a new process: a sender that redoes a round may sign its messages afresh.
+        Copies of messages already accepted, and older rounds, stay refused."""
+        with self._lock:
+            self._here.clear()
+
+    def seen_before(self, msg: Any) -> str | None:
+        """``"replay"`` if this very message (the same signed bytes) was accepted before, by this verifier or
+        one that kept the same state file; ``"stale"`` if its round is older than the latest accepted for its
+        sender, receiver and kind; else ``None``. Read-only, and no signature is checked: a receiver can refuse
+        such a message at once, as :meth:`verify` would."""
+        if not isinstance(msg, Message):
+            return None
+        try:
+            digest = hashlib.sha256(canonical_bytes(msg)).hexdigest()[:32]
+        except TypeError:
+            return None
+        slot = (msg.sender, msg.receiver, msg.kind)
+        with self._lock:
+            if digest in self._digests.get(slot, ()):
+                return "replay"
+            latest = self._latest.get(slot)
+            return "stale" if latest is not None and isinstance(msg.round, int) and msg.round < latest else None
 
     def check(self, msg: Any) -> RejectedMessage | None:
         """Like :meth:`verify`, but return the rejection instead of raising it (``None`` if accepted)."""
@@ -348,11 +461,17 @@ class MessageVerifier:
                 "bad signature", f"{who}: forged, modified after signing, or signed in another format than v2"
             ) from None
         slot = (msg.sender, msg.receiver, msg.kind)
+        digest = hashlib.sha256(signed).hexdigest()[:32]
         with self._lock:
             latest = self._latest.get(slot)
-            if latest is not None and msg.round == latest:
+            if digest in self._digests.get(slot, ()) or self._here.get(slot) == msg.round:
                 raise RejectedMessage("replay", f"{who}: already received {msg.kind!r} from {msg.sender!r} in round {msg.round}")
             if latest is not None and msg.round < latest:
                 raise RejectedMessage("stale", f"{who}: round {msg.round} is older than the latest accepted round {latest}")
-            self._latest[slot] = msg.round
+            if latest is None or msg.round > latest:
+                self._digests[slot] = set()
+            self._digests[slot].add(digest)
+            self._latest[slot] = self._here[slot] = msg.round
+            if self.state_file is not None:
+                self._write_state()
         return msg

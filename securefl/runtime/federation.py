@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import platform
+import secrets
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from securefl.data.partition import (
     train_val_split,
 )
 from securefl.layers.base import Layer, Rejected
+from securefl.layers.signing import SigningLayer
 from securefl.protocols import Protocol, get_protocol
 from securefl.protocols.base import Downlink
 from securefl.runtime.aggregator import PlainAggregator
@@ -58,6 +60,10 @@ from securefl.runtime.party import DataView, FederationContext, Party, derive_se
 from securefl.runtime.transport import InProcessTransport, Transport
 
 CHECKPOINT = "checkpoints/last.pt"
+#: One line per message a participant sent (sender, receiver, round, kind, private fields, payload digest).
+RELEASES = "releases.jsonl"
+#: Each owner's calibrated σ and the plan behind it.
+PRIVACY_PLAN = "privacy_plan.json"
 
 
 class RunDirError(ValueError):
@@ -199,10 +205,14 @@ class Federation:
     def __init__(self, config: Any, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  transport: Transport | None = None,
                  on_round_end: Callable[[int], None] | None = None,
-                 remote: Any = None, run_id: str | None = None, tables: Mapping[str, Any] | None = None) -> None:
+                 remote: Any = None, run_id: str | None = None, tables: Mapping[str, Any] | None = None,
+                 keys: str | Path | None = None) -> None:
         """``remote``: participants hosted elsewhere (e.g. :class:`securefl.deploy.flower.FlowerParticipants`);
         then this process is only the coordinator, with the aggregator's keys and no participant data.
-        Without it every participant is hosted here (a simulation)."""
+        Without it every participant is hosted here (a simulation).
+
+        ``keys``: the root of the simulation's key store (default ``$SECUREFL_KEYS`` or the user's data
+        directory; see :mod:`securefl.crypto.keystore`). The owners' private keys never go into ``out_dir``."""
         self.config = config
         self.out = Path(out_dir)
         self.progress = progress
@@ -211,7 +221,12 @@ class Federation:
         made_here = not resume and not self.out.exists()
         self._run_lock: int | None = None
         self._prepare_run_dir(resume, run_id=run_id)
+        keys_made_here = False
         try:
+            # A coordinator's own keys stay in its directory (they cannot seal an owner's ledger); a simulation's
+            # owners' keys live outside the run directory, where no reader of the run can re-seal with them.
+            self.key_dir = self.out / "keys" if remote is not None else self._simulation_key_dir(resume, keys)
+            keys_made_here = remote is None and not self.key_dir.exists()
             # A coordinator of remote participants reads no participant's data (local = nobody).
             self.dataset, self.split, self.ctx, self.parties, self.protocol = build_world(
                 config, self.run_id, tables=tables, local=set() if remote is not None else None)
@@ -229,7 +244,7 @@ class Federation:
             self.host: ParticipantHost | None = None  # the participants hosted in this process (a simulation)
             if remote is None:
                 self.host = ParticipantHost(config=config, out=self.out, ctx=self.ctx, protocol=self.protocol,
-                                            parties=self.parties, key_dir=self.out / "keys",
+                                            parties=self.parties, key_dir=self.key_dir,
                                             n_participants=len(self.parties), stopped=self.stopped)
                 self.host._keys = self._keys  # one key cache: the simulation's host and coordinator share a key dir
                 self.host.set_up()
@@ -237,6 +252,8 @@ class Federation:
                 self.participants: Any = self.host
                 self.layers: list[Layer] = self._build_layers()
                 self.host.layers = self.layers  # one stack: each layer's participant and server hooks
+                self._publish_public_keys()
+                self._write_privacy_plan()
             else:
                 if self.protocol.simulation_only:
                     from securefl.protocols import ProtocolSetupError
@@ -247,16 +264,20 @@ class Federation:
                 from securefl.layers.stack import build_layers
 
                 signers = {AGGREGATOR: self.party_keys(AGGREGATOR)} if config.signing else {}
-                self.layers = build_layers(config, side="coordinator", run_id=self.run_id, key_dir=self.out / "keys",
+                self.layers = build_layers(config, side="coordinator", run_id=self.run_id, key_dir=self.key_dir,
                                            party_ids=[p.id for p in self.parties], signers=signers)
                 for layer in self.layers:
                     layer.connect(remote)
+                    if isinstance(layer, SigningLayer):
+                        # A resumed coordinator is a new process: what it accepted before the crash must still
+                        # be refused when replayed to it (each node keeps its own record likewise).
+                        layer.keep_replay_state(self.out / "replay")
             for layer in self.layers:
                 layer.check(self.protocol, self.parties)
         except BaseException:
             self.release_run_dir()
-            if made_here:
-                self._discard_unstarted_run_dir()
+            if made_here and self._discard_unstarted_run_dir() and keys_made_here:
+                shutil.rmtree(self.key_dir, ignore_errors=True)
             raise
 
     def release_run_dir(self) -> None:
@@ -291,7 +312,10 @@ class Federation:
             )
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._run_lock = lock_run_dir(self.out)
-        self.run_id = run_id or self.config.run.name or uuid.uuid4().hex[:12]
+        # Always a random part: names repeat, and signatures, replay records and node directories tell runs
+        # apart by their id alone (a message of one run must never be accepted in another). --resume keeps
+        # the id saved in run.json.
+        self.run_id = f"{run_id or self.config.run.name or 'run'}-{secrets.token_hex(6)}"
         (self.out / "config.yaml").write_text(config_text)
         (self.out / "run.json").write_text(json.dumps(self._run_info(), indent=2) + "\n")
 
@@ -309,7 +333,7 @@ class Federation:
                               "run that the ledgers and signatures belong to, so the run cannot resume without "
                               "it") from None
 
-    def _discard_unstarted_run_dir(self) -> None:
+    def _discard_unstarted_run_dir(self) -> bool:
         """Set-up failed (a refusal, missing data, an interrupt) in a directory this invocation created: remove it,
         so a refused run leaves nothing behind. It holds no checkpoint or metric by then, and no ledger books a
         spend before round 1; a ledger that does, or cannot be read, keeps the directory all the same."""
@@ -321,8 +345,9 @@ class Federation:
             except Exception:  # noqa: BLE001 - unreadable: never delete a ledger on an assumption
                 spent = True
             if spent:
-                return
+                return False
         shutil.rmtree(self.out, ignore_errors=True)
+        return True
 
     def _check_same_config(self, saved_text: str) -> None:
         """A run resumes only under the config it started with. A run made by an earlier version lacks the fields
@@ -358,7 +383,7 @@ class Federation:
 
         ids = [p.id for p in self.parties]
         signers = {pid: self.party_keys(pid) for pid in [*ids, AGGREGATOR]} if self.config.signing else {}
-        return build_layers(self.config, side="simulation", run_id=self.run_id, key_dir=self.out / "keys",
+        return build_layers(self.config, side="simulation", run_id=self.run_id, key_dir=self.key_dir,
                             party_ids=ids, signers=signers,
                             privacy_layer=self.privacy.layer if self.privacy is not None else None)
 
@@ -367,8 +392,76 @@ class Federation:
         if party_id not in self._keys:
             from securefl.crypto.keystore import load_or_create_party_keys
 
-            self._keys[party_id] = load_or_create_party_keys(self.out / "keys", party_id)
+            self._keys[party_id] = load_or_create_party_keys(self.key_dir, party_id)
         return self._keys[party_id]
+
+    def _simulation_key_dir(self, resume: bool, root: str | Path | None) -> Path:
+        """The key store of this run, outside the run directory; on resume it must hold the keys the run began
+        with (a fresh key could not extend its sealed ledgers, and would sign as someone else)."""
+        from securefl.crypto.keystore import KEYS_ENV, simulation_key_dir
+
+        key_dir = simulation_key_dir(self.run_id, root)
+        if key_dir.resolve().is_relative_to(self.out.resolve()):
+            raise RunDirError(f"--keys {key_dir}: the owners' private keys must live outside the run directory "
+                              f"{self.out}, where any reader of the run could re-seal a ledger with them")
+        if resume and not key_dir.is_dir() and any((self.out / "ledgers").glob("*.jsonl")):
+            older = (f"; a run begun before keys left the run directory has them in {self.out / 'keys'}: move that "
+                     "directory there" if (self.out / "keys").is_dir() else "")
+            raise RunDirError(f"{key_dir}: the owners' keys of run {self.run_id!r} are not there; resume with the "
+                              f"key store the run began with (--keys DIR or ${KEYS_ENV}){older}")
+        return key_dir
+
+    def _publish_public_keys(self) -> None:
+        """Every owner's public key into the key store's roster: what ``securefl audit`` pins each ledger's seal
+        to, from outside the run directory."""
+        from securefl.crypto.keystore import publish_public_key
+
+        for pid, keys in self._keys.items():
+            if pid != AGGREGATOR:
+                publish_public_key(self.key_dir, keys)
+
+    def _write_privacy_plan(self) -> None:
+        """``privacy_plan.json``: each owner's calibrated σ and the plan it was calibrated for, written before
+        round 1. The audit checks every ledger entry against it (an entry booking another σ, or a larger
+        sampling rate, under-counts) and checks δ against the record count."""
+        if self.privacy is None:
+            return
+        plan = {
+            "unit": self.privacy.unit,
+            "accountant": self.privacy.accountant,
+            "noise": self.config.privacy.noise,
+            "participants": {
+                pid: {"noise_multiplier": pp.noise_multiplier, "sample_rate": pp.sample_rate,
+                      "planned_steps": pp.planned_steps, "delta": pp.delta, "target_epsilon": pp.target_epsilon,
+                      "records": self.host.by_id[pid].num_samples if self.host is not None else None,
+                      "histogram_noise_multiplier": self.config.privacy.histogram_noise_multiplier}
+                for pid, pp in self.privacy.participants.items()},
+        }
+        # Present from the start, even if nothing leaves: a missing record then means a deleted one.
+        (self.out / RELEASES).touch()
+        path = self.out / PRIVACY_PLAN
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    def _record_releases(self, rnd: int, outgoing: Sequence[Message]) -> None:
+        """Append what is about to leave the participants to ``releases.jsonl`` (fsynced before it is sent): the
+        record, outside every ledger, that the audit checks each ledger covers."""
+        if self.config.privacy.unit == "none":
+            return
+        private = set(_private_fields(self.protocol))
+        lines = []
+        for msg in outgoing:
+            fields = sorted(n for n in msg.payload if n in private)
+            lines.append(json.dumps({"round": rnd, "sender": msg.sender, "receiver": msg.receiver, "kind": msg.kind,
+                                     "private_fields": fields, "meta": sorted(msg.meta),
+                                     "digest": payload_digest(msg)}, sort_keys=True))
+        if not lines:
+            return
+        with open(self.out / RELEASES, "a") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+            handle.flush()
+            os.fsync(handle.fileno())
 
     # ----- the run -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -434,6 +527,7 @@ class Federation:
         step = self.participants.step(rnd, {pid: self.transport.receive(pid) for pid in sampled})
         self._absorb(step)
         bar.update(len(sampled))
+        self._record_releases(rnd, step.outgoing)
         # Sampled parties step concurrently in a deployment: send only after all have stepped, so a
         # peer-to-peer message never lands in a later peer's client_step inbox instead of its client_update.
         for reply in step.outgoing:
@@ -545,6 +639,30 @@ class Federation:
         return int(state["round"]) + 1
 
 
+def _private_fields(protocol: Any) -> list[str]:
+    uplink = getattr(protocol, "uplink", None)
+    return [] if uplink is None else [name for name, f in uplink.fields.items() if f.private]
+
+
+def payload_digest(msg: Message) -> str:
+    """SHA-256 over a message's payload (names, tensor dtypes, shapes and bytes): names what left, never what it
+    holds."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(msg.payload):
+        value = msg.payload[name]
+        digest.update(name.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            for part in value if isinstance(value, list) else [value]:
+                digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
 def save_atomically(state: Mapping[str, Any], path: Path) -> None:
     """torch.save to a temporary file, fsync, rename: a crash leaves the old or the new file, never half."""
     tmp = path.with_suffix(".tmp")
@@ -555,8 +673,30 @@ def save_atomically(state: Mapping[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint without running any code it holds.
+
+    A checkpoint is a pickle, and a full unpickler calls whatever the file names (a crafted ``last.pt``
+    would run code on ``--resume``, before anything is validated). ``weights_only=True`` accepts only
+    tensors, plain containers and numbers, and the classes allowed here, which is all securefl saves.
+    """
+    from securefl.crypto.sealed import SealedTensor
+    from securefl.protocols.base import GlobalUpdate
+
     try:
-        return torch.load(path, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        # The classes a checkpoint holds besides plain values (the server's update log, with sealed fields):
+        # frozen dataclasses of tensors, bytes and plain values, whose loading calls no code of the file's choice.
+        with torch.serialization.safe_globals([GlobalUpdate, SealedTensor]):
+            state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message quotes what the file asked for; say what it means instead.
+        what = ("holds objects other than tensors, numbers, strings and containers (loading them could run "
+                "code)" if "Weights only load failed" in str(exc) else "is corrupt or truncated")
+        raise RunDirError(f"{path}: not a checkpoint securefl wrote: it {what}; refusing to load it (restore the "
+                          "checkpoint from a copy you trust)") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure means a corrupt file
         raise RunDirError(f"{path}: checkpoint is corrupt or truncated ({type(exc).__name__}); "
                           "refusing to start over silently") from None
+    if not isinstance(state, dict):
+        raise RunDirError(f"{path}: not a securefl checkpoint (it holds a {type(state).__name__}, not a mapping); "
+                          "refusing to resume from it")
+    return state

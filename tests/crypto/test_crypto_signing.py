@@ -84,6 +84,31 @@ def test_replay_is_rejected(keys, verifier) -> None:
     assert reason(verifier, sign_message(msg(round=3), keys["alice"].private_key)) == "replay"
 
 
+def test_a_verifier_with_a_state_file_refuses_replays_a_later_process_sees(keys, tmp_path) -> None:
+    """A node's process may live for one message (Flower): the next process reads what the last accepted."""
+    from securefl.crypto.signing import ReplayStateError
+
+    public = {pid: k.public_key for pid, k in keys.items()}
+    state = tmp_path / "replay" / "aggregator.replay.json"
+    first = keys["alice"].sign(msg(round=3, meta={"nonce": "a1"}))
+    MessageVerifier("run-1", public, state_file=state).verify(first)
+    later = MessageVerifier("run-1", public, state_file=state)
+    assert reason(later, first) == "replay" and later.seen_before(first) == "replay"
+    assert reason(later, keys["alice"].sign(msg(round=2, meta={"nonce": "b2"}))) == "stale"
+    # The sender redoing round 3 (a resumed coordinator) signs afresh: a new process accepts that once.
+    redo = keys["alice"].sign(msg(round=3, meta={"nonce": "c3"}))
+    assert later.seen_before(redo) is None
+    later.verify(redo)
+    assert reason(later, keys["alice"].sign(msg(round=3, meta={"nonce": "d4"}))) == "replay"  # same process
+    assert reason(MessageVerifier("run-1", public, state_file=state), redo) == "replay"
+    # A record of another run, or an unreadable one, is refused rather than taken as empty.
+    with pytest.raises(ReplayStateError, match="of run 'run-1', not of run 'run-2'"):
+        MessageVerifier("run-2", public, state_file=state)
+    state.write_text("{half")
+    with pytest.raises(ReplayStateError, match="unreadable"):
+        MessageVerifier("run-1", public, state_file=state)
+
+
 def test_older_rounds_are_stale(keys, verifier) -> None:
     verifier.verify(keys["alice"].sign(msg(round=5)))
     assert reason(verifier, keys["alice"].sign(msg(round=4))) == "stale"
