@@ -95,6 +95,7 @@ def participant_report(row: Mapping[str, Any], run: Mapping[str, Any], *, ledger
             f"- ε spent: **{row['epsilon']:.3f}** of a budget of **{row['target_epsilon']:g}** at δ = {row['delta']:g} "
             f"({status}); noise multiplier σ = {row['noise_multiplier']:.3f}",
             f"- What set the budget: {row['budget_note']}",
+            *([f"- This ε holds against: {row['adversary']}"] if row.get("adversary") else []),
             f"- Stopped early: {'yes: ' + row.get('stopped_reason', '') if row['stopped_early'] else 'no'}",
             f"- Ledger: `{ledger}` (hash-chained, sealed with this participant's Ed25519 key)",
             "",
@@ -190,6 +191,8 @@ def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[st
         for p in summary["participants"]:
             lines.append(f"| {p['id']} | {p['epsilon']:.3f} | {p['target_epsilon']:g} | {p['delta']:g} | "
                          f"{p['noise_multiplier']:.3f} | {'yes' if p['stopped_early'] else 'no'} | {p['budget_note']} |")
+        against = sorted({p["adversary"] for p in summary["participants"] if p.get("adversary")})
+        lines += [f"\nEach ε holds against: {text}" for text in against]
         lines += ["", "Verify with `securefl audit RUN_DIR`.", "", "![privacy spent](privacy.png)"]
     if summary["server"]:
         lines += ["", "Server-side models: " + ", ".join(f"{k} = {v:.4f}" for k, v in summary["server"].items())]

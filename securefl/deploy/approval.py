@@ -204,8 +204,7 @@ def _release_lines(config: Any, protocol: Any) -> list[str]:
 def plan(config: Any, participant_id: str, *, key_dir: Path) -> dict[str, Any]:
     """What the node would do under ``config``: its releases, and (under DP) its calibrated σ and planned
     spend, computed as the node will (in a scratch directory: no ledger of the node is touched)."""
-    from securefl.privacy.accountants import get_accountant
-    from securefl.privacy.calibration import planned_event
+    from securefl.privacy.calibration import planned_epsilon, planned_event
     from securefl.privacy.mechanisms import histogram_event
     from securefl.runtime.federation import build_world
     from securefl.runtime.host import ParticipantHost
@@ -235,7 +234,7 @@ def plan(config: Any, participant_id: str, *, key_dir: Path) -> dict[str, Any]:
                                         relation="replace_one", sensitivity=2 * cfg.clip_norm)] * steps
             else:
                 events = []  # distributed shares: booked for the worst case of t of n, at most the target
-            spend = get_accountant(cfg.accountant).epsilon(events, delta=pp.delta) if events else None
+            spend = planned_epsilon(events, delta=pp.delta, accountant=cfg.accountant) if events else None
             out.update(noise_multiplier=sigma, planned_steps=steps, sample_rate=rate, target_epsilon=pp.target_epsilon,
                        delta=pp.delta, planned_epsilon=spend, budget_note=pp.budget_note,
                        train_records=mine[0].num_samples)

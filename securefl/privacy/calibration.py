@@ -17,7 +17,7 @@ Google dp-accounting, ``mechanism_calibration.calibrate_dp_mechanism``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from securefl.privacy.accountants import Accountant, get_accountant
 from securefl.privacy.errors import CalibrationError
@@ -52,6 +52,12 @@ def planned_event(
         relation=relation,
         payload=payload,
     )
+
+
+def planned_epsilon(events: Sequence[AnyEvent], *, delta: float, accountant: str | Accountant = "rdp") -> float:
+    """ε of a planned sequence of releases, with the accountant that will report it (what an owner approves)."""
+    acc = get_accountant(accountant) if isinstance(accountant, str) else accountant
+    return float(acc.epsilon(list(events), delta=delta))
 
 
 def calibrate_noise_multiplier(

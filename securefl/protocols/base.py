@@ -371,6 +371,22 @@ class UpdateLog:
         self.version = int(state["version"])
 
 
+def record_count_metadata(section: str, weighting: str) -> dict[str, Field]:
+    """What a client sends beside its payload when ``<section>.weighting`` is ``samples``: its exact record count."""
+    if weighting != "samples":
+        return {}
+    count = Field(private=True, description=f"the client's exact number of training records "
+                                            f"({section}.weighting: uniform sends none)")
+    return {"num_samples": count, "aggregation_weight": count}
+
+
+def record_count_weighting(section: str, weighting: str) -> str | None:
+    """What a ``samples``-weighted mean weights by (None when uniform)."""
+    if weighting != "samples":
+        return None
+    return f"each client's record count ({section}.weighting = 'samples'; use {section}.weighting: uniform)"
+
+
 def attach_updates(msg: Message, updates: Sequence[GlobalUpdate]) -> Message:
     """Put updates on a message: field ``name`` of update ``v`` travels as ``name@v``.
 

@@ -32,6 +32,8 @@ from securefl.protocols.base import (
     flat_parameters,
     load_flat_parameters,
     only_message,
+    record_count_metadata,
+    record_count_weighting,
 )
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import Message
@@ -75,16 +77,10 @@ class FedAvg(Protocol):
             )
 
     def uplink_metadata(self) -> dict[str, Field]:
-        if self.config.weighting != "samples":
-            return {}
-        count = Field(private=True, description="the client's exact number of training records "
-                                                "(fedavg.weighting: uniform sends none)")
-        return {"num_samples": count, "aggregation_weight": count}
+        return record_count_metadata("fedavg", self.config.weighting)
 
     def weighted_aggregation(self) -> str | None:
-        if self.config.weighting == "samples":
-            return "each client's record count (fedavg.weighting = 'samples'; use fedavg.weighting: uniform)"
-        return None
+        return record_count_weighting("fedavg", self.config.weighting)
 
     def setup_server(self, parties: Sequence[Party]) -> None:
         self.global_model = self.ctx.build_model(parties[0].model_name, purpose="fedavg-global")

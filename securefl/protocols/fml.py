@@ -103,6 +103,8 @@ from securefl.protocols.base import (
     flat_parameters,
     load_flat_parameters,
     only_message,
+    record_count_metadata,
+    record_count_weighting,
 )
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import Message
@@ -207,16 +209,10 @@ class FML(Protocol):
         return [(self.config.batch_size, self.ctx.rounds * self.ctx.training.local_epochs, None)]
 
     def uplink_metadata(self) -> dict[str, Field]:
-        if self.config.weighting != "samples":
-            return {}
-        count = Field(private=True, description="the client's exact number of training records "
-                                                "(fml.weighting: uniform sends none)")
-        return {"num_samples": count, "aggregation_weight": count}
+        return record_count_metadata("fml", self.config.weighting)
 
     def weighted_aggregation(self) -> str | None:
-        if self.config.weighting == "samples":
-            return "each client's record count (fml.weighting = 'samples'; use fml.weighting: uniform)"
-        return None
+        return record_count_weighting("fml", self.config.weighting)
 
     def setup_party(self, party: Party) -> None:
         cfg = self.config

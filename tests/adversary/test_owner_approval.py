@@ -29,6 +29,7 @@ from securefl.deploy.remote import RemoteSetupError, isolated_participants
 from securefl.privacy.audit import audit_run
 from securefl.privacy.ledger import read_ledger
 from securefl.runtime.federation import Federation
+from tests.deploy.test_nodes import healthcare_raw as healthcare_example
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare"
 HOSPITALS = ("hospital_a", "hospital_b", "hospital_c", "hospital_d")
@@ -36,14 +37,7 @@ HOSPITALS = ("hospital_a", "hospital_b", "hospital_c", "hospital_d")
 
 def healthcare_raw(data: Path) -> dict[str, Any]:
     """The healthcare example (FedMD, record-level DP, CKKS, signing), on fresh data, one round."""
-    raw = yaml.safe_load((EXAMPLE / "experiment.yaml").read_text())
-    files = raw["data"]["files"]
-    files["test_file"], files["public_file"] = str(data / "test.csv"), str(data / "public.csv")
-    for p in raw["participants"]:
-        p["data_file"] = str(data / f"{p['id']}.csv")
-        p["policy_file"] = str(EXAMPLE / "policies" / f"{p['id']}.yaml")
-    raw["run"]["rounds"] = 1
-    return raw
+    return healthcare_example(data, rounds=1)
 
 
 def dp_off(raw: dict[str, Any]) -> dict[str, Any]:

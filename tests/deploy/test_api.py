@@ -53,7 +53,9 @@ def test_bad_site_data_is_named(cancer, tmp_path: Path) -> None:
     x, y = cancer
     bad = y[80:200].copy()
     bad[3] = 7
-    with pytest.raises(api.DataError, match="participant 'site_a'.*label 7 is outside"):
+    # The record is named by its index, never by its value: a node's errors may cross to the coordinator.
+    with pytest.raises(api.DataError, match=r"participant 'site_a': record 3 has a label outside the configured "
+                                            r"classes 0\.\.1"):
         api.train([api.Participant.from_table("site_a", x[80:200], bad, model="mlp_s")],
                   test=(x[420:], y[420:]), num_classes=2, out=tmp_path / "run", protocol="local_only", rounds=1)
     with pytest.raises(api.DataError, match="participant 'site_b'.*features"):
