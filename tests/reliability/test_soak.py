@@ -72,6 +72,10 @@ def test_soak_under_ckks_and_dp_with_random_faults_and_kills(tmp_path: Path) -> 
     broken = sum(n for label, n in done.items() if label.startswith(("truncate", "flip_bytes")))
     assert reasons["bad signature"] + reasons["ckks chunk"] + reasons["cannot open"] == broken, (reasons, done)
     assert reasons["stale"] <= sum(n for label, n in done.items() if label.startswith("delay"))
+    # Faults that cost a round contributions leave aggregates of fewer than t: every participant refuses to
+    # open those (issue 19, finding 8), and names the cohort; nothing else is refused for that reason.
+    below = [r["reason"] for r in rejected if _reason_class(r["reason"]) == "below cohort"]
+    assert all("fewer than the minimum cohort t = 3" in reason for reason in below), below
     # The run got past every fault: each fired in a round that is now in the metrics, and the run finished.
     survived = sum(1 for rnd, _, _ in transport.log if rnd <= rows[-1]["round"])
     stopped = [p["id"] for p in summary["participants"] if p["stopped_early"]]
@@ -93,7 +97,8 @@ def test_soak_under_ckks_and_dp_with_random_faults_and_kills(tmp_path: Path) -> 
 def _reason_class(reason: str) -> str:
     for needle, name in (("withheld", "withheld"), ("stale", "stale"), ("replay", "replay"),
                          ("duplicate", "duplicate"), ("bad signature", "bad signature"),
-                         ("cannot open", "cannot open"), ("chunk", "ckks chunk")):
+                         ("minimum cohort", "below cohort"), ("cannot open", "cannot open"),
+                         ("chunk", "ckks chunk")):
         if needle in reason:
             return name
     return reason[:40]
