@@ -54,13 +54,18 @@ class IidPartition(Section):
     kind: Literal["iid"]
 
 
+class FewShotPartition(Section):
+    kind: Literal["few_shot"]
+    per_class: int = PydField(5, ge=1, description="records of every class each participant holds")
+
+
 class ExplicitPartition(Section):
     kind: Literal["explicit"]
     assignment: list[list[int]] = PydField(min_length=1, description="training-split indices per participant")
 
 
 Partition = Annotated[
-    DirichletPartition | ShardPartition | IidPartition | ExplicitPartition, PydField(discriminator="kind")
+    DirichletPartition | ShardPartition | IidPartition | ExplicitPartition | FewShotPartition, PydField(discriminator="kind")
 ]
 
 
@@ -90,6 +95,9 @@ class DataConfig(Section):
     private_classes: list[int] | None = PydField(None, description="restrict private data and test set (A2)")
     val_fraction: float = PydField(0.15, ge=0, lt=1)
     max_train_records: int | None = PydField(None, ge=10, description="subsample the train split (quick runs)")
+    holdout_size: int = PydField(
+        0, ge=0, description="train records held out as the evaluation set in place of the test split, so that "
+                             "hyperparameters are chosen without ever reading the test set (0: evaluate on test)")
 
     @model_validator(mode="after")
     def _classes_disjoint(self) -> DataConfig:
@@ -106,6 +114,11 @@ class TrainingConfig(Section):
     batch_size: int = PydField(32, ge=1)
     local_epochs: int = PydField(1, ge=1)
     max_grad_norm: float | None = PydField(None, gt=0)
+    # The same start for every protocol: each owner first fits its own model alone, with early stopping on its
+    # validation split, as the local-only baseline does before round 1 (FedMD's transfer step already is one).
+    warm_start: bool = PydField(False, description="an early-stopped local fit of each owner's model before round 1")
+    warm_start_max_epochs: int = PydField(50, ge=1, description="epochs cap of the warm start")
+    warm_start_patience: int = PydField(5, ge=1, description="epochs without a better validation loss before it stops")
 
 
 PARTY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -215,6 +228,9 @@ class _ExperimentBase(Section):
                                  "num_classes, test_file, public_file)")
             if data.public_size:
                 raise ValueError("data.public_size: the public set of owner-supplied data is data.files.public_file")
+            if data.holdout_size:
+                raise ValueError(f"data.holdout_size = {data.holdout_size}: owner-supplied data has no shared train "
+                                 "split to hold records out of; give a validation table as data.files.test_file")
             if data.dataset == "files":
                 missing = [i for i, p in enumerate(self.participants) if p.data_file is None]
                 if missing:

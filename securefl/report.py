@@ -49,7 +49,7 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
         "server": final.get("server", {}),
         "privacy_unit": config.privacy.unit,
         "secure_aggregation": config.secure_aggregation,
-        "notes": protocol.run_notes(),
+        "notes": {**protocol.run_notes(), **warm_start_note(config, protocol)},
         "participants": participants,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -165,6 +165,17 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: Path, *, title: str) -> N
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     finish_figure(fig, ax, path, legend_loc="lower right")
+
+
+def warm_start_note(config: Any, protocol: Protocol) -> dict[str, str]:
+    """How round 1 starts, stated in every report (the A1 benchmark compares protocols under one warm start)."""
+    t = config.training
+    if protocol.has_own_warm_start:
+        return {"warm start": f"{config.protocol}'s own step 0 (an early-stopped local fit)"}
+    if protocol.warm_starts():
+        return {"warm start": f"each owner's model fitted alone first, early-stopped on its validation split "
+                              f"(at most {t.warm_start_max_epochs} epochs, patience {t.warm_start_patience})"}
+    return {}
 
 
 def _markdown(summary: dict[str, Any], protocol: Protocol, metrics: list[dict[str, Any]]) -> str:

@@ -8,12 +8,13 @@ datasets.
 - Dirichlet(alpha) over labels (Hsu, Qi & Brown 2019), the usual non-IID benchmark.
 - Shards of k classes per participant (McMahan et al. 2017; HeteroFL's non-IID split).
 - An explicit assignment, for natural silos (hospitals) given by the user.
+- Few-shot: a handful of records of every class per participant (FedMD's own regime).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +42,8 @@ class FederatedSplit:
     parties: tuple[PartySplit, ...]
     private_classes: tuple[int, ...]
     public_classes: tuple[int, ...]
+    # Train records evaluated on in place of the test split (data.holdout_size); empty: the test split.
+    holdout: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
 
 def carve_public(labels: np.ndarray, pool: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,6 +125,27 @@ def shard_partition(labels: np.ndarray, pool: np.ndarray, n_parties: int, *, cla
         np.sort(np.concatenate([shards[s] for s in order[p * classes_per_party:(p + 1) * classes_per_party]]))
         for p in range(n_parties)
     ]
+
+
+def few_shot_partition(labels: np.ndarray, pool: np.ndarray, n_parties: int, *, per_class: int,
+                       seed: int) -> list[np.ndarray]:
+    """``per_class`` records of every class in ``pool`` for each participant, disjoint, drawn at random.
+
+    FedMD's own setting: every owner holds every private class, but only a handful of labelled records of each.
+    """
+    if per_class < 1:
+        raise DataError(f"few_shot per_class must be >= 1, got {per_class}")
+    rng = np.random.default_rng(seed)
+    pool_labels = labels[pool]
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_parties)]
+    for cls in np.unique(pool_labels):
+        members = rng.permutation(pool[pool_labels == cls])
+        if len(members) < n_parties * per_class:
+            raise DataError(f"few_shot: class {int(cls)} has {len(members)} records, fewer than {n_parties} "
+                            f"participants x per_class {per_class}")
+        for party in range(n_parties):
+            parts[party].append(members[party * per_class:(party + 1) * per_class])
+    return [np.sort(np.concatenate(p)) for p in parts]
 
 
 def explicit_partition(pool: np.ndarray, assignment: Sequence[Sequence[int]]) -> list[np.ndarray]:

@@ -43,7 +43,7 @@ from torch import nn
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
 from securefl.runtime.party import FederationContext, Party
-from securefl.runtime.training import accuracy, predict_logits
+from securefl.runtime.training import accuracy, fit_with_early_stopping, predict_logits
 
 
 class ProtocolSetupError(ValueError):
@@ -137,6 +137,37 @@ class Protocol(ABC):
 
     def prepare_party(self, party: Party) -> None:
         """One-off work before round 1 (e.g. FedMD's transfer learning). Not re-run on resume."""
+
+    # ----- the warm start (training.warm_start) ----------------------------------------------
+    #: True when the protocol's own step 0 already fits each owner's model alone (FedMD's transfer learning).
+    has_own_warm_start: ClassVar[bool] = False
+
+    def warm_start_refusal(self) -> str | None:
+        """Why ``training.warm_start`` cannot apply to this configuration (None: it can), e.g. every round
+        starts from a global model that would overwrite the warm-started one."""
+        return None
+
+    def warm_starts(self) -> bool:
+        """Whether the runtime fits each owner's model alone before round 1 (:meth:`warm_start`)."""
+        return self.ctx.training.warm_start and not self.has_own_warm_start
+
+    def warm_start(self, party: Party) -> None:
+        """Fit ``party.model`` alone on the owner's private data, early-stopped on its validation split: the
+        same first fit the local-only baseline gets, so every protocol starts round 1 where training alone
+        would have stopped. The optimizer is the ``training`` section's, used once and dropped."""
+        t, model = self.ctx.training, party.model
+        assert model is not None
+        optimizer = self.ctx.make_optimizer(model, lr=party.lr)
+        fit_with_early_stopping(
+            lambda: party.trainer.fit(model, optimizer, party.train.x, party.train.y, batch_size=t.batch_size,
+                                      epochs=1, max_grad_norm=t.max_grad_norm, payload="warm_start"),
+            model, party.trainer.validation(lambda: val_score(party, self.ctx.eval_classes)),
+            max_epochs=t.warm_start_max_epochs, patience=t.warm_start_patience)
+
+    def warm_start_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
+        """The warm start's private training, for the DP plan (empty when there is none)."""
+        t = self.ctx.training
+        return [(t.batch_size, t.warm_start_max_epochs, None)] if self.warm_starts() else []
 
     # ----- one round -------------------------------------------------------------------
     def open_round(self, rnd: int, sampled: Sequence[str]) -> Downlink:

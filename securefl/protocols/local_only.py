@@ -31,6 +31,8 @@ class LocalOnly(Protocol):
     summary = "baseline: each participant trains alone (lower bound)"
     Config = LocalOnlyConfig
     config: LocalOnlyConfig
+    # Its first fit (prepare_party) is the warm start every other protocol may be given.
+    has_own_warm_start = True
 
     def setup_party(self, party: Party) -> None:
         party.model = self.ctx.build_model(party.model_name, purpose=party.id)

@@ -41,6 +41,9 @@ class Pooled(Protocol):
         self._val_views: list[DataView] = []
         self._best: dict[str, tuple[float, dict]] = {}
 
+    def warm_start_refusal(self) -> str | None:
+        return "the pooled baseline trains one model on everyone's data; no owner has a model of its own to warm start"
+
     def setup_party(self, party: Party) -> None:
         arch = party.model_name
         if arch not in self._models:

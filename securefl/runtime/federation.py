@@ -33,6 +33,7 @@ from securefl.config import (
     ConfigError,
     DirichletPartition,
     ExplicitPartition,
+    FewShotPartition,
     ShardPartition,
     config_differences,
     dump_config,
@@ -45,6 +46,7 @@ from securefl.data.partition import (
     carve_public,
     dirichlet_partition,
     explicit_partition,
+    few_shot_partition,
     shard_partition,
     stratified_sample,
     train_val_split,
@@ -99,6 +101,10 @@ def build_split(config: Any, dataset: Dataset) -> FederatedSplit:
     pool = np.arange(len(labels))
     if data.max_train_records is not None and data.max_train_records < len(pool):
         pool = np.sort(stratified_sample(labels, data.max_train_records, np.random.default_rng(derive_seed(seed, "subsample"))))
+    holdout = np.empty(0, dtype=np.int64)
+    if data.holdout_size:
+        # Held out first, so no participant and no public set ever holds an evaluation record.
+        holdout, pool = carve_public(labels, pool, data.holdout_size, derive_seed(seed, "holdout"))
     all_classes = tuple(range(dataset.num_classes))
     private_classes = tuple(data.private_classes or all_classes)
     public_classes = tuple(data.public_classes or all_classes)
@@ -119,6 +125,9 @@ def build_split(config: Any, dataset: Dataset) -> FederatedSplit:
                                 seed=derive_seed(seed, "partition"))
     elif isinstance(partition, ExplicitPartition):
         silos = explicit_partition(private_pool, partition.assignment)
+    elif isinstance(partition, FewShotPartition):
+        silos = few_shot_partition(labels, private_pool, n_parties, per_class=partition.per_class,
+                                   seed=derive_seed(seed, "partition"))
     else:
         shuffled = np.random.default_rng(derive_seed(seed, "partition")).permutation(private_pool)
         silos = [np.sort(s) for s in np.array_split(shuffled, n_parties)]
@@ -130,7 +139,7 @@ def build_split(config: Any, dataset: Dataset) -> FederatedSplit:
     else:
         public_split = PartySplit(train=public, val=np.empty(0, dtype=np.int64))
     return FederatedSplit(public=public_split.train, public_val=public_split.val, parties=parties,
-                          private_classes=private_classes, public_classes=public_classes)
+                          private_classes=private_classes, public_classes=public_classes, holdout=holdout)
 
 
 def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
@@ -157,12 +166,18 @@ def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
         return DataView(dataset.x_train, dataset.y_train, torch.as_tensor(idx, dtype=torch.long))
 
     data = config.data
-    test_mask = torch.isin(dataset.y_test, torch.as_tensor(split.private_classes))
+    if len(split.holdout):
+        # data.holdout_size: evaluate on held-out train records (hyperparameter search), never on the test split.
+        held = torch.as_tensor(split.holdout, dtype=torch.long)
+        eval_x, eval_y = dataset.x_train[held], dataset.y_train[held]
+    else:
+        eval_x, eval_y = dataset.x_test, dataset.y_test
+    test_mask = torch.isin(eval_y, torch.as_tensor(split.private_classes))
     eval_classes = torch.as_tensor(sorted(split.private_classes)) if data.private_classes else None
     ctx = FederationContext(
         run_id=run_id, seed=config.run.seed, dataset=dataset, split=split, training=config.training,
         public=view(split.public), public_val=view(split.public_val), public_labelled=data.public_labelled,
-        test_x=dataset.x_test[test_mask], test_y=dataset.y_test[test_mask], eval_classes=eval_classes,
+        test_x=eval_x[test_mask], test_y=eval_y[test_mask], eval_classes=eval_classes,
         rounds=config.run.rounds,
     )
     parties = [Party(id=p.id, index=i, model_name=p.model, train=view(split.parties[i].train),

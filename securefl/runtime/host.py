@@ -62,6 +62,11 @@ class ParticipantHost:
     # ----- set-up ------------------------------------------------------------------------------
     def set_up(self) -> None:
         """Each hosted participant's models, then (with DP) its ledger and calibrated noise."""
+        refusal = self.protocol.warm_start_refusal() if self.config.training.warm_start else None
+        if refusal is not None:
+            from securefl.protocols import ProtocolSetupError
+
+            raise ProtocolSetupError(f"training.warm_start = true: {refusal}")
         for party in self.parties:
             with seeded(derive_seed(self.config.run.seed, "setup", party.id)):
                 self.protocol.setup_party(party)
@@ -89,6 +94,8 @@ class ParticipantHost:
         for party in self.parties:
             with seeded(derive_seed(self.config.run.seed, "prepare", party.id)), self._budget_guard(party.id, report):
                 self.protocol.prepare_party(party)
+                if self.protocol.warm_starts():
+                    self.protocol.warm_start(party)
         return report
 
     def step(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:

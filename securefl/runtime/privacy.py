@@ -122,7 +122,7 @@ class PrivacyRuntime:
             # Every planned DP-SGD call, composed at the largest sampling rate among them: an upper
             # bound (ε grows with q), so the run ends at or under the target.
             n = max(party.num_samples, 1)
-            plan = fed.protocol.private_training_plan(party)
+            plan = fed.protocol.private_training_plan(party) + fed.protocol.warm_start_plan(party)
             if not plan:
                 from securefl.protocols.base import ProtocolSetupError
 
