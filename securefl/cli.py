@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from securefl.config import ConfigError, apply_overrides, load_raw, parse_config
 from securefl.crypto.keystore import KeyFileError
@@ -181,14 +182,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
         summary = Federation(config, Path(args.out) / name, progress=not args.quiet, keys=args.keys).run()
         rows.append(summary)
         print(f"  {name:<12} mean {summary['mean_accuracy']:.4f}", file=sys.stderr)
-    base = rows[-1]["mean_accuracy"] if len(rows) > 1 else None
-    versus = f"  vs {rows[-1]['protocol']}" if base is not None else ""
-    print(f"\n{'protocol':<12} {'mean acc':>9} {'min':>7} {'max':>7}{versus}")
-    for r in rows:
-        delta = f"  {100 * (r['mean_accuracy'] - base):+.1f} pts" if base is not None else ""
-        print(f"{r['protocol']:<12} {r['mean_accuracy']:>9.4f} {r['min_accuracy']:>7.4f} {r['max_accuracy']:>7.4f}{delta}")
+    print("\n" + "\n".join(comparison_table(rows)))
     (Path(args.out) / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
+
+
+def comparison_baseline(rows: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The row every other is compared with, and the header's label for it: ``local_only`` wherever it is
+    listed (what each protocol must beat), else the last protocol listed; none for a single row."""
+    if len(rows) < 2:
+        return None, ""
+    for r in rows:
+        if r["protocol"] == "local_only":
+            return r, "vs local_only"
+    return rows[-1], f"vs {rows[-1]['protocol']} (last listed; no local_only)"
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The lines ``securefl compare`` prints: one per protocol, with its gain over the baseline in points."""
+    base_row, label = comparison_baseline(rows)
+    base = base_row["mean_accuracy"] if base_row is not None else None
+    versus = f"  {label}" if label else ""
+    lines = [f"{'protocol':<12} {'mean acc':>9} {'min':>7} {'max':>7}{versus}"]
+    for r in rows:
+        delta = f"  {100 * (r['mean_accuracy'] - base):+.1f} pts" if base is not None else ""
+        lines.append(f"{r['protocol']:<12} {r['mean_accuracy']:>9.4f} {r['min_accuracy']:>7.4f} "
+                     f"{r['max_accuracy']:>7.4f}{delta}")
+    return lines
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -85,6 +85,10 @@ class FedAvg(Protocol):
     def setup_server(self, parties: Sequence[Party]) -> None:
         self.global_model = self.ctx.build_model(parties[0].model_name, purpose="fedavg-global")
 
+    def warm_start_refusal(self) -> str | None:
+        return ("fedavg trains one global model: every round starts from it, and an average of owners' separately "
+                "early-stopped models is not a FedAvg round")
+
     def setup_party(self, party: Party) -> None:
         # Every participant starts from the global initialisation (same derived seed as the server's).
         party.model = self.ctx.build_model(party.model_name, purpose="fedavg-global")

@@ -36,10 +36,12 @@ round, as in the paper:
 
    - ``meta``, a first-order meta step in the style of MLDG (Li, Yang, Song &
      Hospedales 2018): theta' = theta - alpha * grad L_dist(theta), and the
-     update uses grad[L_loc(theta) + beta * L_loc(theta')], with the
-     gradient of L_loc at theta' applied to theta (first order). To second
-     order this adds -alpha * beta * grad L_dist . grad L_loc to the objective:
-     it rewards distillation steps that also lower the local loss. See
+     step follows (1 - beta) grad L_loc(theta) + grad L_dist(theta) +
+     beta grad L_loc(theta'), the gradient of L_loc at theta' applied to
+     theta (first order). The cross-entropy keeps total weight 1, split
+     between theta and the look-ahead point (beta in [0, 1]). To second order
+     this adds -alpha * beta * grad L_dist . grad L_loc to L_i: it rewards
+     distillation steps that also lower the local loss. See
      :meth:`FedH2L.look_ahead` for why L_dist(theta) stays in the update.
    - ``pcgrad``, the cheaper variant: when grad L_loc . grad L_dist < 0, the
      distillation gradient is projected onto the normal plane of the local
@@ -76,6 +78,7 @@ Both combinations are refused before round 1
 
 Each peer is evaluated on the global balanced test set: the paper's goal is
 that every peer does well on the whole distribution, not just its own silo.
+``accuracy``: each peer's own model on the global balanced test set.
 
 Privacy notes. The posteriors are what leaves a peer (the declared uplink
 field). Under DP-SGD, the distillation term is a function of the public seed
@@ -90,8 +93,8 @@ sound the same way: the trainer hands the combination step the private
 gradient *after* clipping and noise, and projecting the public gradient off a
 released vector is post-processing. ``meta`` stays sound too: θ' is taken
 along the distillation gradient, a function of public data and the model only,
-so each private record contributes one vector grad L_loc(θ) + beta * grad
-L_loc(θ'), which the DP trainer clips per record as a whole (the same
+so each private record contributes one vector (1 - beta) grad L_loc(θ) +
+beta grad L_loc(θ'), which the DP trainer clips per record as a whole (the same
 sensitivity and spend as plain DP-SGD; see ``LookAhead``).
 """
 
@@ -128,7 +131,10 @@ class FedH2LConfig(ProtocolConfig):
     distill_weight: float = PydField(1.0, ge=0, description="lambda, weight of the distillation term")
     alignment: Literal["none", "meta", "pcgrad"] = PydField("none", description="gradient alignment variant")
     meta_lr: float = PydField(0.1, gt=0, description="alpha, the (plain SGD) inner step on L_dist of 'meta'")
-    meta_weight: float = PydField(1.0, ge=0, description="beta, weight of L_loc(theta') in 'meta'")
+    # beta = 1 (the default) puts all of the cross-entropy at the look-ahead point: MLDG's objective
+    # F(theta) + beta G(theta - alpha F'(theta)) with its beta = 1, meta-train F = L_dist, meta-test G = L_loc.
+    meta_weight: float = PydField(1.0, ge=0, le=1, description="beta, the share of L_loc taken at theta' in "
+                                                               "'meta' (1 - beta of it stays at theta)")
 
     @model_validator(mode="after")
     def _k_goes_with_k_regular(self) -> FedH2LConfig:
@@ -379,16 +385,20 @@ class FedH2L(Protocol):
 
     def look_ahead(self, teachers: torch.Tensor | None) -> LookAhead | None:
         """Meta: theta' = theta - alpha * grad L_dist(theta), and the step follows
-        grad L_loc(theta) + grad L_dist(theta) + beta * grad L_loc(theta').
+        (1 - beta) grad L_loc(theta) + grad L_dist(theta) + beta grad L_loc(theta').
+
+        This is MLDG's meta-train / meta-test split: meta-train on L_dist plus the share 1 - beta of
+        L_loc at theta, meta-test on the share beta of L_loc at theta'. The cross-entropy so keeps
+        total weight 1, as in plain mutual distillation, whatever beta; with beta = 1 (the default,
+        MLDG's own beta) it is evaluated at theta' only, which is MLDG with meta-train L_dist and
+        meta-test L_loc. To second order the objective is L_i(theta) - alpha * beta * g_dist . g_loc.
 
         Why grad L_dist(theta) stays in the update: the spec writes it as
         grad[L_loc(theta) + beta * L_loc(theta')]. Read literally and to first order,
         that direction contains no distillation gradient at all (distillation
         would enter only through where L_loc is evaluated), so the peers would
-        stop distilling. We read it as the meta term *added to* the local
-        objective L_i = L_loc + L_dist that the spec defines just above, which is
-        also what MLDG's meta-train + beta * meta-test objective gives to second
-        order: L_i(theta) + beta * L_loc(theta) - alpha * beta * g_dist . g_loc.
+        stop distilling. We read it as the meta term added to the local
+        objective L_i = L_loc + L_dist that the spec defines just above.
         """
         if teachers is None or self.config.alignment != "meta":
             return None
@@ -411,5 +421,7 @@ class FedH2L(Protocol):
                          "peer (inputs only; a documented privacy assumption)"),
             "topology": graph,
             "exchange": cfg.exchange,
-            "gradient alignment": cfg.alignment,
+            "gradient alignment": (f"meta (alpha = {cfg.meta_lr}, beta = {cfg.meta_weight}: cross-entropy "
+                                   f"{1 - cfg.meta_weight:g} at theta + {cfg.meta_weight:g} at theta')"
+                                   if cfg.alignment == "meta" else cfg.alignment),
         }

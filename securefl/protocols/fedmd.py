@@ -25,11 +25,20 @@ Then every round:
 
 Digest comes before revisit, and each participant keeps its optimizers'
 state across rounds (the two phases have separate optimizers, like the two
-compiled Keras models of the reference).
+compiled Keras models of the reference). The ``kl`` digest is Hinton's
+distillation loss, T^2 * KL(softmax(consensus / T) || softmax(z_k / T)), the
+consensus being the mean of the raw logits, softened only inside the loss.
+
+Step 0 already is an early-stopped local fit, so the runtime's generic warm
+start (``training.warm_start``) is not run on top of it
+(``has_own_warm_start``).
+
+``accuracy``: each participant's own model, after the rounds, on the test set.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -87,6 +96,8 @@ class FedMD(Protocol):
     downlink = Schema("consensus", consensus=Field(aggregatable=True, description="mean of z_k(X_a)"))
 
     config: FedMDConfig
+    # Step 0's transfer learning ends in an early-stopped fit on the private data: it is the warm start.
+    has_own_warm_start = True
 
     # ----- step 0: transfer learning -----------------------------------------------------
     def setup_party(self, party: Party) -> None:
@@ -166,3 +177,30 @@ class FedMD(Protocol):
                                       max_grad_norm=self.ctx.training.max_grad_norm, payload="transfer_private"),
             model, party.trainer.validation(lambda: val_score(party, self.ctx.eval_classes)),
             max_epochs=max_epochs, patience=self.config.transfer_patience)
+
+    # ----- reporting -------------------------------------------------------------------------
+    def digest_steps_per_round(self) -> int:
+        """Optimizer steps of one digest: ceil(|X_a| / digest batch) per digest epoch."""
+        cfg = self.config
+        size = min(cfg.alignment_size, len(self.ctx.public))
+        return math.ceil(size / cfg.digest_batch_size) * cfg.digest_epochs
+
+    def revisit_steps_per_round(self) -> list[int]:
+        """Optimizer steps of one revisit, per participant: ceil(n_private / revisit batch) per revisit epoch."""
+        cfg = self.config
+        return [math.ceil(len(p.train) / cfg.revisit_batch_size) * cfg.revisit_epochs for p in self.ctx.split.parties]
+
+    def run_notes(self) -> dict[str, str]:
+        """The digest's loss and the digest/revisit balance: a revisit that outweighs the digest pulls each
+        model back to its silo every round."""
+        cfg = self.config
+        loss = f"kl at temperature T = {cfg.digest_temperature:g}" if cfg.digest_loss == "kl" else cfg.digest_loss
+        digest, revisit = self.digest_steps_per_round(), self.revisit_steps_per_round()
+        spread = (f"{revisit[0]}" if min(revisit) == max(revisit) else
+                  f"mean {sum(revisit) / len(revisit):.1f}, per participant {min(revisit)}-{max(revisit)}")
+        return {
+            "digest loss": loss,
+            "optimizer steps per round": (f"digest {digest} (batch {cfg.digest_batch_size}, {cfg.digest_epochs} "
+                                          f"epoch(s)); revisit {spread} (batch {cfg.revisit_batch_size}, "
+                                          f"{cfg.revisit_epochs} epoch(s))"),
+        }

@@ -34,17 +34,28 @@ GradientCombine = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class LookAhead:
     """A first-order meta step along the public term (MLDG: Li, Yang, Song & Hospedales 2018).
 
-    The look-ahead point is theta' = theta - step * grad public(theta), and each private record's loss gains
-    weight * loss(theta'), its gradient taken at theta' and applied at theta (first order: the Jacobian of
-    theta' is dropped). FedH2L's ``meta`` alignment is this with the seed-set distillation as the public term.
+    The look-ahead point is theta' = theta - step * grad public(theta), and each private record's loss is split
+    between the two points: (1 - weight) * loss(theta) + weight * loss(theta'), the gradient at theta' applied at
+    theta (first order: the Jacobian of theta' is dropped). The private loss so keeps total weight 1 (MLDG's
+    meta-train / meta-test split of it). FedH2L's ``meta`` alignment is this with the seed-set distillation as
+    the public term.
 
     theta' depends on the model and public data only, so each record still contributes one gradient vector,
-    grad loss(theta) + weight * grad loss(theta'). DP-SGD clips that vector as a whole: one record moves the
-    released sum by at most C, exactly as without the look-ahead, and the step costs the same.
+    (1 - weight) * grad loss(theta) + weight * grad loss(theta'). DP-SGD clips that vector as a whole: one record
+    moves the released sum by at most C, exactly as without the look-ahead, and the step costs the same.
     """
 
     step: float
     weight: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"LookAhead weight must be in [0, 1] (the share of the private loss taken at theta'); "
+                             f"got {self.weight}")
+
+    def mix(self, here: torch.Tensor, there: torch.Tensor) -> torch.Tensor:
+        """(1 - weight) * here + weight * there: a record's gradient (or loss) at theta and at theta'."""
+        return (1.0 - self.weight) * here + self.weight * there
 
     def point(self, params: Sequence[torch.Tensor], g_public: torch.Tensor) -> list[torch.Tensor]:
         """theta', one detached tensor per parameter."""
@@ -180,7 +191,7 @@ def backward_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, batch
     """Write one non-private step's direction into the parameters' ``.grad``; returns the step's loss (detached).
 
     The direction is g_private + g_public, or ``combine(g_private, g_public)``; with ``lookahead``, g_private
-    gains weight * grad batch_loss(theta'), theta' taken along g_public.
+    becomes (1 - weight) * grad batch_loss(theta) + weight * grad batch_loss(theta'), theta' taken along g_public.
     """
     loss = batch_loss(model, xb, yb)
     if public_loss is None:
@@ -199,11 +210,9 @@ def backward_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, *, batch
         return total
     ahead = AtParameters(model, [p.requires_grad_() for p in lookahead.point(params, g_public)])
     loss_ahead = batch_loss(ahead, xb, yb)
-    g_ahead = lookahead.weight * flat_grad(loss_ahead, ahead.values)
-    # Summed in the order of the first meta implementation (g + g_public first), so its results reproduce exactly.
-    set_flat_grad(params, g_private + g_public + g_ahead if combine is None
-                  else combine(g_private + g_ahead, g_public))
-    return total + lookahead.weight * loss_ahead.detach()
+    g_mixed = lookahead.mix(g_private, flat_grad(loss_ahead, ahead.values))
+    set_flat_grad(params, g_mixed + g_public if combine is None else combine(g_mixed, g_public))
+    return lookahead.mix(loss.detach(), loss_ahead.detach()) + public.detach()
 
 
 def check_fit_arguments(*, epochs: int | None, steps: int | None, public_loss: PublicLoss | None,

@@ -339,7 +339,9 @@ def test_meta_gradient_is_first_order_mldg_and_differs_from_plain(tmp_path: Path
             p -= alpha * g_dist[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
     g_prime = _grads(stepped, F.cross_entropy(stepped(xb), yb))
-    torch.testing.assert_close(got, g_loc + g_dist + beta * g_prime, rtol=1e-4, atol=1e-6)
+    # The cross-entropy keeps total weight 1: (1 - beta) of it at theta, beta at theta'.
+    torch.testing.assert_close(got, (1 - beta) * g_loc + g_dist + beta * g_prime, rtol=1e-4, atol=1e-6)
+    assert float((got - (g_loc + g_dist + beta * g_prime)).norm()) > 0.05 * float(got.norm())  # not 1 + beta
 
     plain = _fed(tmp_path / "plain", alignment="none")
     plain_grad, _ = _closure_gradient(plain, 0, teachers)
@@ -348,6 +350,22 @@ def test_meta_gradient_is_first_order_mldg_and_differs_from_plain(tmp_path: Path
     # With beta = 0 the meta term vanishes and the update is plain mutual distillation.
     no_meta = _fed(tmp_path / "beta0", alignment="meta", meta_weight=0.0)
     torch.testing.assert_close(_closure_gradient(no_meta, 0, teachers)[0], plain_grad, rtol=1e-4, atol=1e-6)
+    # With beta = 1 (the default) all of the cross-entropy is taken at theta' (MLDG: meta-test L_loc).
+    pure = _fed(tmp_path / "beta1", alignment="meta", meta_lr=alpha)
+    torch.testing.assert_close(_closure_gradient(pure, 0, teachers)[0], g_dist + g_prime, rtol=1e-4, atol=1e-6)
+
+
+def test_meta_weight_outside_zero_one_is_refused_naming_the_field() -> None:
+    assert FedH2L.Config().meta_weight == 1.0
+    for bad in (1.5, -0.1):
+        with pytest.raises(ConfigError, match=rf"fedh2l.meta_weight = {bad}"):
+            tiny_config(protocol="fedh2l", fedh2l={"alignment": "meta", "meta_weight": bad})
+
+
+def test_run_notes_state_the_meta_split_of_the_cross_entropy(tmp_path: Path) -> None:
+    notes = _fed(tmp_path, alignment="meta", meta_lr=0.2, meta_weight=0.25).protocol.run_notes()
+    assert notes["gradient alignment"] == "meta (alpha = 0.2, beta = 0.25: cross-entropy 0.75 at theta + 0.25 at theta')"
+    assert _fed(tmp_path / "p", alignment="pcgrad").protocol.run_notes()["gradient alignment"] == "pcgrad"
 
 
 def test_alignment_variants_train_differently_from_plain(tmp_path: Path) -> None:

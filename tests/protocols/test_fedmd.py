@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from securefl.config import load_config
+from securefl.protocols.fedmd import FedMD, digest_loss
+from securefl.report import warm_start_note
 from securefl.runtime.federation import Federation
 from securefl.runtime.training import PlainTrainer, predict_logits
 from tests.conftest import tiny_config
@@ -123,3 +126,60 @@ def test_fedmd_beats_local_only_on_the_demo(tmp_path: Path) -> None:
         config = load_config(ROOT / "examples" / "digits_fedmd.yaml", [f"protocol={name}"])
         results[name] = Federation(config, tmp_path / name, progress=False).run()["mean_accuracy"]
     assert results["fedmd"] > results["local_only"] + 0.02, results
+
+
+# ----- the kl digest (Hinton distillation) --------------------------------------------------------
+def test_kl_digest_is_t_squared_kl_of_the_softened_consensus_to_the_softened_student() -> None:
+    torch.manual_seed(0)
+    z, consensus, t = 3 * torch.randn(6, 4), 3 * torch.randn(6, 4), 2.5
+    got = digest_loss("kl", t)(torch.nn.Identity(), z, consensus)
+    p, q = F.softmax(consensus / t, dim=1), F.softmax(z / t, dim=1)  # teacher (consensus), student
+    expected = t**2 * (p * (p.log() - q.log())).sum(dim=1).mean()
+    torch.testing.assert_close(got, expected)
+    reverse = t**2 * (q * (q.log() - p.log())).sum(dim=1).mean()
+    assert abs(float(expected - reverse)) > 0.05  # the test tells KL(p || q) from KL(q || p)
+
+
+def test_kl_digest_pulls_the_softened_posteriors_toward_the_consensus(tmp_path: Path) -> None:
+    t = 2.0
+    fed = _prepared(tmp_path, fedmd={"revisit_epochs": 0, "digest_epochs": 5, "digest_loss": "kl",
+                                     "digest_temperature": t})
+    proto = fed.protocol
+    replies = [proto.client_step(p, [], 1) for p in fed.parties]
+    down = proto.server_step(1, replies, fed.aggregator)
+    target = F.softmax(down.tensor("consensus") / t, dim=1)
+    x_align = fed.ctx.public.x[proto.alignment_indices(1)]
+
+    def gap(party) -> float:  # type: ignore[no-untyped-def]
+        log_q = F.log_softmax(predict_logits(party.model, x_align) / t, dim=1)
+        return float(F.kl_div(log_q, target, reduction="batchmean"))
+
+    for party in fed.parties:
+        before = gap(party)
+        proto.client_update(party, [down], 1)
+        after = gap(party)
+        assert after < 0.8 * before, (party.id, before, after)
+
+
+# ----- what the report states ---------------------------------------------------------------------
+def test_run_notes_state_the_digest_loss_and_the_digest_and_revisit_steps(tmp_path: Path) -> None:
+    fed = Federation(tiny_config(fedmd={"digest_loss": "kl", "digest_temperature": 2, "digest_epochs": 3,
+                                        "revisit_epochs": 2, "revisit_batch_size": 16}), tmp_path / "run",
+                     progress=False)
+    notes = fed.protocol.run_notes()
+    assert notes["digest loss"] == "kl at temperature T = 2"
+    revisit = [math.ceil(len(p.train) / 16) * 2 for p in fed.ctx.split.parties]
+    assert len(set(revisit)) > 1  # Dirichlet silos: the note must give the spread
+    # 100 alignment points at batch 256: one step per digest epoch.
+    assert notes["optimizer steps per round"] == (
+        f"digest 3 (batch 256, 3 epoch(s)); revisit mean {sum(revisit) / 3:.1f}, per participant "
+        f"{min(revisit)}-{max(revisit)} (batch 16, 2 epoch(s))")
+    l1 = Federation(tiny_config(), tmp_path / "l1", progress=False).protocol.run_notes()
+    assert l1["digest loss"] == "l1"
+
+
+def test_transfer_learning_is_fedmds_own_warm_start(tmp_path: Path) -> None:
+    config = tiny_config(training={"warm_start": True})
+    fed = Federation(config, tmp_path / "run", progress=False)
+    assert FedMD.has_own_warm_start and not fed.protocol.warm_starts()
+    assert warm_start_note(config, fed.protocol) == {"warm start": "fedmd's own step 0 (an early-stopped local fit)"}

@@ -41,7 +41,7 @@ def test_combine_without_a_public_term_is_refused() -> None:
         _one_sgd_step(combine=lambda a, b: a)
 
 
-def test_look_ahead_adds_the_private_gradient_at_the_point_stepped_along_the_public_gradient() -> None:
+def test_look_ahead_splits_the_private_gradient_between_theta_and_the_point_stepped_along_the_public() -> None:
     alpha, beta = 0.3, 0.7
     public_direction = torch.tensor([1.0, -2.0, 0.0, 3.0, 1.0])
 
@@ -61,9 +61,17 @@ def test_look_ahead_adds_the_private_gradient_at_the_point_stepped_along_the_pub
         (g,) = torch.autograd.grad((x @ w[:4] + w[4]).pow(2).mean(), w)
         return g
 
-    expected = private_gradient(theta) + g_public + beta * private_gradient(theta - alpha * g_public)
+    ahead = private_gradient(theta - alpha * g_public)
+    # The private loss keeps total weight 1: (1 - beta) of it at theta, beta of it at theta'.
+    expected = (1 - beta) * private_gradient(theta) + g_public + beta * ahead
     torch.testing.assert_close(got, expected)
     assert float((got - private_gradient(theta) - g_public).norm()) > 0.1  # the look-ahead term is there
+    assert float((got - (private_gradient(theta) + g_public + beta * ahead)).norm()) > 0.1  # not weight 1 + beta
+
+
+def test_look_ahead_weight_outside_zero_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="weight must be in \\[0, 1\\].*1.5"):
+        LookAhead(step=0.1, weight=1.5)
 
 
 def test_look_ahead_without_a_public_term_is_refused() -> None:
