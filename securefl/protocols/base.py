@@ -210,6 +210,10 @@ class Protocol(ABC):
         return [(t.batch_size, self.ctx.rounds * t.local_epochs, None)]
 
     # ----- evaluation ------------------------------------------------------------------
+    #: Metrics that read the owner's private data beyond its model (e.g. its label shares). Their values are
+    #: not covered by any DP guarantee, so the runtime reports them only from runs without DP.
+    owner_only_metrics: ClassVar[frozenset[str]] = frozenset()
+
     def evaluate(self, party: Party) -> dict[str, float]:
         """Test metrics of one participant. ``accuracy`` is the headline number."""
         assert party.model is not None

@@ -20,14 +20,19 @@ knowledge back to every user as an inductive bias. Per round, as in the paper
    reference's server broadcasts them);
 2. each user loads the head and trains its model for ``local_steps`` = 20
    *steps* of batch 32 (the reference's ``--local_epochs 20`` counts steps:
-   its loop draws one batch per "epoch"), plain SGD with lr 0.01 (decayed
-   0.99 per round, the reference's user scheduler), on
+   its loop draws one batch per "epoch"; ``local_epochs`` gives FedAvg's
+   passes instead), plain SGD with lr 0.01 (decayed 0.99 per round, the
+   reference's user scheduler; ``optimizer: adam`` for parity with other
+   rows), on
 
        CE(f(x), y) + α_t · (B_gen / B) · CE(h(G(ε, ŷ)), ŷ) + β_t · KL(p_h(G(ε, y)) ‖ p_f(x)),
 
    where ŷ is drawn uniformly from the available labels (B_gen = 32 of them),
    α_t = β_t = max(1e-4, 10 · 0.98^t) with t the zero-based round, and no
-   regulariser in the first round (G is still untrained). The first two
+   regulariser in the first round (G is still untrained). As in the
+   reference (``epoch < early_stop``, 20), only the first ``early_stop``
+   steps of a round carry the two generator terms; later steps are plain
+   CE (with the default 20 steps: all of them). The first two
    terms are the paper's user objective; the third, a KL from the head's
    posterior on a generated feature of the *same* label to the model's
    posterior on the real record, is in the reference code only
@@ -116,6 +121,18 @@ wire (``share: head``, always available). With identical models the
 reference averages whole models; ``share: full`` does that and is refused
 for mixed architectures.
 
+``accuracy`` is the user's own extractor with the averaged head (``share: head``) / the averaged whole model (``share: full``).
+
+Homogeneous full sharing (the paper's own setting): every user the same
+model, ``share: full``, in either mode; the warm start is refused there
+(every round overwrites the model). With ``generative_alpha: 0`` and
+``generative_beta: 0`` it is FedAvg: in private mode the models are averaged
+uniformly (``fedavg.weighting: uniform``), in reference mode by sample counts
+(FedAvg's default), or ``head_aggregation`` picks either; the same schedule
+needs ``optimizer``/``lr``/``weight_decay``/``batch_size`` as ``training:``,
+``lr_decay: 1`` and ``local_epochs: 1`` (``training.local_epochs``). Whole-model
+sharing starts from FedAvg's initial global model, so the two rows are paired.
+
 Evaluation (``accuracy``): the reference evaluates, at the start of each
 round, the global model each user has just received. The heterogeneous
 analogue reported here is the user's own extractor (as it left its last
@@ -179,8 +196,18 @@ class FedGenConfig(ProtocolConfig):
                             "private mode (so every uplink field is a plain mean, which masking supports)")
     # ----- users' local training (reference: userpFedGen.train) -----
     local_steps: int = PydField(20, ge=1, description="local SGD steps (the reference's 'local_epochs')")
+    local_epochs: int | None = PydField(
+        None, ge=1, description="if set: this many passes over the user's data per round (ceil(n/batch_size) "
+                                "steps each, FedAvg's schedule) in place of local_steps")
+    early_stop: int | None = PydField(
+        20, ge=0, description="local steps per round that carry the generator terms, the first ones (the "
+                              "reference's early_stop = 20); the rest are plain CE. None: every step")
     batch_size: int = PydField(32, ge=1)
-    lr: float = PydField(0.01, gt=0, description="users' SGD learning rate (no momentum)")
+    optimizer: Literal["sgd", "adam"] = PydField(
+        "sgd", description="users' optimizer: sgd (the reference's plain pFedIBOptimizer) or adam")
+    lr: float = PydField(0.01, gt=0, description="users' learning rate")
+    momentum: float = PydField(0.0, ge=0, lt=1, description="SGD momentum (the reference: none; ignored by adam)")
+    weight_decay: float = PydField(0.0, ge=0, description="users' weight decay (the reference's SGD: none)")
     lr_decay: float = PydField(0.99, gt=0, le=1, description="per-round decay of the users' lr")
     gen_batch_size: int = PydField(32, ge=1, description="generated samples per user step")
     generative_alpha: float = PydField(10.0, ge=0, description="α_0 of the generated-CE term (0: off)")
@@ -371,7 +398,10 @@ class FedGen(Protocol):
     def initial_shared(self) -> nn.Module:
         """The shared head (or model) before round 1, as the reference's server initialises it."""
         assert self._shared_model_name is not None
-        init = self.ctx.build_model(self._shared_model_name, purpose="fedgen-global")
+        # Whole-model sharing starts from FedAvg's global initialisation (same derived seed), so a FedGen row
+        # and a FedAvg row of one seed are paired: they differ in the generator only.
+        purpose = "fedavg-global" if self.config.share == "full" else "fedgen-global"
+        init = self.ctx.build_model(self._shared_model_name, purpose=purpose)
         return init if self.config.share == "full" else _head_of(init)
 
     @staticmethod
@@ -379,8 +409,11 @@ class FedGen(Protocol):
         return party.state["replica"]
 
     def _generator_from(self, flat: torch.Tensor) -> ConditionalGenerator:
-        # A user's own copy of the broadcast G; the architecture is public, so it never needs seeding.
-        generator = self._new_generator()
+        # A user's own copy of the broadcast G; the architecture is public, so it never needs seeding. Its
+        # initial values are overwritten, so building it must not draw from the training stream (with the
+        # generator terms off, a round then trains exactly as FedAvg's would).
+        with torch.random.fork_rng():
+            generator = self._new_generator()
         load_flat_parameters(generator, flat)
         return generator
 
@@ -409,8 +442,24 @@ class FedGen(Protocol):
                 f"participants use {', '.join(models)}. Use fedgen.share=head for heterogeneous models."
             )
 
+    def steps_per_round(self, party: Party) -> int:
+        """The user's local steps in one round: ``local_steps``, or ``local_epochs`` passes over its data."""
+        cfg = self.config
+        if cfg.local_epochs is None:
+            return cfg.local_steps
+        return cfg.local_epochs * -(-party.num_samples // cfg.batch_size)
+
+    def regularised_steps(self, rnd: int, total: int) -> int:
+        """How many of the round's ``total`` steps carry the generator terms: the first ``early_stop``
+        (the reference's ``epoch < early_stop``), none in round 1 or when both terms are off."""
+        cfg = self.config
+        if rnd <= 1 or (cfg.generative_alpha <= 0 and cfg.generative_beta <= 0):
+            return 0
+        return total if cfg.early_stop is None else min(cfg.early_stop, total)
+
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
-        return [(self.config.batch_size, None, self.ctx.rounds * self.config.local_steps)]
+        # Exactly what client_step trains: the regularised and the plain steps of a round add up to this.
+        return [(self.config.batch_size, None, self.ctx.rounds * self.steps_per_round(party))]
 
     def setup_party(self, party: Party) -> None:
         cfg, ctx = self.config, self.ctx
@@ -424,8 +473,16 @@ class FedGen(Protocol):
         party.model = model
         # Every user starts from the initial head (or model) and G, as if the reference's round 1 broadcast.
         party.state["replica"] = FedGenReplica(self.initial_shared(), self.initial_generator(), ctx.num_classes)
-        # Plain SGD without momentum, the reference's pFedIBOptimizer.
-        party.state["private_opt"] = make_optimizer(model, kind="sgd", lr=party.learning_rate(cfg.lr))
+        # Default: plain SGD without momentum, the reference's pFedIBOptimizer; adam for parity with other rows.
+        party.state["private_opt"] = make_optimizer(model, kind=cfg.optimizer, lr=party.learning_rate(cfg.lr),
+                                                    momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def warm_start_refusal(self) -> str | None:
+        # share: head overwrites only the head each round, so a warm-started extractor survives.
+        if self.config.share == "full":
+            return ("fedgen.share = 'full' loads the averaged whole model at the start of every round, which "
+                    "overwrites a warm-started model; use fedgen.share=head or training.warm_start=false")
+        return None
 
     def setup_server(self, parties: Sequence[Party]) -> None:
         for party in parties:
@@ -518,10 +575,20 @@ class FedGen(Protocol):
         opt = party.state["private_opt"]
         for group in opt.param_groups:
             group["lr"] = party.learning_rate(cfg.lr) * cfg.lr_decay ** (rnd - 1)
-        party.trainer.fit(model, opt, party.train.x, party.train.y, batch_size=cfg.batch_size,
-                          steps=cfg.local_steps, batch_loss=self.user_loss(generator, self.available_labels(prior), rnd),
-                          public_loss=self.generated_loss(generator, self.available_labels(prior), rnd),
-                          max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
+        # The reference's early_stop: the generator terms ride on the round's first steps only, the rest
+        # are plain CE. Two trainer calls whose steps add up to the plan (the second reshuffles).
+        total = self.steps_per_round(party)
+        regularised = self.regularised_steps(rnd, total)
+        available = self.available_labels(prior)
+        if regularised > 0:
+            party.trainer.fit(model, opt, party.train.x, party.train.y, batch_size=cfg.batch_size,
+                              steps=regularised, batch_loss=self.user_loss(generator, available, rnd),
+                              public_loss=self.generated_loss(generator, available, rnd),
+                              max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
+        if total > regularised:
+            party.trainer.fit(model, opt, party.train.x, party.train.y, batch_size=cfg.batch_size,
+                              steps=total - regularised, batch_loss=cross_entropy_loss,
+                              max_grad_norm=self.ctx.training.max_grad_norm, payload="local_training")
 
         counts = self.released_label_counts(party)
         payload: dict[str, torch.Tensor] = {"shared": flat_parameters(self._shared_part(model))}

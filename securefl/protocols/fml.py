@@ -35,9 +35,24 @@ The procedure, as in the paper:
    The server only forwards the merge and never reads it, so the merge can run
    under secure aggregation, CKKS included.
 
-Evaluation reports both models: ``accuracy`` is the local (personalized)
-model, the paper's headline; ``meme_accuracy`` is the client's copy of the
-meme, which after a round is the global meme.
+``accuracy`` is the local (personalized) model on the balanced test set, the paper's headline.
+Beside it: ``own_distribution_accuracy``, the same model's per-class test
+accuracy weighted by the owner's training label distribution (the population
+a personalized model serves); ``meme_accuracy`` and
+``meme_own_distribution_accuracy``, the client's copy of the meme, which
+after a round is the global meme.
+
+Optimizer and schedule: the reference's (SGD lr 0.01, momentum 0.9, weight
+decay 5e-4, batch 128; its Adam variant uses weight decay 1e-4), one rate for
+both models, decayed ×0.1 before every ``int(R/3)``-th round below round 50
+(``utils.LR_scheduler``; ``fml.lr_decay*``). The rate is recomputed from the
+round number each round, so it survives the meme optimizer's reset at a fork
+and a resume. ``fml.optimizer/lr/momentum/weight_decay/batch_size`` replace
+it (e.g. Adam 1e-3, no weight decay, batch 64, for parity with other rows).
+
+Warm start: the local model is ``party.model``, never overwritten by a merge,
+so the generic warm start applies to it (the meme, shared, starts from the
+common initialisation).
 
 Known traps of the code in circulation, avoided here:
 
@@ -109,7 +124,7 @@ from securefl.protocols.base import (
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import Message
 from securefl.runtime.party import Party
-from securefl.runtime.training import accuracy, kl_distillation, make_optimizer
+from securefl.runtime.training import accuracy, kl_distillation, make_optimizer, predict_logits
 
 
 class FMLConfig(ProtocolConfig):
@@ -131,7 +146,51 @@ class FMLConfig(ProtocolConfig):
     batch_size: int = PydField(128, ge=1)
     reset_meme_optimizer: bool = PydField(
         True, description="clear the meme's optimizer state at each fork, as the reference does")
+    # The reference's step decay (utils.LR_scheduler): before zero-based round r, lr *= 0.1 whenever
+    # r > 0, r % int(R/3) == 0 and r < stop_decay (50); one rate for both models' optimizers.
+    lr_decay: float = PydField(0.1, gt=0, le=1, description="factor of each step decay of the lr (1: no decay)")
+    lr_decay_every: int | None = PydField(
+        None, ge=1, description="rounds between decays; None: run.rounds // 3, the reference's trigger")
+    lr_decay_stop: int | None = PydField(
+        50, ge=1, description="no decay from this zero-based round on (the reference's stop_decay); None: never stop")
 
+
+
+def decayed_learning_rate(base: float, rnd: int, *, rounds: int, decay: float, every: int | None,
+                          stop: int | None) -> float:
+    """The lr of round ``rnd`` (one-based) under the reference's step decay: a pure function of the round.
+
+    Decays happen before zero-based rounds k = every, 2·every, ... below ``stop``; ``every`` None is
+    ``rounds // 3`` (the reference's ``int(R/3)``; with fewer than 3 rounds, where the reference divides
+    by zero, there is no decay).
+    """
+    period = rounds // 3 if every is None else every
+    if period <= 0:
+        return base
+    last = rnd - 1 if stop is None else min(rnd - 1, stop - 1)
+    return base * decay ** (max(last, 0) // period)
+
+
+@torch.no_grad()
+def own_distribution_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_counts: torch.Tensor, *,
+                              classes: torch.Tensor | None = None) -> float:
+    """Test accuracy reweighted to an owner's label distribution: Σ_c π_c · acc_c.
+
+    acc_c is the per-class accuracy on the (balanced) test set and π_c the class's share of the
+    owner's training records; classes with no test record are dropped and π renormalised.
+    """
+    if len(x) == 0:
+        return float("nan")
+    logits = predict_logits(model, x)
+    pred = classes[logits[:, classes].argmax(dim=1)] if classes is not None else logits.argmax(dim=1)
+    num_classes = len(label_counts)
+    correct = torch.bincount(y[pred == y], minlength=num_classes).float()
+    seen = torch.bincount(y, minlength=num_classes).float()
+    weights = torch.where(seen > 0, label_counts.float(), torch.zeros(num_classes))
+    if float(weights.sum()) <= 0:
+        return float("nan")
+    per_class = torch.where(seen > 0, correct / seen.clamp_min(1), torch.zeros(num_classes))
+    return float((weights * per_class).sum() / weights.sum())
 
 
 class MutualPair(nn.Module):
@@ -179,6 +238,8 @@ class FML(Protocol):
     fork = Schema("meme_fork", meme=Field(aggregatable=True, private=False, description="the latest merge"))
     # The server only forwards the merge; it never reads it (so CKKS, where it cannot, works too).
     server_opens_aggregates = False
+    # Weighted by the owner's own label shares, which no DP mechanism protects: reported without DP only.
+    owner_only_metrics = frozenset({"own_distribution_accuracy", "meme_own_distribution_accuracy"})
 
     config: FMLConfig
 
@@ -223,6 +284,12 @@ class FML(Protocol):
         party.state["optimizer"] = make_optimizer(self.pair(party), kind=cfg.optimizer, lr=party.learning_rate(cfg.lr),
                                                   momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
+    def learning_rate(self, party: Party, rnd: int) -> float:
+        """Both models' lr in round ``rnd``: the owner's (or ``fml.lr``) after the reference's step decay."""
+        cfg = self.config
+        return decayed_learning_rate(party.learning_rate(cfg.lr), rnd, rounds=self.ctx.rounds, decay=cfg.lr_decay,
+                                     every=cfg.lr_decay_every, stop=cfg.lr_decay_stop)
+
     @staticmethod
     def pair(party: Party) -> MutualPair:
         assert party.model is not None
@@ -255,6 +322,12 @@ class FML(Protocol):
             # optimizer state is kept across rounds.
             for p in meme.parameters():
                 optimizer.state.pop(p, None)
+
+        # Set every round from the round number alone, so a resumed run trains at the rate an unbroken
+        # one would; one rate for the local model and the meme, as the reference's LR_scheduler sets both
+        # (and its fork rebuilds the meme's optimizer at the decayed rate).
+        for group in optimizer.param_groups:
+            group["lr"] = self.learning_rate(party, rnd)
 
         alpha, beta = cfg.alpha, cfg.beta
 
@@ -296,13 +369,20 @@ class FML(Protocol):
     def evaluate(self, party: Party) -> dict[str, float]:
         """``accuracy``: the local, personalized model (the headline); ``meme_accuracy``: the client's meme.
 
-        A client that took part in the latest round holds the latest merge, so its ``meme_accuracy`` is
-        the global meme's; the server itself never reads the merge.
+        ``own_distribution_accuracy`` (and ``meme_own_distribution_accuracy``) reweight the per-class
+        test accuracy to the owner's training label distribution: how the personalized model serves
+        the owner's own population. Computed at the owner, from its own label counts. A client that
+        took part in the latest round holds the latest merge, so its ``meme_accuracy`` is the global
+        meme's; the server itself never reads the merge.
         """
         assert party.model is not None
         x, y, classes = self.ctx.test_x, self.ctx.test_y, self.ctx.eval_classes
+        meme: nn.Module = party.state["meme"]
+        counts = party.train.label_counts(self.ctx.num_classes)
         return {"accuracy": accuracy(party.model, x, y, classes=classes),
-                "meme_accuracy": accuracy(party.state["meme"], x, y, classes=classes)}
+                "own_distribution_accuracy": own_distribution_accuracy(party.model, x, y, counts, classes=classes),
+                "meme_accuracy": accuracy(meme, x, y, classes=classes),
+                "meme_own_distribution_accuracy": own_distribution_accuracy(meme, x, y, counts, classes=classes)}
 
     # ----- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

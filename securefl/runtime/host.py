@@ -138,10 +138,13 @@ class ParticipantHost:
         return report
 
     def evaluate(self, rnd: int) -> dict[str, dict[str, float]]:
+        # A metric computed from private data besides the model would leave the owner unprotected under DP.
+        withheld = self.protocol.owner_only_metrics if self.config.privacy.unit != "none" else frozenset()
         per_party = {}
         for party in self.parties:
             with seeded(derive_seed(self.config.run.seed, "evaluate", rnd, party.id)):
-                per_party[party.id] = {k: float(v) for k, v in self.protocol.evaluate(party).items()}
+                per_party[party.id] = {k: float(v) for k, v in self.protocol.evaluate(party).items()
+                                       if k not in withheld}
         return per_party
 
     def finish(self) -> dict[str, dict[str, Any]]:
