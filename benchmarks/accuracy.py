@@ -49,17 +49,21 @@ class Row:
     protocol: str
     variant: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    homogeneous: str | None = None  # FedAvg: the one model every participant gets
+    homogeneous: str | None = None  # FedAvg, homogeneous FedGen: the one model every participant gets
     # Applied in the DP columns only. DP-SGD clips each example's gradient to C = 1 before averaging, so the
     # mean gradient is far shorter than without DP and a plain-SGD row at its non-private lr barely moves: at
     # lr 0.01, FedGen and FML sat at the same accuracy at ε = 8, 2 and mixed (noise was not what held them).
     dp_overrides: dict[str, Any] = field(default_factory=dict)
+    # Every owner's model first fitted alone (training.warm_start), as local-only's is: the one declared budget.
+    # False only where a protocol refuses it, because every round starts from a global model.
+    warm_start: bool = True
 
 
-# Per-protocol settings sized for 2 CPU cores: one local epoch per round at batch 64 (the
-# papers' heavier schedules, e.g. HeteroFL's 5 epochs at batch 10, would take days here).
-_ONE_EPOCH = {"local_epochs": 1, "batch_size": 64}
-FEDGEN_EPOCH_STEPS = 155
+# One budget for every row, fixed in advance: 30 rounds of one local epoch at batch 64 (Adam 1e-3 for the rows
+# that train with the ``training`` section), after the same warm start: at most 10 epochs, patience 2.
+ROUNDS = 30
+WARM_START = {"warm_start": True, "warm_start_max_epochs": 10, "warm_start_patience": 2}
+_ADAM = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64}
 # DP-SGD learning rates of the SGD rows (their non-private lr is 0.01). Chosen once, after their DP cells at lr 0.01
 # came out flat across ε, from public practice rather than by search (nothing was compared on the test set):
 # Opacus's MNIST example trains plain SGD at lr 0.1 with C = 1 (FedGen has no momentum); FML and HeteroFL use
@@ -86,35 +90,60 @@ DP_RATES: dict[tuple[str, float], float] = {
 # FedAvg's sample weighting sends each owner's exact record count in the clear, which no ledger books: DP runs
 # refuse it, so the DP cells average uniformly (the non-private column keeps the paper's weighting).
 DP_FEDAVG = {**DP_TRAINING, "fedavg": {"weighting": "uniform"}}
+# Each protocol's own knobs, chosen on validation data by benchmarks/tune.py (benchmarks/results/tune.md); the
+# test suite checks these against that file.
+FEDMD_DIGEST = {"digest_loss": "kl", "digest_temperature": 2.0}
+FML_WEIGHTS = {"alpha": 0.5, "beta": 0.5}
+FEDGEN_GENERATOR = {"generative_alpha": 10.0, "generative_beta": 10.0, "early_stop": 20}
 ROWS: list[Row] = [
     Row("local_only", "-", dp_overrides=DP_TRAINING),
-    Row("pooled", "-"),  # refused under record-level DP (one pooled dataset, no participant to protect)
-    Row("fedavg", f"homogeneous {A1_MODELS[0]}", homogeneous=A1_MODELS[0], dp_overrides=DP_FEDAVG),
+    Row("pooled", "-", warm_start=False),  # refused under record-level DP (one pooled dataset, no owner to protect)
+    Row("fedavg", f"homogeneous {A1_MODELS[0]}", homogeneous=A1_MODELS[0], dp_overrides=DP_FEDAVG, warm_start=False),
     # FedAvg needs one model for everyone; this one is the zoo's best under DP-SGD at ε = 8 on validation data
     # (benchmarks/results/dp_lr_grid.md: mlp_s 76.7 against cnn_s's 72.0), chosen from that grid, not the test set.
-    Row("fedavg", "homogeneous mlp_s", homogeneous="mlp_s", dp_overrides=DP_FEDAVG),
-    Row("fedmd", "-", dp_overrides=DP_TRAINING),
-    Row("fedh2l", "plain", {"fedh2l": {"alignment": "none", "seed_size": 2000}}, dp_overrides=DP_TRAINING),
-    Row("fml", "local", {"fml": {"batch_size": 64, "meme_model": "cnn_s"}},  # also reports the meme
-        dp_overrides={"fml": {"lr": DP_MOMENTUM_SGD_LR}}),
-    # FedGen trains a fixed number of local steps (20 in its paper, over hundreds of rounds); 155 steps of batch
-    # 32 is one epoch of the mean participant (55,000 x 0.9 / 10 training records), as every other row trains.
-    Row("fedgen", "private", {"fedgen": {"mode": "private", "local_steps": FEDGEN_EPOCH_STEPS}},
-        dp_overrides={"fedgen": {"lr": DP_PLAIN_SGD_LR}}),
-    # Under DP its heads are averaged unweighted: the reference's weights are exact record counts, sent in the clear.
-    Row("fedgen", "reference", {"fedgen": {"mode": "reference", "local_steps": FEDGEN_EPOCH_STEPS}},
-        dp_overrides={"fedgen": {"lr": DP_PLAIN_SGD_LR, "head_aggregation": "mean"}}),
-    Row("heterofl", "a-e mix", {"heterofl": {**_ONE_EPOCH, "hidden_sizes": [32, 64, 128], "norm": "gn",
-                                             "proportions": "a1-b1-c1-d1-e1"}},
-        # Under DP every client takes every class: the classes present would leave in the clear, and their loss
-        # mask couples a client's records (see securefl/protocols/heterofl.py).
-        dp_overrides={"heterofl": {"lr": DP_MOMENTUM_SGD_LR, "label_split": "all"}}),
-    Row("fedh2l", "meta-aligned", {"fedh2l": {"alignment": "meta", "seed_size": 2000}}, dp_overrides=DP_TRAINING),
-    Row("fedh2l", "pcgrad-aligned", {"fedh2l": {"alignment": "pcgrad", "seed_size": 2000}},
-        dp_overrides=DP_TRAINING),
+    Row("fedavg", "homogeneous mlp_s", homogeneous="mlp_s", dp_overrides=DP_FEDAVG, warm_start=False),
+    # The digest takes 10 epochs of 20 steps (batch 256 of 5,000), at least the revisit's one epoch at batch 64
+    # (78 steps for the mean owner): the reference's 20 digest steps against 8-16 revisit steps, scaled.
+    Row("fedmd", "-", {"fedmd": {**FEDMD_DIGEST, "digest_epochs": 10}}, dp_overrides=DP_TRAINING),
+    # The seed set is the whole public set (5,000 images), the paper's.
+    Row("fedh2l", "plain", {"fedh2l": {"alignment": "none"}}, dp_overrides=DP_TRAINING),
+    Row("fedh2l", "meta-aligned", {"fedh2l": {"alignment": "meta"}}, dp_overrides=DP_TRAINING),
+    # The local (personalised) model is FML's headline; the meme and the own-distribution score are reported too.
+    Row("fml", "local", {"fml": {**_ADAM, **FML_WEIGHTS, "meme_model": "cnn_s"}},
+        dp_overrides={"fml": {"optimizer": "sgd", "lr": DP_MOMENTUM_SGD_LR}}),
+    # Heterogeneous FedGen: each owner's own extractor, the heads shared and the generator trained by the users.
+    Row("fedgen", "private", {"fedgen": {"mode": "private", **_ADAM, "local_epochs": 1, **FEDGEN_GENERATOR}},
+        dp_overrides={"fedgen": {"optimizer": "sgd", "lr": DP_PLAIN_SGD_LR}}),
+    # The reference's form: the server trains G on the heads it receives in the clear. Under DP its heads are
+    # averaged unweighted: the reference's weights are exact record counts, sent in the clear.
+    Row("fedgen", "reference", {"fedgen": {"mode": "reference", **_ADAM, "local_epochs": 1, **FEDGEN_GENERATOR}},
+        dp_overrides={"fedgen": {"optimizer": "sgd", "lr": DP_PLAIN_SGD_LR, "head_aggregation": "mean"}}),
+    # The paper's own claim: homogeneous models, every parameter shared, against FedAvg with the same model and
+    # the same optimizer and steps (the fedavg row above).
+    Row("fedgen", f"homogeneous {A1_MODELS[0]}", {"fedgen": {"mode": "reference", "share": "full", **_ADAM,
+                                                             "local_epochs": 1, **FEDGEN_GENERATOR}},
+        homogeneous=A1_MODELS[0], warm_start=False,
+        dp_overrides={"fedgen": {"optimizer": "sgd", "lr": DP_PLAIN_SGD_LR, "head_aggregation": "mean"}}),
+    # HeteroFL's headline is the global model (the sub-models' mean and each level are reported beside it). Static
+    # BN at ε = inf; the reference's optimizer, and one epoch at batch 64 (the same steps as every other row).
+    Row("heterofl", "a-e mix", {"heterofl": {"local_epochs": 1, "batch_size": 64, "norm": "bn",
+                                             "hidden_sizes": [64, 128, 256], "proportions": "a1-b1-c1-d1-e1"}},
+        warm_start=False,
+        # Under DP every client takes every class (the classes present would leave in the clear, and their loss
+        # mask couples a client's records), and GroupNorm replaces BN (per-example gradients).
+        dp_overrides={"heterofl": {"lr": DP_MOMENTUM_SGD_LR, "label_split": "all", "norm": "gn"}}),
+]
+# Ablations, one seed each: not in the main grid (``--rows`` names them).
+ABLATIONS: list[Row] = [
+    Row("heterofl", "a-e mix dynamic", {"heterofl": {"local_epochs": 1, "batch_size": 64, "norm": "bn",
+                                                     "hidden_sizes": [64, 128, 256], "proportions": "a1-b1-c1-d1-e1",
+                                                     "mode": "dynamic"}}, warm_start=False),
 ]
 MIXED_TARGETS = (1.0, 4.0, 8.0)
 A2_ROWS = ["local_only", "pooled", "fedmd", "fedh2l"]
+# A2 few-shot: FedMD's own regime, every owner holding every private class, a handful of records of each.
+A2FS_ROWS = ["local_only", "pooled", "fedmd"]
+FEW_SHOT_PER_CLASS = 5
 
 
 def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None,
@@ -127,22 +156,26 @@ def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None,
         "public_labelled": False,
         "val_fraction": 0.1,
     }
-    if setting == "A2":
+    if setting in ("A2", "A2fs"):
         data.update(public_labelled=True, public_classes=[0, 1, 2, 3, 4], private_classes=[5, 6, 7, 8, 9])
+    if setting == "A2fs":
+        # A handful of records per class leaves a silo of 25: one in five of them validates its early stopping.
+        data.update(partition={"kind": "few_shot", "per_class": FEW_SHOT_PER_CLASS}, val_fraction=0.2)
     if quick:
         data.update(max_train_records=6000, public_size=1000)
-    rounds = rounds or (2 if quick else 10)
+    rounds = rounds or (2 if quick else ROUNDS)
     config: dict[str, Any] = {
         "protocol": "local_only",
         "run": {"seed": seed, "rounds": rounds},
         "data": data,
-        "training": {"optimizer": "adam", "lr": 1e-3, "batch_size": 64, "local_epochs": 1},
+        "training": {"optimizer": "adam", "lr": 1e-3, "batch_size": 64, "local_epochs": 1,
+                     **WARM_START, **({"warm_start_max_epochs": 2} if quick else {})},
         "participants": [{"id": f"p{i}", "model": m} for i, m in enumerate(A1_MODELS)],
         "fedmd": {"alignment_size": 1000 if quick else 5000, "revisit_epochs": 1, "revisit_batch_size": 64,
                   "transfer_max_epochs": 2 if quick else 10, "transfer_patience": 2},
         "local_only": {"max_epochs_first": 2 if quick else 10, "patience": 2},
     }
-    if setting == "A2" and not quick:
+    if setting in ("A2", "A2fs") and not quick:
         # A2 is FedMD's own setting, and its paper trains each transfer stage to convergence. A 741-record silo
         # (seed 0's p0) pretrained on the public classes sits for ~15 epochs on the majority-class plateau of its
         # private data before its validation loss drops; capped at 10 epochs with patience 2 it entered round 1
@@ -150,6 +183,7 @@ def base_config(setting: str, seed: int, *, quick: bool, data_dir: str | None,
         # converge; local-only's first fit gets the same allowance so the baseline is not handicapped.
         config["fedmd"].update(transfer_max_epochs=50, transfer_patience=5)
         config["local_only"].update(max_epochs_first=50, patience=5)
+        config["training"].update(warm_start_max_epochs=50, warm_start_patience=5)
     return config
 
 
@@ -191,6 +225,8 @@ def cell_config(setting: str, row: Row, epsilon: str, seed: int, *, quick: bool,
 
     raw = deep_merge(base_config(setting, seed, quick=quick, data_dir=data_dir, rounds=rounds), row.overrides)
     raw["protocol"] = row.protocol
+    if not row.warm_start:
+        raw["training"]["warm_start"] = False
     if row.homogeneous:
         raw["participants"] = [{"id": p["id"], "model": row.homogeneous} for p in raw["participants"]]
     if epsilon != "inf":
@@ -255,10 +291,24 @@ def reuse_finished(task: tuple[Any, ...], out: Path, config: Any) -> dict[str, A
             "run_dir": out}
 
 
+# Models a row reports beside its headline ``accuracy`` (docs/metrics.md): metric key -> the table's variant.
+EXTRA_METRICS: dict[str, dict[str, str]] = {
+    "fml": {"meme_accuracy": "meme", "own_distribution_accuracy": "local, own label distribution"},
+    "heterofl": {"submodel_accuracy": "sub-model mean"},
+}
+
+
 def per_seed_cells(results: list[dict[str, Any]]) -> Cells:
     """(setting, protocol, variant, ε) -> seed -> {mean, min, max, rounds, curve} over participants, from finished
-    runs."""
+    runs; a row's other models (``EXTRA_METRICS``; HeteroFL's sub-models per width) as variants of their own."""
     cells: Cells = {}
+
+    def add(key: tuple[str, str, str, str], seed: int, values: list[float], rounds: int,
+            curve: list[float] | None) -> None:
+        cells.setdefault(key, {})[seed] = {"mean": sum(values) / len(values), "min": min(values),
+                                           "max": max(values), "rounds": rounds,
+                                           **({"curve": curve} if curve else {})}
+
     for res in results:
         setting, row, epsilon, seed = res["task"]
         if "refused" in res or "failed" in res:
@@ -268,24 +318,28 @@ def per_seed_cells(results: list[dict[str, Any]]) -> Cells:
         cells.setdefault((setting, row.protocol, row.variant, epsilon), {})[seed] = {
             "mean": s["mean_accuracy"], "min": s["min_accuracy"], "max": s["max_accuracy"], "rounds": s["rounds"],
             **({"curve": curves["accuracy"]} if "accuracy" in curves else {})}
-        if row.protocol == "fml" and all("meme_accuracy" in p for p in s["participants"]):
-            meme = [p["meme_accuracy"] for p in s["participants"]]
-            cells.setdefault((setting, row.protocol, "meme", epsilon), {})[seed] = {
-                "mean": sum(meme) / len(meme), "min": min(meme), "max": max(meme), "rounds": s["rounds"],
-                **({"curve": curves["meme_accuracy"]} if "meme_accuracy" in curves else {})}
+        for key, label in EXTRA_METRICS.get(row.protocol, {}).items():
+            if s["participants"] and all(key in p for p in s["participants"]):
+                add((setting, row.protocol, f"{row.variant}: {label}", epsilon), seed,
+                    [p[key] for p in s["participants"]], s["rounds"], curves.get(key))
+        if row.protocol == "heterofl" and all("rate" in p and "submodel_accuracy" in p for p in s["participants"]):
+            for rate in sorted({p["rate"] for p in s["participants"]}, reverse=True):
+                add((setting, row.protocol, f"{row.variant}: sub-models at width {rate:g}", epsilon), seed,
+                    [p["submodel_accuracy"] for p in s["participants"] if p["rate"] == rate], s["rounds"], None)
     return cells
 
 
 def read_curves(run: Path) -> dict[str, list[float]]:
-    """Mean over participants, round by round, of each accuracy a run reports (``accuracy``, FML's
-    ``meme_accuracy``), from its ``metrics.jsonl``; empty if the run directory is gone."""
+    """Mean over participants, round by round, of each accuracy a run reports (``accuracy`` and the
+    ``EXTRA_METRICS``), from its ``metrics.jsonl``; empty if the run directory is gone."""
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         return {}
+    keys = ["accuracy", *{k for extra in EXTRA_METRICS.values() for k in extra}]
     curves: dict[str, list[float]] = {}
     for line in path.read_text().splitlines():
         participants = json.loads(line)["participants"].values()
-        for key in ("accuracy", "meme_accuracy"):
+        for key in keys:
             values = [p[key] for p in participants if key in p]
             if values:
                 curves.setdefault(key, []).append(sum(values) / len(values))
@@ -425,7 +479,7 @@ def rows_with_fedavg_model(model: str) -> list[Row]:
 
 def find_row(protocol: str, variant: str) -> Row | None:
     """The registered row of a table's (protocol, variant), or FedAvg's row with the model its variant names."""
-    for row in ROWS:
+    for row in ROWS + ABLATIONS:
         if (row.protocol, row.variant) == (protocol, variant):
             return row
         if row.homogeneous and row.protocol == protocol and variant.startswith("homogeneous "):
@@ -441,11 +495,13 @@ def replot(out_name: str, *, quick: bool, rounds: int | None, sets: Sets) -> Non
         raise SystemExit(f"--replot: {path} does not exist; nothing to re-plot")
     cells = _previous_cells(json.loads(path.read_text()))
     for (setting, protocol, variant, epsilon), by_seed in cells.items():
-        row = find_row(protocol, "local" if variant == "meme" else variant)
+        base, _, label = variant.partition(": ")
+        row = find_row(protocol, base)
+        keys = {v: k for k, v in EXTRA_METRICS.get(protocol, {}).items()}
+        key = keys.get(label, "accuracy") if label else "accuracy"
         for seed, cell in by_seed.items():
             if row is not None and "curve" not in cell:
                 curves = read_curves(run_dir(setting, row, epsilon, seed, quick, rounds, sets))
-                key = "meme_accuracy" if variant == "meme" else "accuracy"
                 if key in curves:
                     cell["curve"] = curves[key]
     md = RESULTS / f"{out_name}.md"
@@ -489,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     from securefl.protocols import PROTOCOLS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=["A1", "A2", "all"], default="all")
+    parser.add_argument("--setting", choices=["A1", "A2", "A2fs", "all"], default="all",
+                        help="A2fs: A2 few-shot (FedMD's own regime: every owner holds every private class)")
     parser.add_argument("--rows", nargs="*",
                         help="protocols to run, e.g. fedmd, or one variant, e.g. fedh2l/plain (default: every row)")
     parser.add_argument("--epsilons", nargs="*", default=["inf"], help="ε columns: inf, 8, 2, mixed")
@@ -521,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--set {' '.join(args.sets)}: a changed schedule needs its own --out-name, not 'accuracy'")
     if sets:
         _check_sets(sets, parser)
-    rows = ROWS
+    rows = ROWS + [row for row in ABLATIONS if f"{row.protocol}/{row.variant}" in (args.rows or [])]
     if args.fedavg_model is not None:
         from securefl.models.zoo import MODEL_ZOO
 
@@ -539,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         print((RESULTS / f"{args.out_name}.md").read_text())
         return 0
 
-    settings = ["A1", "A2"] if args.setting == "all" else [args.setting]
+    settings = ["A1", "A2", "A2fs"] if args.setting == "all" else [args.setting]
     tasks = []
     for setting in settings:
         for row in rows:
@@ -549,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.rows and row.protocol not in args.rows and f"{row.protocol}/{row.variant}" not in args.rows:
                 continue
             if setting == "A2" and (row.protocol not in A2_ROWS or row.variant not in ("-", "plain")):
+                continue
+            if setting == "A2fs" and (row.protocol not in A2FS_ROWS or row.variant != "-"):
                 continue
             for eps in args.epsilons:
                 if eps not in ("inf", "mixed") and not _is_positive_number(eps):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from securefl.config import parse_config
 
@@ -158,10 +159,11 @@ def test_dp_columns_get_the_rows_dp_settings_and_the_private_column_does_not(acc
     fedgen = next(row for row in accuracy.ROWS if (row.protocol, row.variant) == ("fedgen", "private"))
     cell = {eps: accuracy.cell_config("A1", fedgen, eps, 0, quick=False, data_dir=None, rounds=None, sets=())
             for eps in ("inf", "8", "mixed")}
-    assert "lr" not in cell["inf"]["fedgen"] and "privacy" not in cell["inf"]
+    assert cell["inf"]["fedgen"]["lr"] == 1e-3 and cell["inf"]["fedgen"]["optimizer"] == "adam"
+    assert "privacy" not in cell["inf"]
     for eps in ("8", "mixed"):
-        assert cell[eps]["fedgen"]["lr"] == accuracy.DP_PLAIN_SGD_LR
-        assert cell[eps]["fedgen"]["local_steps"] == accuracy.FEDGEN_EPOCH_STEPS  # the row's settings survive
+        assert cell[eps]["fedgen"]["lr"] == accuracy.DP_PLAIN_SGD_LR and cell[eps]["fedgen"]["optimizer"] == "sgd"
+        assert cell[eps]["fedgen"]["local_epochs"] == 1  # the row's settings survive
         assert cell[eps]["privacy"] == {"unit": "record", "delta": 1e-5}
     assert [p["target_epsilon"] for p in cell["mixed"]["participants"]][:4] == [1.0, 4.0, 8.0, 1.0]
 
@@ -251,3 +253,47 @@ def test_every_dp_cell_passes_the_privacy_set_up_and_releases_no_count(accuracy)
     private = accuracy.cell_config("A1", by_name["fedavg", "homogeneous cnn_s"], "inf", 0, quick=False, data_dir=None,
                                    rounds=None, sets=())
     assert "weighting" not in private.get("fedavg", {})  # the paper's sample weighting, without DP
+
+
+def test_every_row_has_the_same_declared_budget(accuracy):
+    """30 rounds and one warm start for every A1 row, except where the protocol refuses a warm start."""
+    from securefl.config import parse_config
+
+    for row in accuracy.ROWS:
+        raw = accuracy.cell_config("A1", row, "inf", 0, quick=False, data_dir=None, rounds=None, sets=())
+        assert raw["run"]["rounds"] == 30
+        config = parse_config(raw, "t")
+        assert config.training.warm_start == row.warm_start
+        assert (config.training.warm_start_max_epochs, config.training.warm_start_patience) == (10, 2)
+        if not row.warm_start:
+            # Only a protocol that cannot be warm-started goes without: check it says so.
+            from securefl.runtime.federation import build_world
+
+            *_, protocol = build_world(config, "t")
+            assert protocol.warm_start_refusal() is not None, f"{row.protocol}/{row.variant} could warm start"
+    local = next(r for r in accuracy.ROWS if r.protocol == "local_only")
+    raw = accuracy.cell_config("A1", local, "inf", 0, quick=False, data_dir=None, rounds=None, sets=())
+    # local-only's own first fit is the warm start the others get.
+    assert (raw["local_only"]["max_epochs_first"], raw["local_only"]["patience"]) == (10, 2)
+
+
+def test_the_rows_knobs_are_those_chosen_on_validation(accuracy):
+    """accuracy.py's per-protocol knobs are the best candidates of benchmarks/results/tune.json."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "results" / "tune.json"
+    if not path.exists():
+        pytest.fail("benchmarks/results/tune.json is missing: run benchmarks/tune.py")
+    spec = importlib.util.spec_from_file_location("tune_benchmark", ROOT / "benchmarks" / "tune.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    best = tune.best_knobs(json.loads(path.read_text())["items"])
+    for key, knobs in best.items():
+        protocol, variant = key.split("/")
+        row = accuracy.find_row(protocol, variant)
+        raw = accuracy.cell_config("A1", row, "inf", 0, quick=False, data_dir=None, rounds=None, sets=())
+        for item in knobs:
+            path_, _, value = item.partition("=")
+            section, name = path_.split(".")
+            expected = yaml.safe_load(value)  # as --set reads it
+            assert raw[section].get(name) == expected, f"{key}: {item} chosen on validation, row has {raw[section][name]}"
