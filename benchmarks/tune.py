@@ -7,12 +7,12 @@ tuning schedule's last round, never on the test set. The candidates of a protoco
 listed in ``GRIDS`` below (the reference's value first); the table marks the best of each protocol, and
 ``accuracy.py`` reads its rows' values off it (the test suite checks that they agree).
 
-The tuning schedule is shorter than the benchmark's (``--rounds``, default 10, one seed): it is fixed in
+The tuning schedule is shorter than the benchmark's (``--rounds``, default 5, one seed): it is fixed in
 advance, and what it chooses is a knob's value, not a result.
 
 Usage::
 
-    python benchmarks/tune.py                            # every grid, seed 0, 10 rounds
+    python benchmarks/tune.py                            # every grid, seed 0, 5 rounds
     python benchmarks/tune.py --protocols fedmd --jobs 2
     python benchmarks/tune.py --replot                   # rewrite the table from tune.json
 """
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocols", nargs="*", help=f"grids to run (default all: {', '.join(GRIDS)})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--replot", action="store_true", help="rewrite tune.md from tune.json, running nothing")
