@@ -13,7 +13,10 @@ What it does, per ``fit`` call (Abadi et al. 2016, as in Opacus):
 - per-example gradients (Opacus ``GradSampleModule``), clipped to
   ``max_grad_norm`` and summed, plus Gaussian noise of std
   ``noise_multiplier * max_grad_norm`` (Opacus ``DPOptimizer``), divided by the
-  expected batch size;
+  expected batch size. Where it computes the same clipped sum faster, ghost
+  clipping (Li et al. 2022, Opacus ``GradSampleModuleFastGradientClipping``)
+  replaces the materialised per-example gradients: see :func:`ghost_clipping_applies`
+  and ``benchmarks/results/grad_sample.md``;
 - before the first step, the whole call is committed to the participant's
   ledger as one frozen event (``commit``): check-then-commit, write-ahead. If
   the ledger refuses (budget exceeded), nothing is trained.
@@ -38,8 +41,10 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
@@ -70,20 +75,56 @@ def _quiet_hooks() -> Iterator[None]:
         yield
 
 
-class _SecureDPOptimizer(DPOptimizer):
-    """Opacus's DPOptimizer, its Gaussian noise drawn from a :class:`SecureRandom` instead of torch's RNG."""
+def _secure_noise(rng: SecureRandom, params: list[torch.Tensor], std: float) -> Iterator[torch.Tensor]:
+    """N(0, std²) noise shaped like each of ``params``, from one draw: a call per tensor costs more than the values."""
+    flat = rng.normal((sum(p.numel() for p in params),), std=std, dtype=params[0].dtype if params else torch.float32)
+    for p, noise in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        yield noise.view(p.shape).to(p.device)
+
+
+class _SecureNoise:
+    """DPOptimizer's ``add_noise`` with its Gaussian noise drawn from a :class:`SecureRandom`, not torch's RNG."""
+
+    params: list[torch.nn.Parameter]
+    noise_multiplier: float
+    max_grad_norm: float
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, rng: SecureRandom, **kwargs: object) -> None:
-        super().__init__(optimizer, **kwargs)  # type: ignore[arg-type]
+        super().__init__(optimizer, **kwargs)  # type: ignore[call-arg]
         self._rng = rng
 
     def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = self._rng.normal(p.summed_grad.shape, std=std, dtype=p.summed_grad.dtype)
-            p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+        sums = [p.summed_grad for p in self.params]
+        for p, noise in zip(self.params, _secure_noise(self._rng, sums, self.noise_multiplier * self.max_grad_norm),
+                            strict=True):
+            p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+
+
+class _SecureDPOptimizer(_SecureNoise, DPOptimizer):
+    """Opacus's DPOptimizer (clips materialised per-example gradients), with secure noise."""
+
+
+class _SecureGhostDPOptimizer(_SecureNoise, DPOptimizerFastGradientClipping):
+    """Opacus's ghost-clipping optimizer (``p.grad`` is already the clipped sum), with secure noise."""
+
+
+def ghost_clipping_applies(model: nn.Module, batch_loss: BatchLoss, lookahead: LookAhead | None) -> bool:
+    """Whether ghost clipping gives this call the same clipped sum as per-example gradients, faster.
+
+    Every layer with trainable parameters must be ``nn.Linear`` (Opacus gets its per-record norm from the
+    layer's input and output gradient, never forming the per-record gradient; other layers fall back to
+    materialising it and then ghost clipping's second backward pass is a net loss: 1.0-1.3x hooks on the zoo's
+    convolutional nets). The loss must be the plain per-record cross-entropy, since ghost clipping reweights
+    per-record losses and an arbitrary ``batch_loss`` returns only their batch mean. No look-ahead: it clips the
+    sum of a record's gradients at two points as one vector, which needs both materialised.
+    """
+    if batch_loss is not cross_entropy_loss or lookahead is not None:
+        return False
+    layers = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return bool(layers) and all(type(m) is nn.Linear for m in layers)
 
 
 class DPSGDTrainer:
@@ -155,10 +196,17 @@ class DPSGDTrainer:
         # per-sample hooks), so neither pass's activations mix into the other's. The copy's buffers stay those of
         # the call's start; the zoo's models keep no running statistics (GroupNorm only), so none go stale.
         ahead = GradSampleModule(copy.deepcopy(model)) if lookahead is not None else None
-        gsm = GradSampleModule(model)
-        dp_opt = _SecureDPOptimizer(optimizer, rng=noise, noise_multiplier=self.noise_multiplier,
-                                    max_grad_norm=self.max_grad_norm,
-                                    expected_batch_size=max(1, round(expected_batch)), loss_reduction="mean")
+        ghost = ghost_clipping_applies(model, batch_loss, lookahead)
+        dp_kwargs = dict(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                         expected_batch_size=max(1, round(expected_batch)), loss_reduction="mean")
+        gsm: GradSampleModule
+        dp_opt: DPOptimizer
+        if ghost:
+            gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=self.max_grad_norm, loss_reduction="mean")
+            dp_opt = _SecureGhostDPOptimizer(optimizer, rng=noise, **dp_kwargs)  # type: ignore[arg-type]
+        else:
+            gsm = GradSampleModule(model)
+            dp_opt = _SecureDPOptimizer(optimizer, rng=noise, **dp_kwargs)  # type: ignore[arg-type]
         model.train()
         if ahead is not None:
             ahead.train()
@@ -170,15 +218,19 @@ class DPSGDTrainer:
                 if len(idx) == 0:
                     self._noise_only_step(dp_opt, noise, expected_batch, gsm, model, public_loss, combine)
                 else:
-                    loss = batch_loss(gsm, x[idx], y[idx])
-                    with _quiet_hooks():
-                        loss.backward()
+                    if ghost:
+                        assert isinstance(gsm, GradSampleModuleFastGradientClipping)
+                        loss = self._ghost_backward(gsm, dp_opt, x[idx], y[idx])
+                    else:
+                        loss = batch_loss(gsm, x[idx], y[idx])
+                        with _quiet_hooks():
+                            loss.backward()
                     public_grads = None
                     if lookahead is not None:
                         assert ahead is not None and public_loss is not None
                         public_grads = self._public_gradient(gsm, model, public_loss)
-                        loss = loss.detach() + lookahead.weight * self._add_look_ahead_gradients(
-                            ahead, model, lookahead, public_grads, batch_loss, x[idx], y[idx])
+                        loss = lookahead.mix(loss.detach(), self._add_look_ahead_gradients(
+                            ahead, model, lookahead, public_grads, batch_loss, x[idx], y[idx]))
                     if dp_opt.pre_step():  # clip per example, sum, add noise, scale: p.grad is now private
                         self._add_public_gradient(gsm, model, public_loss, combine, public_grads)
                         dp_opt.original_optimizer.step()
@@ -204,13 +256,29 @@ class DPSGDTrainer:
     def _noise_only_step(self, dp_opt: DPOptimizer, rng: SecureRandom, expected_batch: float, gsm: GradSampleModule,
                          model: nn.Module, public_loss: PublicLoss | None, combine: GradientCombine | None) -> None:
         """An empty Poisson batch: the released update is pure noise, exactly as DPOptimizer would add."""
-        std = self.noise_multiplier * self.max_grad_norm
-        for group in dp_opt.original_optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    p.grad = rng.normal(p.shape, std=std, dtype=p.dtype).to(p.device) / expected_batch
+        params = [p for group in dp_opt.original_optimizer.param_groups for p in group["params"] if p.requires_grad]
+        for p, noise in zip(params, _secure_noise(rng, params, self.noise_multiplier * self.max_grad_norm), strict=True):
+            p.grad = noise / expected_batch
         self._add_public_gradient(gsm, model, public_loss, combine)
         dp_opt.original_optimizer.step()
+
+    @staticmethod
+    def _ghost_backward(gsm: GradSampleModuleFastGradientClipping, dp_opt: DPOptimizer, xb: torch.Tensor,
+                        yb: torch.Tensor) -> torch.Tensor:
+        """Ghost clipping's two passes (Opacus ``DPTensorFastGradientClipping.backward``): the first only
+        gives each record's gradient norm (hooks), the second backpropagates the per-record losses weighted by
+        their clipping factors, so ``p.grad`` is the sum of clipped per-record gradients. Returns the mean loss."""
+        losses = F.cross_entropy(gsm(xb), yb, reduction="none")
+        with _quiet_hooks():
+            losses.mean().backward(retain_graph=True)
+            dp_opt.zero_grad(set_to_none=True)
+            coefficients = gsm.get_clipping_coef()
+            gsm.disable_hooks()
+            try:
+                (coefficients * losses).sum().backward()
+            finally:
+                gsm.enable_hooks()
+        return losses.detach().mean()
 
     @staticmethod
     def _public_gradient(gsm: GradSampleModule, model: nn.Module,
@@ -230,8 +298,8 @@ class DPSGDTrainer:
     def _add_look_ahead_gradients(ahead: GradSampleModule, model: nn.Module, lookahead: LookAhead,
                                   public_grads: list[torch.Tensor | None], batch_loss: BatchLoss, xb: torch.Tensor,
                                   yb: torch.Tensor) -> torch.Tensor:
-        """Add weight * (each record's gradient at theta') to its gradient at theta, before clipping, so that
-        DPOptimizer clips the two as one per-record vector. Returns the loss at theta' (detached)."""
+        """Replace each record's gradient at theta by (1 - weight) * it + weight * its gradient at theta', before
+        clipping, so that DPOptimizer clips the two as one per-record vector. Returns the loss at theta' (detached)."""
         params = trainable_parameters(model)
         ahead_params = trainable_parameters(ahead._module)
         with torch.no_grad():
@@ -245,7 +313,7 @@ class DPSGDTrainer:
             here, there = p.grad_sample, q.grad_sample
             if there is None:
                 continue
-            p.grad_sample = lookahead.weight * there if here is None else here + lookahead.weight * there
+            p.grad_sample = lookahead.weight * there if here is None else lookahead.mix(here, there)
         ahead.zero_grad(set_to_none=True)
         return loss_ahead.detach()
 

@@ -103,9 +103,9 @@ def _per_record_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
 
 
 def test_look_ahead_clips_each_records_two_gradients_as_one_vector() -> None:
-    """FedH2L meta under DP: record i contributes v_i = ∇ℓ_i(θ) + β ∇ℓ_i(θ'), θ' = θ - α ∇public(θ), and
+    """FedH2L meta under DP: record i contributes v_i = (1 - β) ∇ℓ_i(θ) + β ∇ℓ_i(θ'), θ' = θ - α ∇public(θ), and
     DP-SGD clips v_i as a whole (sensitivity C, the same spend); the public gradient is added unclipped."""
-    alpha, beta, clip = 0.5, 0.8, 1.0
+    alpha, beta, clip = 1.0, 0.5, 3.0
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 5, generator=gen), 3 * torch.randn(8, generator=gen)
     direction = torch.tensor([1.0, -2.0, 0.5, 0.0, 1.5, -1.0])
@@ -127,8 +127,8 @@ def test_look_ahead_clips_each_records_two_gradients_as_one_vector() -> None:
     def clipped(v: torch.Tensor) -> torch.Tensor:
         return v * (clip / v.norm(dim=1, keepdim=True)).clamp(max=1.0)
 
-    jointly = clipped(here + beta * there).mean(0) + g_public
-    separately = (clipped(here) + beta * clipped(there)).mean(0) + g_public
+    jointly = clipped((1 - beta) * here + beta * there).mean(0) + g_public
+    separately = ((1 - beta) * clipped(here) + beta * clipped(there)).mean(0) + g_public
     assert float((jointly - separately).norm()) > 0.05 * float(jointly.norm())  # the test can tell them apart
 
     events: list = []
