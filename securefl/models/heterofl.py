@@ -34,9 +34,15 @@ The model pieces the paper adds:
   track_running_stats=False)``); its ``running_mean`` / ``running_var`` buffers
   are only ever written by the protocol's federated statistics query, and are
   what evaluation uses.
-- ``norm: gn`` replaces sBN by GroupNorm (reference ``gn``: 4 groups), the
-  option for DP-SGD: batch norm mixes the records of a batch, so per-example
-  gradients do not exist. The sBN classes subclass torch's batch norm (so
+- ``norm: gn`` replaces sBN by GroupNorm, the option for DP-SGD: batch norm
+  mixes the records of a batch, so per-example gradients do not exist. The
+  reference's ``GroupNorm(4, C)`` puts C/4 channels in a group, so the same
+  channels are grouped differently at each width (channel 0 shares its
+  statistics with 16 channels in a 64-wide layer and with 1 in a 4-wide one).
+  Here every group holds the same number of channels at every width
+  (``channels_per_group``): groups are contiguous, so a sub-model's channel
+  slice is a whole number of the global model's groups and each is
+  normalised exactly as in the global model. The sBN classes subclass torch's batch norm (so
   ``isinstance`` checks see them as such) and keep their statistics in
   buffers, which Opacus's ``GradSampleModule`` refuses in its default strict
   mode (its ``ModuleValidator`` matches exact types only and does not list them).
@@ -45,7 +51,7 @@ The model pieces the paper adds:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -124,20 +130,40 @@ class StaticBatchNorm2d(nn.BatchNorm2d):
 STATIC_NORMS = (StaticBatchNorm1d, StaticBatchNorm2d)
 
 
-def _group_count(channels: int) -> int:
-    # The reference's GroupNorm(4, C); a thin sub-model may have fewer than 4 channels
-    # (or a count 4 does not divide), so fall back to the largest of 4, 2, 1 that divides C.
-    for groups in (4, 2, 1):
-        if channels % groups == 0:
-            return groups
-    return 1
+def level_widths(family: Family, hidden: Sequence[int] | None, rates: Iterable[float]) -> dict[float, list[int]]:
+    """The hidden widths of the model at each rate."""
+    full = tuple(hidden) if hidden else DEFAULT_HIDDEN[family]
+    return {rate: [scaled_width(h, rate) for h in full] for rate in rates}
 
 
-def _norm(kind: Norm, channels: int, conv: bool) -> nn.Module:
+def channels_per_group(family: Family, hidden: Sequence[int] | None, rates: Iterable[float],
+                       requested: int | None = None) -> int:
+    """GroupNorm's channels per group, the same in every layer of every model rate in ``rates``.
+
+    ``requested=None`` takes the largest count that divides every width (their gcd), so the thinnest layer
+    still forms whole groups. A requested count must divide every width. The MLP family refuses 1: a group
+    of one value normalises to 0 and the layer's output would be its bias alone.
+    """
+    widths = level_widths(family, hidden, rates)
+    chosen = requested if requested is not None else math.gcd(*(w for ws in widths.values() for w in ws))
+    for rate, ws in sorted(widths.items(), reverse=True):
+        bad = [w for w in ws if w % chosen]
+        if bad:
+            raise ValueError(f"heterofl.gn_channels_per_group = {chosen} does not divide the width {bad[0]} of the "
+                             f"rate-{rate:g} model (widths {ws}); choose a divisor of every width or leave it unset")
+    if family == "mlp" and chosen == 1:
+        raise ValueError(f"heterofl.gn_channels_per_group = 1 with model: mlp normalises single values to 0 "
+                         f"(widths per rate: {widths}); use hidden sizes whose scaled widths share a factor >= 2")
+    return chosen
+
+
+def _norm(kind: Norm, channels: int, conv: bool, per_group: int) -> nn.Module:
     if kind == "bn":
         return StaticBatchNorm2d(channels) if conv else StaticBatchNorm1d(channels)
     if kind == "gn":
-        return nn.GroupNorm(_group_count(channels), channels)
+        if channels % per_group:
+            raise ValueError(f"heterofl.gn_channels_per_group = {per_group} does not divide {channels} channels")
+        return nn.GroupNorm(channels // per_group, channels)
     raise ValueError(f"unknown norm {kind!r}; allowed: bn, gn")
 
 
@@ -176,14 +202,14 @@ class HeteroFLModel(nn.Module):
 
 
 def _conv_body(input_shape: tuple[int, ...], widths: Sequence[int], scaler_rate: float, norm: Norm,
-               scale: bool) -> tuple[nn.Sequential, int]:
+               scale: bool, per_group: int) -> tuple[nn.Sequential, int]:
     if len(input_shape) != 3:
         raise ValueError(f"the conv family needs (C, H, W) inputs, got shape {input_shape}; use model: mlp")
     c_in, size = input_shape[0], min(input_shape[1:])
     layers: list[nn.Module] = []
     for i, c_out in enumerate(widths):
         layers += [nn.Conv2d(c_in, c_out, 3, 1, 1), Scaler(scaler_rate) if scale else nn.Identity(),
-                   _norm(norm, c_out, conv=True), nn.ReLU()]
+                   _norm(norm, c_out, conv=True, per_group=per_group), nn.ReLU()]
         # The reference pools after every block but the last; a small image stops
         # pooling once the map is 1x1 (8x8 digits: 8 -> 4 -> 2 -> 1).
         if i < len(widths) - 1 and size >= 2:
@@ -195,19 +221,20 @@ def _conv_body(input_shape: tuple[int, ...], widths: Sequence[int], scaler_rate:
 
 
 def _mlp_body(input_shape: tuple[int, ...], widths: Sequence[int], scaler_rate: float, norm: Norm,
-              scale: bool) -> tuple[nn.Sequential, int]:
+              scale: bool, per_group: int) -> tuple[nn.Sequential, int]:
     d_in = math.prod(input_shape)
     layers: list[nn.Module] = [nn.Flatten()]
     for d_out in widths:
         layers += [nn.Linear(d_in, d_out), Scaler(scaler_rate) if scale else nn.Identity(),
-                   _norm(norm, d_out, conv=False), nn.ReLU()]
+                   _norm(norm, d_out, conv=False, per_group=per_group), nn.ReLU()]
         d_in = d_out
     return nn.Sequential(*layers), d_in
 
 
 def build_heterofl_model(family: Family, input_shape: Sequence[int], num_classes: int, *,
                          hidden: Sequence[int] | None = None, rate: float = 1.0, global_rate: float = 1.0,
-                         norm: Norm = "bn", scale: bool = True) -> HeteroFLModel:
+                         norm: Norm = "bn", scale: bool = True,
+                         gn_channels_per_group: int | None = None) -> HeteroFLModel:
     """The HeteroFL model of ``family`` at model rate ``rate``.
 
     Parameters
@@ -228,16 +255,22 @@ def build_heterofl_model(family: Family, input_shape: Sequence[int], num_classes
         ``bn`` (static batch norm) or ``gn`` (GroupNorm, for DP-SGD).
     scale
         Use the Scaler (the reference's ``scale`` switch, for ablations).
+    gn_channels_per_group
+        ``norm: gn`` only: channels per group (``None``: :func:`channels_per_group` over the paper's levels up
+        to ``global_rate``). Pass the same value for every rate, so slices are normalised alike.
     """
     if family not in DEFAULT_HIDDEN:
         raise ValueError(f"unknown HeteroFL model family {family!r}; allowed: {', '.join(DEFAULT_HIDDEN)}")
     if not 0 < rate <= global_rate:
         raise ValueError(f"model rate {rate} must be in (0, global rate {global_rate}]")
-    full = tuple(hidden) if hidden else DEFAULT_HIDDEN[family]
-    widths = [scaled_width(h, rate) for h in full]
+    widths = level_widths(family, hidden, [rate])[rate]
+    per_group = 1
+    if norm == "gn":
+        per_group = gn_channels_per_group if gn_channels_per_group is not None else channels_per_group(
+            family, hidden, {rate} | {r for r in LEVEL_RATES.values() if r <= global_rate})
     scaler_rate = rate / global_rate
     make_body = _conv_body if family == "conv" else _mlp_body
-    body, features = make_body(tuple(input_shape), widths, scaler_rate, norm, scale)
+    body, features = make_body(tuple(input_shape), widths, scaler_rate, norm, scale, per_group)
     return HeteroFLModel(body, nn.Linear(features, num_classes), family=family, rate=rate,
                          scaler_rate=scaler_rate, widths=widths, norm=norm)
 

@@ -34,6 +34,8 @@ Scaler divides by r_m / r_global. Each round:
    *label split*; ``label_split: all`` takes every class instead, see
    "Under DP" below). The learning rate follows the reference's MultiStepLR
    over global rounds: ``lr * lr_decay ** #{milestones < round}``.
+   ``local_steps`` replaces the epochs by a fixed number of minibatch steps
+   (a step budget equal to another method's, where 5 epochs cost too much).
 3. **Up.** The trained slice, zero-padded to global coordinates as one flat
    vector, with the classifier rows (weights and biases) of the classes
    absent from the client's data set to 0. The client's rate and label split
@@ -59,7 +61,9 @@ Scaler divides by r_m / r_global. Each round:
    average of per-batch statistics depends on how the pooled data is
    batched). The global model and the sub-model of every level in use get
    their own statistics, which travel with the round's update. ``norm: gn``
-   (GroupNorm, for DP-SGD, since Opacus rejects batch norm) needs none.
+   (GroupNorm, for DP-SGD, since Opacus rejects batch norm) needs none; its
+   groups hold ``gn_channels_per_group`` channels at every width, so a slice
+   is normalised exactly as the same channels in the global model.
 
 Who holds the global model: the participants, never the server. Each keeps a
 replica (:class:`HeteroFLReplica`) and applies every round's update to it
@@ -72,14 +76,18 @@ inbound layer opens them). The price: every sampled client downloads the
 whole (padded) sum, not only its slice, and the server keeps the updates a
 client that sits out still lacks.
 
+``accuracy`` is the global model's test accuracy (the paper's headline).
+
 Evaluation, by every participant on its own replica (the server has no
-model): the global model on the test set (``global_accuracy``, the same for
-every participant that holds the latest update), its sub-model at its rate
-on the test set (``accuracy``), plus ``local_accuracy``: the sub-model
-restricted to the client's classes on the test records of those classes (the
-reference's "Local" metric, which uses the label-split mask at test time).
-Under partial participation a client that sat out the last round reports
-the replica it holds, one update or more behind.
+model): the global model on the test set (``accuracy``, the same for every
+participant that holds the latest update, so the mean over participants is
+the global model's accuracy), its sub-model at its rate on the test set
+(``submodel_accuracy``, beside ``rate`` so a report can average each level),
+plus ``submodel_local_accuracy``: the sub-model restricted to the client's
+classes on the test records of those classes (the reference's "Local"
+metric, which uses the label-split mask at test time). Under partial
+participation a client that sat out the last round reports the replica it
+holds, one update or more behind.
 
 Where the sBN query runs: the runtime's round has a single uplink, before
 aggregation, but the statistics must be those of the *aggregated* model. The
@@ -127,6 +135,7 @@ slice of the one global model, chosen by ``heterofl.model`` (``conv`` or
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
 from collections.abc import Sequence
@@ -134,13 +143,14 @@ from typing import Annotated, Literal, cast
 
 import torch
 from pydantic import Field as PydField
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from torch import nn
 
 from securefl.models.heterofl import (
     LEVEL_RATES,
     HeteroFLModel,
     build_heterofl_model,
+    channels_per_group,
     masked_cross_entropy,
 )
 from securefl.protocols.base import (
@@ -190,11 +200,17 @@ class HeteroFLConfig(ProtocolConfig):
     hidden_sizes: list[PositiveInt] | None = PydField(
         None, min_length=1, description="full-width hidden sizes (None: conv 64-128-256-512, mlp 256-128)")
     norm: Literal["bn", "gn"] = PydField("bn", description="static batch norm, or GroupNorm (for DP-SGD)")
+    gn_channels_per_group: PositiveInt | None = PydField(
+        None, description="norm: gn: channels per group, the same at every width so a slice is normalised as in "
+                          "the global model; must divide every width of every level (None: their gcd)")
     scale: bool = PydField(True, description="use the Scaler (the reference's ablation switch)")
     mask: bool = PydField(True, description="mask the cross-entropy to the client's classes")
     mode: Literal["fixed", "dynamic"] = PydField("fixed", description="rates fixed per client or re-drawn per round")
     proportions: str = PydField("a1-b1-c1-d1-e1", description="shares of clients per level, e.g. 'a2-b8'")
-    local_epochs: int = PydField(5, ge=1)
+    local_epochs: int = PydField(5, ge=1, description="local passes over the client's data per round")
+    local_steps: PositiveInt | None = PydField(
+        None, description="when set: exactly this many minibatch steps per round, in place of local_epochs "
+                          "(an equal step budget for every client, whatever its data size)")
     batch_size: int = PydField(10, ge=1)
     lr: float = PydField(1e-2, gt=0, le=10)
     momentum: float = PydField(0.9, ge=0, lt=1)
@@ -214,6 +230,18 @@ class HeteroFLConfig(ProtocolConfig):
     def _valid_proportions(cls, value: str) -> str:
         parse_proportions(value)
         return value
+
+    @model_validator(mode="after")
+    def _groups_divide_every_width(self) -> HeteroFLConfig:
+        # A config error before any model is built: the widths follow from public settings alone.
+        if self.norm == "gn":
+            self.group_size()
+        return self
+
+    def group_size(self) -> int:
+        """GroupNorm's channels per group for the levels in use (``gn_channels_per_group`` or the widths' gcd)."""
+        rates = {rate for rate, _ in parse_proportions(self.proportions)}
+        return channels_per_group(self.model, self.hidden_sizes, rates, self.gn_channels_per_group)
 
     @field_validator("milestones")
     @classmethod
@@ -463,6 +491,7 @@ class HeteroFL(Protocol):
         self.levels = parse_proportions(config.proportions)
         # The reference's global_model_rate: the global model is as wide as the widest level used.
         self.global_rate = max(rate for rate, _ in self.levels)
+        self._per_group = config.group_size() if config.norm == "gn" else None
         self.layout = ParamLayout(self._blank(self.global_rate))
         if config.norm == "bn":
             self.simulation_only = self.SBN_IN_PROCESS  # type: ignore[misc]
@@ -474,12 +503,14 @@ class HeteroFL(Protocol):
         self._fixed: dict[str, float] | None = None
         self._shapes: dict[float, dict[str, tuple[int, ...]]] = {}
         self._scratch: dict[float, HeteroFLModel] = {}
+        self._scores: dict[bytes, float] = {}  # the latest global model's test accuracy, by its exact bytes
 
     # ----- models ------------------------------------------------------------------------
     def _build(self, rate: float) -> HeteroFLModel:
         cfg = self.config
         return build_heterofl_model(cfg.model, self.ctx.input_shape, self.ctx.num_classes, hidden=cfg.hidden_sizes,
-                                    rate=rate, global_rate=self.global_rate, norm=cfg.norm, scale=cfg.scale)
+                                    rate=rate, global_rate=self.global_rate, norm=cfg.norm, scale=cfg.scale,
+                                    gn_channels_per_group=self._per_group)
 
     def _blank(self, rate: float) -> HeteroFLModel:
         """A model of ``rate`` whose weights are about to be overwritten (built without touching the RNG)."""
@@ -544,7 +575,14 @@ class HeteroFL(Protocol):
         return None
 
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
-        return [(self.config.batch_size, self.ctx.rounds * self.config.local_epochs, None)]
+        cfg = self.config
+        if cfg.local_steps is not None:
+            return [(cfg.batch_size, None, self.ctx.rounds * cfg.local_steps)]
+        return [(cfg.batch_size, self.ctx.rounds * cfg.local_epochs, None)]
+
+    def warm_start_refusal(self) -> str | None:
+        return ("HeteroFL keeps no model of a client's own: every round the client slices a fresh sub-model from "
+                "its replica of the global model, which would overwrite a warm-started one")
 
     def uplink_metadata(self) -> dict[str, Field]:
         present = self.config.label_split == "present"
@@ -609,8 +647,10 @@ class HeteroFL(Protocol):
         mask = classes if cfg.mask else None
         optimizer = make_optimizer(model, kind="sgd", lr=self.learning_rate(rnd, party.lr), momentum=cfg.momentum,
                                    weight_decay=cfg.weight_decay)
+        # local_steps, when set, replaces the epochs (the trainer takes one or the other).
+        epochs, steps = (cfg.local_epochs, None) if cfg.local_steps is None else (None, cfg.local_steps)
         party.trainer.fit(model, optimizer, party.train.x, party.train.y, batch_size=cfg.batch_size,
-                          epochs=cfg.local_epochs, max_grad_norm=cfg.max_grad_norm, payload="local_training",
+                          epochs=epochs, steps=steps, max_grad_norm=cfg.max_grad_norm, payload="local_training",
                           batch_loss=lambda m, xb, yb: masked_cross_entropy(m(xb), yb, mask))
         # Zero what the client does not vouch for: classifier rows of classes it never saw.
         padded = self.layout.pad(model) * self.layout.coverage(self.sub_shapes(rate), classes)
@@ -721,23 +761,43 @@ class HeteroFL(Protocol):
 
     # ----- evaluation: on the participant's own replica ----------------------------------------
     def evaluate(self, party: Party) -> dict[str, float]:
-        """The global model and the client's sub-model at its rate, as the client's replica holds them.
+        """``accuracy``: the global model (the paper's headline), as the client's replica holds it; beside it
+        the client's sub-model at its rate.
 
         The rate is the one of the round that made the replica's latest update (fixed mode: always the same).
         """
         ctx = self.ctx
         replica = self.replica(party)
         rate = self.rate_of(party.id, replica.round)
+        glob = self._global_accuracy(replica)
         model = replica.model if rate == self.global_rate else self.submodel(replica, rate)
-        metrics = {"accuracy": accuracy(model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes), "rate": rate,
-                   "global_accuracy": accuracy(replica.model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)}
+        metrics = {"accuracy": glob, "rate": rate,
+                   "submodel_accuracy": glob if model is replica.model else accuracy(
+                       model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)}
         classes = self.label_split(party)
         local = torch.isin(ctx.test_y, classes)
         if bool(local.any()):
             logits = predict_logits(model, ctx.test_x[local])
             pred = classes[logits[:, classes].argmax(dim=1)]
-            metrics["local_accuracy"] = float((pred == ctx.test_y[local]).float().mean())
+            metrics["submodel_local_accuracy"] = float((pred == ctx.test_y[local]).float().mean())
         return metrics
+
+    def _global_accuracy(self, replica: HeteroFLReplica) -> float:
+        """Test accuracy of a replica's global model, scored once per distinct model in this process.
+
+        Replicas holding the same update are the same model (the update is deterministic); in a simulation
+        every participant would otherwise score the same global model again (on Fashion-MNIST with
+        64-128-256, about 30 s of CPU each). The key is the model's exact bytes, so a replica that differs
+        in any parameter or statistic is scored on its own.
+        """
+        digest = hashlib.sha256()
+        for tensor in replica.model.state_dict().values():
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        key = digest.digest()
+        if key not in self._scores:
+            ctx = self.ctx
+            self._scores = {key: accuracy(replica.model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)}
+        return self._scores[key]
 
     # ----- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:

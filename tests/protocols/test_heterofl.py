@@ -406,12 +406,12 @@ def test_global_and_submodels_are_evaluated(tmp_path: Path) -> None:
     summary = fed.run()
     assert summary["server"] == {}  # the server holds no model: each participant evaluates its replica
     assert sorted(p["rate"] for p in summary["participants"]) == [0.25, 0.5, 1.0]
-    # Every participant holds the same global model after the last round.
-    (global_accuracy,) = {p["global_accuracy"] for p in summary["participants"]}
+    # Every participant holds the same global model after the last round, and ``accuracy`` is that model.
+    (global_accuracy,) = {p["final_accuracy"] for p in summary["participants"]}
     assert 0.0 <= global_accuracy <= 1.0
     full = next(p for p in summary["participants"] if p["rate"] == 1.0)
     # The rate-1 client's sub-model is the global model itself.
-    assert full["final_accuracy"] == global_accuracy
+    assert full["submodel_accuracy"] == global_accuracy
 
 
 def test_pairwise_masking_sums_the_padded_slices_like_the_plain_aggregator(tmp_path: Path) -> None:
