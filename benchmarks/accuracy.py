@@ -296,7 +296,7 @@ def reuse_finished(task: tuple[Any, ...], out: Path, config: Any) -> dict[str, A
 
 # Models a row reports beside its headline ``accuracy`` (docs/metrics.md): metric key -> the table's variant.
 EXTRA_METRICS: dict[str, dict[str, str]] = {
-    "fml": {"meme_accuracy": "meme", "own_distribution_accuracy": "local, own label distribution"},
+    "fml": {"meme_accuracy": "meme", "own_distribution_accuracy": "on its owner's label distribution"},
     "heterofl": {"submodel_accuracy": "sub-model mean"},
 }
 

@@ -45,7 +45,7 @@ GLOBAL_STATE = {
     "heterofl": {"protocol": "heterofl", "heterofl": {"model": "mlp", "hidden_sizes": [16], "local_epochs": 1,
                                                       "batch_size": 32, "lr": 0.1, "proportions": "a1-b1",
                                                       "norm": "gn"}},
-    "fedgen": {"protocol": "fedgen", "fedgen": {"local_steps": 20, "generator_steps": 10, "lr": 0.1},
+    "fedgen": {"protocol": "fedgen", "fedgen": {"local_steps": 30, "generator_steps": 10, "lr": 0.1},
                "participants": [{"id": f"p{i}", "model": "mlp_s"} for i in range(3)]},
 }
 
