@@ -68,7 +68,7 @@ def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol:
     return summary
 
 
-def model_label(participant: dict[str, Any]) -> str:
+def model_label(participant: Mapping[str, Any]) -> str:
     """A participant's model, and its own learning rate when it trained at one (not the protocol's)."""
     return participant["model"] + (f" (own lr {participant['lr']:g})" if "lr" in participant else "")
 

@@ -95,12 +95,12 @@ class _SecureNoise:
 
     def add_noise(self) -> None:
         for p in self.params:
-            _check_processed_flag(p.summed_grad)
-        sums = [p.summed_grad for p in self.params]
+            _check_processed_flag(p.summed_grad)  # type: ignore[attr-defined]  # set by Opacus at run time
+        sums = [p.summed_grad for p in self.params]  # type: ignore[attr-defined]  # set by Opacus at run time
         for p, noise in zip(self.params, _secure_noise(self._rng, sums, self.noise_multiplier * self.max_grad_norm),
                             strict=True):
-            p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
+            p.grad = (p.summed_grad + noise).view_as(p)  # type: ignore[attr-defined]  # set by Opacus at run time
+            _mark_as_processed(p.summed_grad)  # type: ignore[attr-defined]  # set by Opacus at run time
 
 
 class _SecureDPOptimizer(_SecureNoise, DPOptimizer):
@@ -310,10 +310,10 @@ class DPSGDTrainer:
         with _quiet_hooks():
             loss_ahead.backward()
         for p, q in zip(params, ahead_params, strict=True):
-            here, there = p.grad_sample, q.grad_sample
+            here, there = p.grad_sample, q.grad_sample  # type: ignore[attr-defined]  # set by Opacus at run time
             if there is None:
                 continue
-            p.grad_sample = lookahead.weight * there if here is None else lookahead.mix(here, there)
+            p.grad_sample = lookahead.weight * there if here is None else lookahead.mix(here, there)  # type: ignore[attr-defined]  # set by Opacus at run time
         ahead.zero_grad(set_to_none=True)
         return loss_ahead.detach()
 
