@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +14,12 @@ from securefl.protocols.fedgen import FedGen
 from securefl.runtime.federation import Federation
 from securefl.runtime.training import PlainTrainer, TrainStats, accuracy
 from tests.conftest import tiny_config
+from tests.protocols.test_fedgen import _one_thread  # noqa: F401  (autouse: one torch thread in this module too)
 
 FAST = {"local_steps": 5, "generator_steps": 10}
 SAME = [{"id": f"p{i}", "model": "mlp_s"} for i in range(3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _federation(tmp_path: Path, **changes: Any) -> Federation:
