@@ -43,8 +43,12 @@ GRIDS: dict[str, list[tuple[str, ...]]] = {
                 ("fedmd.digest_loss=kl", "fedmd.digest_temperature=2"),
                 ("fedmd.digest_loss=kl", "fedmd.digest_temperature=4")],
     # α: the local model's weight on its own cross-entropy (1 - α on the meme's posteriors); β the meme's.
-    "fml/local": [("fml.alpha=0.5", "fml.beta=0.5"), ("fml.alpha=0.9", "fml.beta=0.5"),
-                  ("fml.alpha=0.9", "fml.beta=0.9")],
+    # With the reference's step decay of the lr (x0.1 at every third of the rounds) or none: under Adam the decay
+    # froze the local models a third of the way in (A1 seed 0: flat from round 11 of 30).
+    "fml/local": [("fml.alpha=0.5", "fml.beta=0.5", "fml.lr_decay=0.1"),
+                  ("fml.alpha=0.5", "fml.beta=0.5", "fml.lr_decay=1"),
+                  ("fml.alpha=0.9", "fml.beta=0.5", "fml.lr_decay=1"),
+                  ("fml.alpha=0.1", "fml.beta=0.5", "fml.lr_decay=1")],
     # The generator's weight α_0 (= β_0, as in the reference) and the steps per round that carry it.
     "fedgen/private": [("fedgen.generative_alpha=10", "fedgen.generative_beta=10", "fedgen.early_stop=20"),
                        ("fedgen.generative_alpha=10", "fedgen.generative_beta=10", "fedgen.early_stop=null"),

@@ -71,6 +71,8 @@ class FedMDConfig(ProtocolConfig):
     revisit_batch_size: int = PydField(32, ge=1)
     transfer_max_epochs: int = PydField(50, ge=1, description="max epochs of each transfer-learning stage")
     transfer_patience: int = PydField(5, ge=1)
+    transfer_public_batch_size: int | None = PydField(
+        None, ge=1, description="batch size of the transfer stage on the labelled public set (None: training.batch_size)")
 
 
 def digest_loss(kind: str, temperature: float):  # type: ignore[no-untyped-def]
@@ -114,7 +116,8 @@ class FedMD(Protocol):
             public_opt = ctx.make_optimizer(model, lr=party.lr)
             fit_with_early_stopping(
                 lambda: party.trainer.fit_public(model, public_opt, ctx.public.x, ctx.public.y,
-                                                 batch_size=ctx.training.batch_size, epochs=1, payload="transfer_public"),
+                                                 batch_size=cfg.transfer_public_batch_size or ctx.training.batch_size,
+                                                 epochs=1, payload="transfer_public"),
                 model, lambda: accuracy(model, ctx.public_val.x, ctx.public_val.y),
                 max_epochs=cfg.transfer_max_epochs, patience=cfg.transfer_patience)
         self._train_private_with_early_stopping(party, max_epochs=cfg.transfer_max_epochs)

@@ -124,7 +124,7 @@ from securefl.protocols.base import (
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import Message
 from securefl.runtime.party import Party
-from securefl.runtime.training import accuracy, kl_distillation, make_optimizer, predict_logits
+from securefl.runtime.training import accuracy, kl_distillation, make_optimizer, own_distribution_accuracy
 
 
 class FMLConfig(ProtocolConfig):
@@ -169,28 +169,6 @@ def decayed_learning_rate(base: float, rnd: int, *, rounds: int, decay: float, e
         return base
     last = rnd - 1 if stop is None else min(rnd - 1, stop - 1)
     return base * decay ** (max(last, 0) // period)
-
-
-@torch.no_grad()
-def own_distribution_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_counts: torch.Tensor, *,
-                              classes: torch.Tensor | None = None) -> float:
-    """Test accuracy reweighted to an owner's label distribution: Σ_c π_c · acc_c.
-
-    acc_c is the per-class accuracy on the (balanced) test set and π_c the class's share of the
-    owner's training records; classes with no test record are dropped and π renormalised.
-    """
-    if len(x) == 0:
-        return float("nan")
-    logits = predict_logits(model, x)
-    pred = classes[logits[:, classes].argmax(dim=1)] if classes is not None else logits.argmax(dim=1)
-    num_classes = len(label_counts)
-    correct = torch.bincount(y[pred == y], minlength=num_classes).float()
-    seen = torch.bincount(y, minlength=num_classes).float()
-    weights = torch.where(seen > 0, label_counts.float(), torch.zeros(num_classes))
-    if float(weights.sum()) <= 0:
-        return float("nan")
-    per_class = torch.where(seen > 0, correct / seen.clamp_min(1), torch.zeros(num_classes))
-    return float((weights * per_class).sum() / weights.sum())
 
 
 class MutualPair(nn.Module):

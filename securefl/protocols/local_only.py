@@ -18,7 +18,7 @@ from pydantic import Field as PydField
 from securefl.protocols.base import Protocol, ProtocolConfig, val_score
 from securefl.runtime.message import Message
 from securefl.runtime.party import Party
-from securefl.runtime.training import fit_with_early_stopping
+from securefl.runtime.training import accuracy, fit_with_early_stopping, own_distribution_accuracy
 
 
 class LocalOnlyConfig(ProtocolConfig):
@@ -33,6 +33,8 @@ class LocalOnly(Protocol):
     config: LocalOnlyConfig
     # Its first fit (prepare_party) is the warm start every other protocol may be given.
     has_own_warm_start = True
+    # Reads the owner's label shares, which no DP mechanism protects (docs/metrics.md).
+    owner_only_metrics = frozenset({"own_distribution_accuracy"})
 
     def setup_party(self, party: Party) -> None:
         party.model = self.ctx.build_model(party.model_name, purpose=party.id)
@@ -65,6 +67,15 @@ class LocalOnly(Protocol):
             # Keep the validation-selected weights: more local epochs on a small silo only overfit.
             model.load_state_dict(party.state["best_model"])
         return None
+
+    def evaluate(self, party: Party) -> dict[str, float]:
+        """``accuracy`` on the test set; ``own_distribution_accuracy`` reweighted to the owner's label shares, the
+        yardstick of a personalised model (FML's local one)."""
+        assert party.model is not None
+        x, y, classes = self.ctx.test_x, self.ctx.test_y, self.ctx.eval_classes
+        counts = party.train.label_counts(self.ctx.num_classes)
+        return {"accuracy": accuracy(party.model, x, y, classes=classes),
+                "own_distribution_accuracy": own_distribution_accuracy(party.model, x, y, counts, classes=classes)}
 
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
         t = self.ctx.training

@@ -267,6 +267,28 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, classes: tor
     return float((pred == y).float().mean())
 
 
+@torch.no_grad()
+def own_distribution_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, label_counts: torch.Tensor, *,
+                              classes: torch.Tensor | None = None) -> float:
+    """Test accuracy reweighted to an owner's label distribution: Σ_c π_c · acc_c.
+
+    acc_c is the per-class accuracy on the (balanced) test set and π_c the class's share of the
+    owner's training records; classes with no test record are dropped and π renormalised.
+    """
+    if len(x) == 0:
+        return float("nan")
+    logits = predict_logits(model, x)
+    pred = classes[logits[:, classes].argmax(dim=1)] if classes is not None else logits.argmax(dim=1)
+    num_classes = len(label_counts)
+    correct = torch.bincount(y[pred == y], minlength=num_classes).float()
+    seen = torch.bincount(y, minlength=num_classes).float()
+    weights = torch.where(seen > 0, label_counts.float(), torch.zeros(num_classes))
+    if float(weights.sum()) <= 0:
+        return float("nan")
+    per_class = torch.where(seen > 0, correct / seen.clamp_min(1), torch.zeros(num_classes))
+    return float((weights * per_class).sum() / weights.sum())
+
+
 def fit_with_early_stopping(fit_epoch: Callable[[], object], model: nn.Module,
                             validate: Callable[[], float] | None, *, max_epochs: int,
                             patience: int) -> tuple[int, float]:

@@ -86,3 +86,22 @@ def test_local_only_never_sends_anything_and_keeps_the_validation_best(tmp_path:
         best = party.state["best_model"]
         for key, value in party.model.state_dict().items():
             assert torch.equal(value, best[key])
+
+
+def test_local_only_reports_its_model_on_the_owners_label_distribution(tmp_path: Path) -> None:
+    """The personalised yardstick FML's local model is compared with: per-class test accuracy weighted by the
+    owner's own label shares, and withheld from a DP run (owner-only)."""
+    from securefl.runtime.training import accuracy
+
+    fed = Federation(tiny_config(protocol="local_only"), tmp_path / "run", progress=False)
+    party = fed.parties[0]
+    metrics = fed.protocol.evaluate(party)
+    x, y = fed.ctx.test_x, fed.ctx.test_y
+    counts = party.train.label_counts(fed.ctx.num_classes).float()
+    per_class = torch.tensor([accuracy(party.model, x[y == c], y[y == c]) if bool((y == c).any()) else 0.0
+                              for c in range(fed.ctx.num_classes)])
+    seen = torch.tensor([float((y == c).any()) for c in range(fed.ctx.num_classes)])
+    weights = counts * seen
+    assert metrics["own_distribution_accuracy"] == pytest.approx(float((per_class * weights).sum() / weights.sum()))
+    assert metrics["accuracy"] == accuracy(party.model, x, y)
+    assert "own_distribution_accuracy" in fed.protocol.owner_only_metrics

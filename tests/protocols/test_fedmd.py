@@ -119,6 +119,31 @@ def test_transfer_learning_uses_a_labelled_public_set(tmp_path: Path) -> None:
     assert all(kind == "private" for kind, _, _ in public_steps(False))
 
 
+def test_the_public_transfer_stage_takes_its_own_batch_size(tmp_path: Path) -> None:
+    """A few-shot silo trains at a small batch; the 5,000-image public stage need not (it is not private)."""
+    class BatchRecorder(RecordingTrainer):
+        def fit(self, model, optimizer, x, y, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls.append(("private", kwargs["payload"], kwargs["batch_size"]))
+            return PlainTrainer.fit(self, model, optimizer, x, y, **kwargs)
+
+        def fit_public(self, model, optimizer, x, y, **kwargs):  # type: ignore[no-untyped-def]
+            self.calls.append(("public", kwargs["payload"], kwargs["batch_size"]))
+            return PlainTrainer.fit_public(self, model, optimizer, x, y, **kwargs)
+
+    def batches(**fedmd: int) -> set[tuple[str, str, int]]:
+        fed = Federation(tiny_config(data={"public_labelled": True}, training={"batch_size": 5},
+                                     fedmd={"transfer_max_epochs": 1, **fedmd}), tmp_path / str(fedmd),
+                         progress=False)
+        party = fed.parties[0]
+        party.trainer = BatchRecorder()
+        fed.protocol.prepare_party(party)
+        return set(party.trainer.calls)
+
+    assert batches() == {("public", "transfer_public", 5), ("private", "transfer_private", 5)}
+    assert batches(transfer_public_batch_size=64) == {("public", "transfer_public", 64),
+                                                      ("private", "transfer_private", 5)}
+
+
 def test_fedmd_beats_local_only_on_the_demo(tmp_path: Path) -> None:
     """The demo's claim, seeded: collaboration through logits lifts the non-IID silos."""
     results = {}
