@@ -108,6 +108,21 @@ def test_curves_are_the_mean_over_participants_round_by_round(accuracy, tmp_path
     assert accuracy.read_curves(tmp_path / "gone") == {}
 
 
+def test_a_run_evaluated_every_few_rounds_has_gaps_in_its_curve_and_still_plots(accuracy, tmp_path):
+    run = fake_run(tmp_path / "r", [[0.1, 0.3], [0.5, 0.7], [0.6, 0.8]])
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    rounds = [0, 2, 4]  # eval_every = 2: rounds 1 and 3 have no line
+    (run / "metrics.jsonl").write_text("\n".join(
+        json.dumps({**json.loads(line), "round": r}) for line, r in zip(lines, rounds, strict=True)) + "\n")
+    curve = accuracy.read_curves(run)["accuracy"]
+    assert curve[1] is None and curve[3] is None
+    assert [curve[r] for r in rounds] == pytest.approx([0.2, 0.6, 0.7])
+    rows = [{"setting": "A1", "protocol": "heterofl", "variant": "a-e mix", "epsilon": "inf",
+             "per_seed": [{"curve": curve}]}]
+    accuracy.plot_rounds(rows, tmp_path / "p.png", title="t")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
 def summary(mean: float) -> dict:
     return {"mean_accuracy": mean, "min_accuracy": mean - 0.1, "max_accuracy": mean + 0.1, "rounds": 1,
             "participants": [{"accuracy": mean}]}

@@ -99,16 +99,18 @@ def _static_batch_norm(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -
     """
     assert norm.running_mean is not None and norm.running_var is not None
     assert norm.weight is not None and norm.bias is not None
+    if not norm.training:
+        # One fused pass: the unfused form below cost a third of a Fashion-MNIST round's evaluation.
+        return F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, training=False,
+                            eps=norm.eps)
+    if x.numel() // x.shape[1] > 1:
+        return F.batch_norm(x, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+    # By hand where F.batch_norm refuses a single value per channel: a silo's last minibatch can be one
+    # record, and the deepest block of the conv net on 8x8 digits is 1x1.
     shape = [1, -1] + [1] * (x.dim() - 2)
-    if norm.training:
-        # Normalised by hand rather than through F.batch_norm, which refuses a
-        # single value per channel; a silo's last minibatch can be one record,
-        # and the deepest block of the conv net on 8x8 digits is 1x1.
-        dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims)
-        var = x.var(dim=dims, unbiased=False)
-    else:
-        mean, var = norm.running_mean, norm.running_var
+    dims = [0, *range(2, x.dim())]
+    mean = x.mean(dim=dims)
+    var = x.var(dim=dims, unbiased=False)
     x_hat = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + norm.eps)
     return x_hat * norm.weight.view(shape) + norm.bias.view(shape)
 

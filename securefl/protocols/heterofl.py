@@ -89,6 +89,10 @@ metric, which uses the label-split mask at test time). Under partial
 participation a client that sat out the last round reports the replica it
 holds, one update or more behind.
 
+The statistics serve evaluation only (training normalises with batch
+statistics), so the query runs in the rounds that are evaluated
+(``run.eval_every``, and the last); it is most of a round's cost.
+
 Where the sBN query runs: the runtime's round has a single uplink, before
 aggregation, but the statistics must be those of the *aggregated* model. The
 query therefore runs inside ``server_step``, right after aggregation, as
@@ -174,7 +178,7 @@ from securefl.protocols.base import (
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
 from securefl.runtime.party import FederationContext, Party, derive_seed
-from securefl.runtime.training import accuracy, make_optimizer, predict_logits
+from securefl.runtime.training import argmax_accuracy, make_optimizer, predict_logits
 
 _PROPORTIONS = re.compile(r"^[a-e][1-9][0-9]*(-[a-e][1-9][0-9]*)*$")
 
@@ -503,7 +507,7 @@ class HeteroFL(Protocol):
         self._fixed: dict[str, float] | None = None
         self._shapes: dict[float, dict[str, tuple[int, ...]]] = {}
         self._scratch: dict[float, HeteroFLModel] = {}
-        self._scores: dict[bytes, float] = {}  # the latest global model's test accuracy, by its exact bytes
+        self._logits: dict[tuple[bytes, float], torch.Tensor] = {}  # test logits, by model bytes and rate
 
     # ----- models ------------------------------------------------------------------------
     def _build(self, rate: float) -> HeteroFLModel:
@@ -684,7 +688,7 @@ class HeteroFL(Protocol):
         """Sum the padded slices; the division by the public counts happens on every replica."""
         meta: dict = {"contributors": self.contributors(replies, rnd)}
         fields = {"sum": aggregator.sum(replies, "padded_update")}
-        if self.config.norm == "bn":
+        if self.config.norm == "bn" and self.ctx.evaluated(rnd):
             pending = GlobalUpdate(self.log.version + 1, rnd, fields, meta)
             fields["statistics"], meta["statistics"] = pack_statistics(
                 self._federated_sbn_statistics(rnd, replies, aggregator, pending))
@@ -769,35 +773,36 @@ class HeteroFL(Protocol):
         ctx = self.ctx
         replica = self.replica(party)
         rate = self.rate_of(party.id, replica.round)
-        glob = self._global_accuracy(replica)
-        model = replica.model if rate == self.global_rate else self.submodel(replica, rate)
-        metrics = {"accuracy": glob, "rate": rate,
-                   "submodel_accuracy": glob if model is replica.model else accuracy(
-                       model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)}
+        y = ctx.test_y
+        glob = self._test_logits(replica, self.global_rate)
+        sub = self._test_logits(replica, rate)
+        metrics = {"accuracy": argmax_accuracy(glob, y, ctx.eval_classes), "rate": rate,
+                   "submodel_accuracy": argmax_accuracy(sub, y, ctx.eval_classes)}
         classes = self.label_split(party)
-        local = torch.isin(ctx.test_y, classes)
+        local = torch.isin(y, classes)
         if bool(local.any()):
-            logits = predict_logits(model, ctx.test_x[local])
-            pred = classes[logits[:, classes].argmax(dim=1)]
-            metrics["submodel_local_accuracy"] = float((pred == ctx.test_y[local]).float().mean())
+            metrics["submodel_local_accuracy"] = argmax_accuracy(sub[local], y[local], classes)
         return metrics
 
-    def _global_accuracy(self, replica: HeteroFLReplica) -> float:
-        """Test accuracy of a replica's global model, scored once per distinct model in this process.
+    def _test_logits(self, replica: HeteroFLReplica, rate: float) -> torch.Tensor:
+        """Test-set logits of a replica's model at ``rate``, computed once per distinct model in this process.
 
         Replicas holding the same update are the same model (the update is deterministic); in a simulation
-        every participant would otherwise score the same global model again (on Fashion-MNIST with
-        64-128-256, about 30 s of CPU each). The key is the model's exact bytes, so a replica that differs
-        in any parameter or statistic is scored on its own.
+        every participant would otherwise score the same global model again, and each level's sub-model once
+        per client at that level (on Fashion-MNIST with 64-128-256, about 30 s of CPU for the global model).
+        The key is the replica's exact bytes, so a replica that differs in any parameter or statistic is
+        scored on its own.
         """
         digest = hashlib.sha256()
         for tensor in replica.model.state_dict().values():
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        key = digest.digest()
-        if key not in self._scores:
-            ctx = self.ctx
-            self._scores = {key: accuracy(replica.model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)}
-        return self._scores[key]
+        key = (digest.digest(), rate)
+        if key not in self._logits:
+            if len(self._logits) >= 2 * len(self.levels):
+                self._logits.clear()  # an older round's models: never asked for again in a simulation
+            model = replica.model if rate == self.global_rate else self.submodel(replica, rate)
+            self._logits[key] = predict_logits(model, self.ctx.test_x)
+        return self._logits[key]
 
     # ----- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:

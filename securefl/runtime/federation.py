@@ -178,7 +178,7 @@ def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
         run_id=run_id, seed=config.run.seed, dataset=dataset, split=split, training=config.training,
         public=view(split.public), public_val=view(split.public_val), public_labelled=data.public_labelled,
         test_x=eval_x[test_mask], test_y=eval_y[test_mask], eval_classes=eval_classes,
-        rounds=config.run.rounds,
+        rounds=config.run.rounds, eval_every=config.run.eval_every,
     )
     parties = [Party(id=p.id, index=i, model_name=p.model, train=view(split.parties[i].train),
                      val=view(split.parties[i].val), lr=p.lr)
@@ -508,7 +508,7 @@ class Federation:
                 if not sampled:
                     break  # every participant has spent its budget
                 self._round(rnd, sampled, bar)
-                if rnd % cfg.run.eval_every == 0 or rnd == cfg.run.rounds:
+                if self.ctx.evaluated(rnd):
                     record = self._evaluate(rnd, sampled, time.perf_counter() - t0)
                     self._log(record)
                     mean = record.to_json()["mean_accuracy"]

@@ -97,6 +97,11 @@ class FederationContext:
     # Output units the evaluation is restricted to (A2: the private classes), or None for all.
     eval_classes: torch.Tensor | None
     rounds: int = 1
+    eval_every: int = 1
+
+    def evaluated(self, rnd: int) -> bool:
+        """Whether round ``rnd`` ends with an evaluation (``run.eval_every``, and always the last round)."""
+        return rnd % self.eval_every == 0 or rnd == self.rounds
 
     @property
     def num_classes(self) -> int:

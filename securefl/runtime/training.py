@@ -259,11 +259,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, classes: tor
     """Top-1 accuracy; with ``classes`` the argmax is taken over those output units only."""
     if len(x) == 0:
         return float("nan")
-    logits = predict_logits(model, x)
-    if classes is not None:
-        pred = classes[logits[:, classes].argmax(dim=1)]
-    else:
-        pred = logits.argmax(dim=1)
+    return argmax_accuracy(predict_logits(model, x), y, classes)
+
+
+def argmax_accuracy(logits: torch.Tensor, y: torch.Tensor, classes: torch.Tensor | None = None) -> float:
+    """Top-1 accuracy of given logits; with ``classes`` the argmax is over those output units only."""
+    if len(y) == 0:
+        return float("nan")
+    pred = classes[logits[:, classes].argmax(dim=1)] if classes is not None else logits.argmax(dim=1)
     return float((pred == y).float().mean())
 
 

@@ -258,7 +258,7 @@ def test_static_batch_norm_uses_batch_statistics_in_training_and_never_tracks_th
     assert torch.equal(norm.running_mean, torch.zeros(3)) and torch.equal(norm.running_var, torch.ones(3))
     norm.running_mean.fill_(5.0)
     norm.running_var.fill_(4.0)
-    assert torch.allclose(norm.eval()(x), (x - 5) / torch.sqrt(torch.tensor(4.0) + norm.eps))
+    assert torch.allclose(norm.eval()(x), (x - 5) / torch.sqrt(torch.tensor(4.0) + norm.eps), atol=1e-6)  # fused kernel
     # A single value per channel (a 1-record batch at a 1x1 map) must not crash training.
     assert torch.isfinite(norm.train()(torch.randn(1, 3, 1, 1))).all()
 

@@ -174,3 +174,36 @@ def test_the_global_model_is_scored_once_per_distinct_model(tmp_path: Path) -> N
     assert changed == accuracy(proto.replica(b).model, ctx.test_x, ctx.test_y, classes=ctx.eval_classes)
     assert changed == pytest.approx(float(share[k])) and changed != before
     assert proto.evaluate(a)["accuracy"] == before
+
+
+# ----- sBN statistics: only where a round is evaluated ----------------------------------------------------
+def test_sbn_statistics_are_computed_only_in_evaluated_rounds_and_change_no_score(tmp_path: Path,
+                                                                                 monkeypatch: Any) -> None:
+    """Statistics serve evaluation alone (training normalises with batch statistics): a run evaluated every
+    second round skips the query in round 1, and its round-2 scores equal those of a run that queried in both."""
+    import json
+
+    queried: list[int] = []
+    original = HeteroFL._federated_sbn_statistics
+
+    def recording(self: HeteroFL, rnd: int, *args: Any) -> Any:
+        queried.append(rnd)
+        return original(self, rnd, *args)
+
+    monkeypatch.setattr(HeteroFL, "_federated_sbn_statistics", recording)
+
+    def run(name: str, eval_every: int) -> dict[int, Any]:
+        raw = tiny_raw(protocol="heterofl", run={"rounds": 3, "eval_every": eval_every},
+                       heterofl={**SMALL, "norm": "bn"})
+        queried.clear()
+        Federation(parse_config(raw), tmp_path / name, progress=False).run()
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return {json.loads(line)["round"]: json.loads(line)["participants"] for line in lines}
+
+    sparse = run("sparse", 2)
+    assert queried == [2, 3]  # the last round is always evaluated
+    dense = run("dense", 1)
+    assert queried == [1, 2, 3]
+    assert sorted(sparse) == [0, 2, 3]
+    for rnd in (2, 3):
+        assert sparse[rnd] == dense[rnd]
