@@ -78,7 +78,9 @@ def write(items: list[dict[str, Any]], command: str) -> None:
     tmp = RESULTS / "tune.json.tmp"
     tmp.write_text(json.dumps({"command": command, "holdout": HOLDOUT, "items": items}, indent=2) + "\n")
     tmp.replace(RESULTS / "tune.json")
-    lines = [f"Made by `{command}` on a 2-core CPU machine. Setting A1 with {HOLDOUT:,} train images held out: "
+    commands = list(dict.fromkeys(item.get("command", command) for item in items))
+    made_by = " and ".join(f"`{c}`" for c in commands) or f"`{command}`"
+    lines = [f"Made by {made_by} on a 2-core CPU machine. Setting A1 with {HOLDOUT:,} train images held out: "
              "mean over owners of the headline accuracy on those held-out images (validation, never the test "
              "set) after the last round; **bold**: the best candidate of its row, the value the benchmark uses.",
              "", "| row | knobs | rounds | seed | validation accuracy |", "|---|---|---|---|---|"]
@@ -114,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/tune.py " + " ".join(argv if argv is not None else sys.argv[1:])
     path = RESULTS / "tune.json"
     previous = json.loads(path.read_text()) if path.exists() else {"items": []}
-    items: dict[tuple[str, tuple[str, ...], int, int], dict[str, Any]] = {key_of(i): i for i in previous["items"]}
+    # Each item keeps the command that made it (items of files written before that: the file's one command).
+    items: dict[tuple[str, tuple[str, ...], int, int], dict[str, Any]] = {
+        key_of(i): {"command": previous.get("command", command), **i} for i in previous["items"]}
     if args.replot:
         write(list(items.values()), previous.get("command", command))
         print((RESULTS / "tune.md").read_text())
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 continue
             item = {"row": f"{row.protocol}/{row.variant}", "knobs": list(knobs[1:]), "seed": args.seed,
-                    "rounds": args.rounds, "val_accuracy": res["summary"]["mean_accuracy"]}
+                    "rounds": args.rounds, "val_accuracy": res["summary"]["mean_accuracy"], "command": command}
             items[key_of(item)] = item
             write(list(items.values()), command)
             print(f"{item['row']} {', '.join(item['knobs'])}: {100 * item['val_accuracy']:.1f}", flush=True)
