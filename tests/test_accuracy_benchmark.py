@@ -307,9 +307,9 @@ def test_the_rows_knobs_are_those_chosen_on_validation(accuracy):
     spec.loader.exec_module(tune)
     best = tune.best_knobs(json.loads(path.read_text())["items"])
     for key, knobs in best.items():
-        protocol, variant = key.split("/")
+        protocol, variant, epsilon = tune.grid_key(key)
         row = accuracy.find_row(protocol, variant)
-        raw = accuracy.cell_config("A1", row, "inf", 0, quick=False, data_dir=None, rounds=None, sets=())
+        raw = accuracy.cell_config("A1", row, epsilon, 0, quick=False, data_dir=None, rounds=None, sets=())
         for item in knobs:
             path_, _, value = item.partition("=")
             section, name = path_.split(".")
