@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             item = {"row": key, "knobs": list(knobs[1:]), "seed": args.seed,
                     "rounds": args.rounds, "val_accuracy": res["summary"]["mean_accuracy"], "command": command}
             items[key_of(item)] = item
-            write(list(items.values()), command)
+            # Another invocation may have written results since this one started: keep them.
+            on_disk = json.loads(path.read_text())["items"] if path.exists() else []
+            write(list({**{key_of(i): i for i in on_disk}, **items}.values()), command)
             print(f"{item['row']} {', '.join(item['knobs'])}: {100 * item['val_accuracy']:.1f}", flush=True)
     print((RESULTS / "tune.md").read_text())
     return 1 if failed else 0
