@@ -325,6 +325,12 @@ class Federation:
                 f"{self.out} already holds a run; use --resume to continue it or choose another --out "
                 "(securefl never overwrites a run, its ledgers or its checkpoints)"
             )
+        if any((self.out / "ledgers").glob("*.jsonl")):
+            raise RunDirError(
+                f"{self.out} holds the ledgers of a run that stopped before its first checkpoint, so there is "
+                "nothing to resume; move the directory away or choose another --out "
+                "(securefl never overwrites a ledger)"
+            )
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._run_lock = lock_run_dir(self.out)
         # Always a random part: names repeat, and signatures, replay records and node directories tell runs

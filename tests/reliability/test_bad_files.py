@@ -103,6 +103,19 @@ def test_a_truncated_checkpoint_is_named_and_the_run_is_left_as_it_was(run: tupl
     assert _snapshot(run[0]) == before  # ledgers, metrics and keys untouched
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_named_not_reported_as_a_forged_ledger(
+        run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed during set-up: ledgers opened, no checkpoint, no metrics. Starting again in that directory used to
+    fail deep in set-up with "another participant's key or a rewritten ledger"; it must say what happened."""
+    (run[0] / "checkpoints" / "last.pt").unlink()
+    (run[0] / "metrics.jsonl").unlink()
+    before = _snapshot(run[0])
+    code = main(["run", str(run[1]), "--out", str(run[0]), "--quiet"])
+    _fails_cleanly(code, capsys.readouterr().err.strip(), "stopped before its first checkpoint",
+                   "nothing to resume", "never overwrites a ledger")
+    assert _snapshot(run[0]) == before
+
+
 def test_a_deleted_checkpoint_neither_restarts_nor_resumes(run: tuple[Path, Path],
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     (run[0] / "checkpoints" / "last.pt").unlink()
