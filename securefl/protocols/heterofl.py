@@ -145,6 +145,7 @@ import re
 from collections.abc import Sequence
 from typing import Annotated, Literal, cast
 
+import numpy as np
 import torch
 from pydantic import Field as PydField
 from pydantic import field_validator, model_validator
@@ -225,6 +226,9 @@ class HeteroFLConfig(ProtocolConfig):
     lr_decay: float = PydField(0.1, gt=0, le=1, description="MultiStepLR factor")
     sbn_clients: Literal["all", "sampled"] = PydField(
         "all", description="whose training data the sBN statistics are summed over")
+    sbn_max_records: PositiveInt | None = PydField(
+        None, description="each client sums the sBN statistics over at most this many of its training records, "
+                          "a fixed seeded subset (None: all of them, the reference)")
     label_split: Literal["present", "all"] = PydField(
         "present", description="a client's classes: those present in its data (the reference; public metadata, "
                                "refused under DP) or every class of the task")
@@ -759,9 +763,18 @@ class HeteroFL(Protocol):
             self._scratch[rate] = self._blank(rate)
         model = self._scratch[rate]
         load_flat_parameters(model, query.tensor("state"))
-        sums = channel_sums(model, layer, party.train.x)
+        sums = channel_sums(model, layer, party.train.x[self.sbn_records(party)])
         return Message(sender=party.id, receiver=AGGREGATOR, run_id=self.ctx.run_id, round=query.round,
                        kind="sbn_sums", payload={"sbn_sums": sums}, meta={"rate": rate, "layer": layer})
+
+    def sbn_records(self, party: Party) -> torch.Tensor:
+        """The client's records its sBN sums are taken over: all, or a fixed subset (``sbn_max_records``),
+        drawn from the run seed and the client's id, the same in every round."""
+        n, cap = len(party.train), self.config.sbn_max_records
+        if cap is None or n <= cap:
+            return torch.arange(n)
+        rng = np.random.default_rng(derive_seed(self.ctx.seed, "heterofl-sbn-records", party.id))
+        return torch.as_tensor(np.sort(rng.choice(n, size=cap, replace=False)), dtype=torch.long)
 
     # ----- evaluation: on the participant's own replica ----------------------------------------
     def evaluate(self, party: Party) -> dict[str, float]:

@@ -313,6 +313,28 @@ def test_federated_sbn_statistics_equal_the_statistics_of_the_union_of_client_da
                 assert not torch.allclose(own_mean, mean, rtol=1e-3, atol=1e-4)
 
 
+def test_sbn_statistics_over_a_capped_subset_are_those_of_the_union_of_the_subsets(tmp_path: Path) -> None:
+    """sbn_max_records: each client sums over a fixed seeded subset of its records, the same every round."""
+    raw = tiny_raw(protocol="heterofl", run={"rounds": 2}, heterofl={**SMALL, "norm": "bn", "sbn_max_records": 20})
+    fed = Federation(parse_config(raw), tmp_path / "run", progress=False)
+    fed.run()
+    proto: HeteroFL = fed.protocol  # type: ignore[assignment]
+    subsets = [proto.sbn_records(p) for p in fed.parties]
+    assert all(len(s) == 20 and len(set(s.tolist())) == 20 for s in subsets)
+    assert all(len(p.train) > 20 for p in fed.parties)  # so the cap bites
+    assert all(torch.equal(s, proto.sbn_records(p)) for s, p in zip(subsets, fed.parties, strict=True))
+    union = torch.cat([p.train.x[s] for p, s in zip(fed.parties, subsets, strict=True)])
+    everything = torch.cat([p.train.x for p in fed.parties])
+    replica = proto.replica(fed.parties[0])
+    layers = dict(replica.model.static_norms())
+    for name, act in _norm_inputs(replica.model, union).items():
+        flat = act.double().transpose(0, 1).reshape(act.shape[1], -1)
+        torch.testing.assert_close(layers[name].running_mean.double(), flat.mean(dim=1), rtol=1e-4, atol=1e-5)
+        full = _norm_inputs(replica.model, everything)[name].double()
+        full_mean = full.transpose(0, 1).reshape(full.shape[1], -1).mean(dim=1)
+        assert not torch.allclose(full_mean, flat.mean(dim=1), rtol=1e-4, atol=1e-5)
+
+
 def test_sbn_statistics_are_aggregated_as_sums_through_the_aggregator(tmp_path: Path) -> None:
     fed = _federation(tmp_path, norm="bn")
     calls: list[tuple[str, int]] = []
