@@ -96,7 +96,8 @@ def write(items: list[dict[str, Any]], command: str) -> None:
     made_by = " and ".join(f"`{c}`" for c in commands) or f"`{command}`"
     lines = [f"Made by {made_by} on a 2-core CPU machine. Setting A1 with {HOLDOUT:,} train images held out: "
              "mean over owners of the headline accuracy on those held-out images (validation, never the test "
-             "set) after the last round; **bold**: the best candidate of its row, the value the benchmark uses.",
+             "set) after the last round; **bold**: the best candidate of its row, the value the benchmark uses. "
+             "A row ending in @ε is that DP column (record-level, δ = 1e-5, the row's DP settings).",
              "", "| row | knobs | rounds | seed | validation accuracy |", "|---|---|---|---|---|"]
     best = best_knobs(items)
     for item in sorted(items, key=lambda i: (i["row"], i["knobs"])):
