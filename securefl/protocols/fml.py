@@ -124,7 +124,13 @@ from securefl.protocols.base import (
 from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.message import Message
 from securefl.runtime.party import Party
-from securefl.runtime.training import accuracy, kl_distillation, make_optimizer, own_distribution_accuracy
+from securefl.runtime.training import (
+    argmax_accuracy,
+    kl_distillation,
+    make_optimizer,
+    own_distribution_from_logits,
+    predict_logits,
+)
 
 
 class FMLConfig(ProtocolConfig):
@@ -357,10 +363,11 @@ class FML(Protocol):
         x, y, classes = self.ctx.test_x, self.ctx.test_y, self.ctx.eval_classes
         meme: nn.Module = party.state["meme"]
         counts = party.train.label_counts(self.ctx.num_classes)
-        return {"accuracy": accuracy(party.model, x, y, classes=classes),
-                "own_distribution_accuracy": own_distribution_accuracy(party.model, x, y, counts, classes=classes),
-                "meme_accuracy": accuracy(meme, x, y, classes=classes),
-                "meme_own_distribution_accuracy": own_distribution_accuracy(meme, x, y, counts, classes=classes)}
+        local, shared = predict_logits(party.model, x), predict_logits(meme, x)  # once each for both scores
+        return {"accuracy": argmax_accuracy(local, y, classes),
+                "own_distribution_accuracy": own_distribution_from_logits(local, y, counts, classes),
+                "meme_accuracy": argmax_accuracy(shared, y, classes),
+                "meme_own_distribution_accuracy": own_distribution_from_logits(shared, y, counts, classes)}
 
     # ----- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pydantic import Field as PydField
 from securefl.protocols.base import Protocol, ProtocolConfig, val_score
 from securefl.runtime.message import Message
 from securefl.runtime.party import Party
-from securefl.runtime.training import accuracy, fit_with_early_stopping, own_distribution_accuracy
+from securefl.runtime.training import argmax_accuracy, fit_with_early_stopping, own_distribution_from_logits, predict_logits
 
 
 class LocalOnlyConfig(ProtocolConfig):
@@ -72,10 +72,11 @@ class LocalOnly(Protocol):
         """``accuracy`` on the test set; ``own_distribution_accuracy`` reweighted to the owner's label shares, the
         yardstick of a personalised model (FML's local one)."""
         assert party.model is not None
-        x, y, classes = self.ctx.test_x, self.ctx.test_y, self.ctx.eval_classes
+        y, classes = self.ctx.test_y, self.ctx.eval_classes
+        logits = predict_logits(party.model, self.ctx.test_x)  # once for both scores
         counts = party.train.label_counts(self.ctx.num_classes)
-        return {"accuracy": accuracy(party.model, x, y, classes=classes),
-                "own_distribution_accuracy": own_distribution_accuracy(party.model, x, y, counts, classes=classes)}
+        return {"accuracy": argmax_accuracy(logits, y, classes),
+                "own_distribution_accuracy": own_distribution_from_logits(logits, y, counts, classes)}
 
     def private_training_plan(self, party: Party) -> list[tuple[int, int | None, int | None]]:
         t = self.ctx.training

@@ -280,7 +280,14 @@ def own_distribution_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     """
     if len(x) == 0:
         return float("nan")
-    logits = predict_logits(model, x)
+    return own_distribution_from_logits(predict_logits(model, x), y, label_counts, classes)
+
+
+def own_distribution_from_logits(logits: torch.Tensor, y: torch.Tensor, label_counts: torch.Tensor,
+                                 classes: torch.Tensor | None = None) -> float:
+    """:func:`own_distribution_accuracy` of given logits."""
+    if len(y) == 0:
+        return float("nan")
     pred = classes[logits[:, classes].argmax(dim=1)] if classes is not None else logits.argmax(dim=1)
     num_classes = len(label_counts)
     correct = torch.bincount(y[pred == y], minlength=num_classes).float()
