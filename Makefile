@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow test-all bench-smoke lint clean healthcare healthcare-flower
+.PHONY: demo test test-slow test-all bench-smoke lint typecheck clean healthcare healthcare-flower
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,8 +51,13 @@ bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py --quick --setting all --jobs 2
 	$(BIN)/python benchmarks/dp_lr.py --quick
 
+# ruff, and who may import whom (import-linter, contracts in pyproject.toml: the floors of architecture.md).
 lint: $(STAMP)
 	$(BIN)/ruff check securefl tests benchmarks
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	$(BIN)/mypy securefl
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -69,10 +69,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 import tenseal as ts  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from securefl.core.message import AGGREGATOR, Message  # noqa: E402
+from securefl.core.sealed import SealedTensor  # noqa: E402
 from securefl.crypto.ckks import CkksAggregator, CkksParams, KeyHolderContext, PublicContext, seal_tensor  # noqa: E402
 from securefl.crypto.masking import MaskingSession  # noqa: E402
-from securefl.crypto.sealed import SealedTensor  # noqa: E402
-from securefl.runtime.message import AGGREGATOR, Message  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 T = TypeVar("T")

@@ -59,10 +59,10 @@ SETTINGS: dict[str, tuple[str, str, float, float]] = {
 def train_one(label: str, kind: str, lr: float, momentum: float, *, train: tuple[torch.Tensor, torch.Tensor],
               val: tuple[torch.Tensor, torch.Tensor], epsilon: float, epochs: int, batch_size: int,
               seed: int, model_name: str = "cnn_s") -> dict[str, Any]:
+    from securefl.core.training import accuracy, make_optimizer
     from securefl.models.zoo import build_model
     from securefl.privacy.calibration import calibrate_noise_multiplier
     from securefl.privacy.dp_sgd import DPSGDTrainer
-    from securefl.runtime.training import accuracy, make_optimizer
 
     x, y = train
     steps = epochs * len(x) // batch_size

@@ -53,10 +53,10 @@ from opacus.optimizers import DPOptimizerFastGradientClipping  # noqa: E402
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed  # noqa: E402
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # noqa: E402
 
+from securefl.core.training import cross_entropy_loss  # noqa: E402
 from securefl.models.zoo import build_model  # noqa: E402
 from securefl.privacy.dp_sgd import _SecureDPOptimizer, ghost_clipping_applies  # noqa: E402
 from securefl.privacy.randomness import SecureRandom  # noqa: E402
-from securefl.runtime.training import cross_entropy_loss  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODELS = ("cnn_s", "mlp_m", "resnet_s", "mlp_l", "deepcnn_s", "mlp_s")

@@ -39,11 +39,11 @@ from securefl.privacy.empirical import epsilon_lower_bound  # noqa: E402
 
 
 def run_audit(*, target_epsilon: float | None, canaries: int, epochs: int, seed: int, guesses: int) -> dict:
+    from securefl.core.training import PlainTrainer
     from securefl.data.datasets import load_digits
     from securefl.models.zoo import build_model
     from securefl.privacy.calibration import calibrate_noise_multiplier
     from securefl.privacy.dp_sgd import DPSGDTrainer
-    from securefl.runtime.training import PlainTrainer
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

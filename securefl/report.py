@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from securefl.core.party import Party
 from securefl.protocols import Protocol
-from securefl.runtime.party import Party
 from securefl.runtime.privacy import ledger_path
 
 

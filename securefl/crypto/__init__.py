@@ -8,7 +8,7 @@ masking, shamir, fixedpoint
     Secure aggregation by pairwise masking (Bonawitz et al., CCS 2017).
 signing
     Ed25519 message signatures and the replay-aware verifier.
-sealed
+sealed (``securefl.core.sealed``, re-exported)
     :class:`SealedTensor`: how an encrypted/masked tensor travels in a message.
 wire
     :func:`assert_wire_safe`: keeps secret keys off the transport.
@@ -112,7 +112,9 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'securefl.crypto' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"securefl.crypto.{module}"), name)
+    # Sealed values are the core's (protocols and the runtime carry them); the rest are crypto's own modules.
+    package = "securefl.core" if module == "sealed" else "securefl.crypto"
+    value = getattr(importlib.import_module(f"{package}.{module}"), name)
     globals()[name] = value
     return value
 
@@ -122,6 +124,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from securefl.core.sealed import (
+        Opener,
+        SealedTensor,
+        Sealer,
+        attach,
+        is_sealed,
+        open_field,
+        open_sealed_fields,
+        seal_field,
+    )
     from securefl.crypto.ckks import (
         CkksAggregator,
         CkksParams,
@@ -140,16 +152,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         MaskingSession,
         SecAggSimulation,
         prg_stream,
-    )
-    from securefl.crypto.sealed import (
-        Opener,
-        SealedTensor,
-        Sealer,
-        attach,
-        is_sealed,
-        open_field,
-        open_sealed_fields,
-        seal_field,
     )
     from securefl.crypto.signing import (
         MessageVerifier,

@@ -19,7 +19,7 @@ Who holds what (privacy.md, "Secure aggregation"):
   scalars or vectors, but it cannot decrypt.
 * :class:`CkksAggregator` implements the aggregator interface that protocols
   use (``sum``/``mean``/``weighted_mean`` over reply messages) and returns a
-  :class:`~securefl.crypto.sealed.SealedTensor` that the protocol forwards
+  :class:`~securefl.core.sealed.SealedTensor` that the protocol forwards
   untouched and key holders open.
 
 Packing. A flat vector of length ``L`` is packed densely into
@@ -81,10 +81,10 @@ import tenseal as ts
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from securefl.core.message import Message
+from securefl.core.sealed import SealedTensor, dtype_name, from_float64, to_float64, torch_dtype
 from securefl.crypto.errors import CiphertextError
-from securefl.crypto.sealed import SealedTensor, dtype_name, from_float64, to_float64, torch_dtype
 from securefl.crypto.wire import SecretHolder
-from securefl.runtime.message import Message
 
 __all__ = [
     "CkksAggregator",
@@ -671,7 +671,7 @@ def seal_tensor(key_ctx: KeyHolderContext, tensor: torch.Tensor) -> SealedTensor
 
     An outbound layer replaces a plaintext field with
     ``seal_tensor(ctx, msg.tensor(name)).attach(msg, name)``
-    (or :func:`securefl.crypto.sealed.seal_field`).
+    (or :func:`securefl.core.sealed.seal_field`).
     """
     return key_ctx.seal(tensor)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from securefl.crypto.sealed import to_float64
+from securefl.core.sealed import to_float64
 
 __all__ = ["FixedPoint"]
 

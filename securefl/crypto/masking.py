@@ -83,14 +83,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from securefl.core.codec import DecodeError, decode, encode
+from securefl.core.message import AGGREGATOR, BROADCAST, Message
+from securefl.core.sealed import SealedTensor, dtype_name, from_float64, to_float64, torch_dtype
 from securefl.crypto import shamir
 from securefl.crypto.errors import SecAggAbort
 from securefl.crypto.fixedpoint import FixedPoint
-from securefl.crypto.sealed import SealedTensor, dtype_name, from_float64, to_float64, torch_dtype
 from securefl.crypto.wire import SecretHolder
 from securefl.crypto.wire import length_prefixed as _lp
 from securefl.crypto.wire import split_length_prefixed as _unlp
-from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
 
 __all__ = [
     "ClientSecrets",
@@ -506,7 +507,7 @@ class MaskingClient(SecretHolder):
         )
 
     def seal(self, tensor: torch.Tensor, *, field: str) -> SealedTensor:
-        """:class:`~securefl.crypto.sealed.Sealer` protocol: :meth:`mask_input` without a weight."""
+        """:class:`~securefl.core.sealed.Sealer` protocol: :meth:`mask_input` without a weight."""
         return self.mask_input(tensor, field=field)
 
     # Round 4 ------------------------------------------------------------------------------------
@@ -560,8 +561,6 @@ class MaskingClient(SecretHolder):
         when the session is over. A client restored from it keeps its promises: one survivor set answered,
         no field masked twice.
         """
-        from securefl.runtime.codec import encode
-
         return encode({
             "session": _session_identity(self.session),
             "participant": self.id,
@@ -578,8 +577,6 @@ class MaskingClient(SecretHolder):
     @classmethod
     def from_state(cls, session: MaskingSession, participant_id: str, state: bytes) -> MaskingClient:
         """The client that :meth:`export_state` saved, for the same session and participant only."""
-        from securefl.runtime.codec import DecodeError, decode
-
         try:
             saved = decode(state)
             if saved["session"] != _session_identity(session) or saved["participant"] != participant_id:

@@ -55,9 +55,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from securefl.core.message import BROADCAST, Message
 from securefl.crypto.errors import RejectedMessage
 from securefl.crypto.wire import SecretHolder
-from securefl.runtime.message import BROADCAST, Message
 
 __all__ = [
     "NONCE_META_KEY",

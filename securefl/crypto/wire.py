@@ -113,7 +113,7 @@ def assert_wire_safe(obj: Any, *, name: str = "object") -> Any:
     Parameters
     ----------
     obj
-        Anything a transport is about to send: a :class:`~securefl.runtime.message.Message`,
+        Anything a transport is about to send: a :class:`~securefl.core.message.Message`,
         a payload dict, a context, a participant object.
     name
         Used as the root of the path in the error message.

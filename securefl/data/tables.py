@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from securefl.core.seeding import derive_seed
 from securefl.data.datasets import DataError, Dataset
 from securefl.data.partition import FederatedSplit, PartySplit, train_val_split
 
@@ -214,8 +215,6 @@ def owner_tables(config: Any, *, local: set[str] | None,
     public_val = np.empty(0, dtype=np.int64)
     if public is not None and config.data.public_labelled:
         # A labelled public set gets its own validation split, for early stopping of transfer learning.
-        from securefl.runtime.party import derive_seed
-
         public_split = train_val_split(public_idx, 0.1, derive_seed(seed, "public-val"))
         public_idx, public_val = public_split.train, public_split.val
     classes = tuple(range(files.num_classes))
@@ -235,6 +234,4 @@ def _public_scaler(public: Table, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _val_seed(seed: int, index: int) -> int:
-    from securefl.runtime.party import derive_seed
-
     return derive_seed(seed, "val", index)

@@ -26,7 +26,7 @@ Run configuration (``flwr run ... --run-config``), set by the coordinator:
 run directory), ``timeout`` (seconds to wait for a phase's replies) and
 ``wait-for-nodes`` (seconds to wait for every participant's node to connect).
 
-Every securefl value in a Flower message is bytes from :mod:`securefl.runtime.codec`
+Every securefl value in a Flower message is bytes from :mod:`securefl.core.codec`
 (no pickle): ciphertexts, masked vectors and signatures ride inside it.
 """
 
@@ -42,9 +42,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from securefl.core.codec import decode, encode
 from securefl.deploy.node import ParticipantNode
 from securefl.deploy.remote import RemoteParticipants
-from securefl.runtime.codec import decode, encode
 
 MESSAGE_TYPE = "query.securefl"
 log = logging.getLogger("securefl.flower")

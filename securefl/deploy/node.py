@@ -57,9 +57,9 @@ from typing import Any
 import yaml
 
 from securefl.config import ConfigError, dump_config, parse_config
-from securefl.runtime.codec import DecodeError, decode_message, encode_message
+from securefl.core.codec import DecodeError, decode_message, encode_message
+from securefl.core.message import BROADCAST
 from securefl.runtime.host import HostReport, ParticipantHost
-from securefl.runtime.message import BROADCAST
 
 NODE_CHECKPOINT = "checkpoints/node.pt"
 REPLAY_DIR = "replay"  # <participant>.replay.json: the signed messages this node has accepted (see layers/signing.py)

@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from securefl.core.message import AGGREGATOR
 from securefl.deploy.ceremony import create_committee, create_party, install_public_context, join_committee, trust_card
-from securefl.runtime.message import AGGREGATOR
 
 
 def provision(config: Any, *, coordinator_dir: Path, node_dirs: Mapping[str, Path]) -> None:

@@ -5,7 +5,7 @@
 ``update``, ``evaluate``, ``finish``), so ``Federation(..., remote=...)`` runs
 the same round loop whether the participants are in-process or on the other
 side of a network. Each call becomes one request per participant, encoded with
-:mod:`securefl.runtime.codec` (no pickle), handed to an ``exchange`` function
+:mod:`securefl.core.codec` (no pickle), handed to an ``exchange`` function
 that delivers them and returns the replies: in-process (:func:`local_exchange`,
 used by tests and the isolation check) or over Flower
 (:mod:`securefl.deploy.flower`).
@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from securefl.runtime.codec import DecodeError, decode, decode_message, encode, encode_message
+from securefl.core.codec import DecodeError, decode, decode_message, encode, encode_message
+from securefl.core.message import Message
 from securefl.runtime.host import HostReport
-from securefl.runtime.message import Message
 
 # {participant: request} -> {participant: reply}; a participant missing from the result did not answer.
 Exchange = Callable[[Mapping[str, bytes]], Mapping[str, bytes]]

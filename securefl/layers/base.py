@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from securefl.runtime.message import Message
+from securefl.core.message import Message
 
 
 class LayerSetupError(ValueError):

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
+from securefl.core.message import Message
 from securefl.layers.base import Layer, LayerSetupError
 from securefl.privacy.cohort import Cohort, min_cohort
 from securefl.privacy.events import PrivacyEvent
 from securefl.privacy.mechanisms import clip_and_noise, distributed_noise_share
-from securefl.runtime.message import Message
 
 
 def private_fields(protocol: Any) -> list[str]:

@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from cryptography.exceptions import InvalidSignature
 
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.sealed import SealedTensor, open_sealed_fields
 from securefl.crypto.ckks import CkksAggregator, CkksParams, EncryptedVector, KeyHolderContext, PublicContext
 from securefl.crypto.errors import CiphertextError
 from securefl.crypto.keystore import write_private_file
@@ -60,11 +62,9 @@ from securefl.crypto.masking import (
     MaskingSession,
     SecAggSimulation,
 )
-from securefl.crypto.sealed import SealedTensor, open_sealed_fields
 from securefl.crypto.signing import SIGNATURE_META_KEY, canonical_bytes
 from securefl.layers.base import Layer, LayerSetupError, Rejected, aggregatable_fields
 from securefl.privacy.cohort import UNPLANNED, Cohort, min_cohort
-from securefl.runtime.message import AGGREGATOR, Message
 
 
 def _refuse_unsupported(protocol: Any, scheme: str) -> None:

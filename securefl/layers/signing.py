@@ -22,9 +22,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from securefl.core.message import AGGREGATOR, Message
 from securefl.crypto.signing import NONCE_META_KEY, MessageVerifier, PartyKeys, RejectedMessage
 from securefl.layers.base import Layer, Rejected
-from securefl.runtime.message import AGGREGATOR, Message
 
 
 class SigningLayer(Layer):

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from securefl.core.message import AGGREGATOR
 from securefl.layers.base import Layer, LayerSetupError
-from securefl.runtime.message import AGGREGATOR
 
 Side = Literal["simulation", "participant", "coordinator"]
 

@@ -49,10 +49,10 @@ from typing import Any
 
 import torch
 
-from securefl.crypto.sealed import SealedTensor, is_sealed, torch_dtype
+from securefl.core.message import Message
+from securefl.core.sealed import SealedTensor, is_sealed, torch_dtype
 from securefl.data.checks import check_party_data
 from securefl.layers.base import Layer, Rejected
-from securefl.runtime.message import Message
 
 WITHHELD = "withheld"
 

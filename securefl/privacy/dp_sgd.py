@@ -48,9 +48,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
-from securefl.privacy.randomness import SecureRandom
-from securefl.runtime.training import (
+from securefl.core.training import (
     BatchLoss,
     GradientCombine,
     LookAhead,
@@ -63,6 +61,8 @@ from securefl.runtime.training import (
     set_flat_grad,
     trainable_parameters,
 )
+from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
+from securefl.privacy.randomness import SecureRandom
 
 Commit = Callable[[AnyEvent], None]
 

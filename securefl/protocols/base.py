@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
-from securefl.runtime.party import FederationContext, Party
-from securefl.runtime.training import accuracy, fit_with_early_stopping, predict_logits
+from securefl.core.aggregator import Aggregator
+from securefl.core.message import AGGREGATOR, BROADCAST, Message
+from securefl.core.party import FederationContext, Party
+from securefl.core.training import accuracy, fit_with_early_stopping, predict_logits
 
 
 class ProtocolSetupError(ValueError):
@@ -183,7 +183,7 @@ class Protocol(ABC):
         (decentralised protocols), read in ``client_update``.
         """
 
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Downlink:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: Aggregator) -> Downlink:
         """Combine the replies through ``aggregator`` only; returns what goes back down."""
         return None
 

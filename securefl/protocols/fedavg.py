@@ -22,6 +22,10 @@ from typing import Literal
 import torch
 from pydantic import Field as PydField
 
+from securefl.core.aggregator import Aggregator
+from securefl.core.message import Message
+from securefl.core.party import Party
+from securefl.core.training import accuracy
 from securefl.protocols.base import (
     Downlink,
     Field,
@@ -35,10 +39,6 @@ from securefl.protocols.base import (
     record_count_metadata,
     record_count_weighting,
 )
-from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.message import Message
-from securefl.runtime.party import Party
-from securefl.runtime.training import accuracy
 
 
 class FedAvgConfig(ProtocolConfig):
@@ -124,12 +124,15 @@ class FedAvg(Protocol):
             return None
         return (int(flat_parameters(self.global_model).numel()),)
 
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: Aggregator) -> Message:
         assert self.global_model is not None
         if self.config.weighting == "samples":
             merged = aggregator.weighted_mean(replies, "weights", [float(r.meta["num_samples"]) for r in replies])
         else:
             merged = aggregator.mean(replies, "weights")
+        if not isinstance(merged, torch.Tensor):
+            # The server loads the average into its own model: a sealed (CKKS) one is refused before round 1.
+            raise TypeError(f"FedAvg's server needs a plaintext average, got {type(merged).__name__}")
         load_flat_parameters(self.global_model, merged)
         self._global_round = rnd
         # Every participant of the round gets the new global model (the runtime sends to the sampled ones).

@@ -155,6 +155,17 @@ import torch.nn.functional as F
 from pydantic import Field as PydField
 from torch import nn
 
+from securefl.core.aggregator import Aggregator
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.party import FederationContext, Party
+from securefl.core.seeding import derive_seed
+from securefl.core.training import (
+    BatchLoss,
+    accuracy,
+    cross_entropy_loss,
+    kl_distillation,
+    make_optimizer,
+)
 from securefl.models.generator import ConditionalGenerator, diversity_loss
 from securefl.protocols.base import (
     Downlink,
@@ -172,16 +183,6 @@ from securefl.protocols.base import (
     only_message,
     read_updates,
     send_updates,
-)
-from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.message import AGGREGATOR, Message
-from securefl.runtime.party import FederationContext, Party, derive_seed
-from securefl.runtime.training import (
-    BatchLoss,
-    accuracy,
-    cross_entropy_loss,
-    kl_distillation,
-    make_optimizer,
 )
 
 
@@ -645,7 +646,7 @@ class FedGen(Protocol):
         return local
 
     # ----- steps 3-4: the server aggregates, every user applies -----------------------------
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Downlink:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: Aggregator) -> Downlink:
         cfg = self.config
         fields: dict[str, Any] = {}
         if cfg.mode == "reference":

@@ -109,11 +109,11 @@ from pydantic import Field as PydField
 from pydantic import model_validator
 from torch import nn
 
+from securefl.core.aggregator import Aggregator
+from securefl.core.message import Message
+from securefl.core.party import FederationContext, Party
+from securefl.core.training import BatchLoss, GradientCombine, LookAhead, predict_logits
 from securefl.protocols.base import Field, Protocol, ProtocolConfig, ProtocolSetupError, Schema, only_message
-from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.message import Message
-from securefl.runtime.party import FederationContext, Party
-from securefl.runtime.training import BatchLoss, GradientCombine, LookAhead, predict_logits
 
 
 class FedH2LConfig(ProtocolConfig):
@@ -307,7 +307,7 @@ class FedH2L(Protocol):
                 for j in self.neighbours[party.id]]
 
     # ----- relay_sum only: the relay sums, and does nothing else ---------------------------------
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: Aggregator) -> Message:
         if self.config.exchange != "relay_sum":
             raise RuntimeError("fedh2l exchange 'direct' sends nothing to the relay; it must not compute")
         total = aggregator.sum(replies, "posteriors")

@@ -47,17 +47,18 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field as PydField
 
-from securefl.data.partition import stratified_sample
-from securefl.protocols.base import Field, Protocol, ProtocolConfig, Schema, only_message, val_score
-from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.message import Message
-from securefl.runtime.party import Party, derive_seed
-from securefl.runtime.training import (
+from securefl.core.aggregator import Aggregator
+from securefl.core.message import Message
+from securefl.core.party import Party
+from securefl.core.seeding import derive_seed
+from securefl.core.training import (
     accuracy,
     fit_with_early_stopping,
     kl_distillation,
     predict_logits,
 )
+from securefl.data.partition import stratified_sample
+from securefl.protocols.base import Field, Protocol, ProtocolConfig, Schema, only_message, val_score
 
 
 class FedMDConfig(ProtocolConfig):
@@ -152,7 +153,7 @@ class FedMD(Protocol):
         return (len(self.alignment_indices(rnd)), self.ctx.num_classes)
 
     # ----- step 3: consensus ----------------------------------------------------------------
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: Aggregator) -> Message:
         return self.broadcast(rnd, consensus=aggregator.mean(replies, "logits"))
 
     # ----- steps 4-5: digest, then revisit ----------------------------------------------

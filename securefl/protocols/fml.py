@@ -63,7 +63,7 @@ Known traps of the code in circulation, avoided here:
   ``nn.KLDivLoss()``, i.e. reduction ``'mean'``, which divides by B·C instead
   of B and so weakens the mutual term C-fold; they also leave the teacher
   attached, so the local loss leaks gradient into the meme. Here the KL is
-  :func:`~securefl.runtime.training.kl_distillation` (``batchmean``, teacher
+  :func:`~securefl.core.training.kl_distillation` (``batchmean``, teacher
   detached);
 - the reference's merge sums and divides every ``state_dict`` entry, integer
   counters (BatchNorm's ``num_batches_tracked``) included; here only
@@ -107,6 +107,16 @@ import torch.nn.functional as F
 from pydantic import Field as PydField
 from torch import nn
 
+from securefl.core.aggregator import Aggregator
+from securefl.core.message import Message
+from securefl.core.party import Party
+from securefl.core.training import (
+    argmax_accuracy,
+    kl_distillation,
+    make_optimizer,
+    own_distribution_from_logits,
+    predict_logits,
+)
 from securefl.models.zoo import ModelName, UnknownModel
 from securefl.protocols.base import (
     Downlink,
@@ -120,16 +130,6 @@ from securefl.protocols.base import (
     only_message,
     record_count_metadata,
     record_count_weighting,
-)
-from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.message import Message
-from securefl.runtime.party import Party
-from securefl.runtime.training import (
-    argmax_accuracy,
-    kl_distillation,
-    make_optimizer,
-    own_distribution_from_logits,
-    predict_logits,
 )
 
 
@@ -333,7 +333,7 @@ class FML(Protocol):
             msg = msg.with_meta(num_samples=party.num_samples, aggregation_weight=float(party.num_samples))
         return msg
 
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Message:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: Aggregator) -> Message:
         """Merge: the mean of the uploaded memes (uniform, or weighted by sample counts)."""
         if self.config.weighting == "samples":
             merged = aggregator.weighted_mean(replies, "meme", [float(r.meta["num_samples"]) for r in replies])

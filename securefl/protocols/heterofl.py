@@ -151,6 +151,11 @@ from pydantic import Field as PydField
 from pydantic import field_validator, model_validator
 from torch import nn
 
+from securefl.core.aggregator import Aggregator
+from securefl.core.message import AGGREGATOR, BROADCAST, Message
+from securefl.core.party import FederationContext, Party
+from securefl.core.seeding import derive_seed
+from securefl.core.training import argmax_accuracy, make_optimizer, predict_logits
 from securefl.models.heterofl import (
     LEVEL_RATES,
     HeteroFLModel,
@@ -176,10 +181,6 @@ from securefl.protocols.base import (
     read_updates,
     send_updates,
 )
-from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
-from securefl.runtime.party import FederationContext, Party, derive_seed
-from securefl.runtime.training import argmax_accuracy, make_optimizer, predict_logits
 
 _PROPORTIONS = re.compile(r"^[a-e][1-9][0-9]*(-[a-e][1-9][0-9]*)*$")
 
@@ -688,7 +689,7 @@ class HeteroFL(Protocol):
             count += self.layout.coverage(self.sub_shapes(float(c["rate"])), classes)
         return count
 
-    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator) -> Downlink:
+    def server_step(self, rnd: int, replies: Sequence[Message], aggregator: Aggregator) -> Downlink:
         """Sum the padded slices; the division by the public counts happens on every replica."""
         meta: dict = {"contributors": self.contributors(replies, rnd)}
         fields = {"sum": aggregator.sum(replies, "padded_update")}
@@ -723,7 +724,7 @@ class HeteroFL(Protocol):
             replica.model.load_state_dict(replica.level_stats[self.global_rate], strict=False)
 
     # ----- step 5: federated sBN statistics ------------------------------------------------
-    def _federated_sbn_statistics(self, rnd: int, replies: Sequence[Message], aggregator: PlainAggregator,
+    def _federated_sbn_statistics(self, rnd: int, replies: Sequence[Message], aggregator: Aggregator,
                                   pending: GlobalUpdate) -> dict[float, dict[str, torch.Tensor]]:
         if self.config.sbn_clients == "all":
             clients = sorted(self._parties.values(), key=lambda p: p.index)

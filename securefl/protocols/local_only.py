@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 from pydantic import Field as PydField
 
+from securefl.core.message import Message
+from securefl.core.party import Party
+from securefl.core.training import argmax_accuracy, fit_with_early_stopping, own_distribution_from_logits, predict_logits
 from securefl.protocols.base import Protocol, ProtocolConfig, val_score
-from securefl.runtime.message import Message
-from securefl.runtime.party import Party
-from securefl.runtime.training import argmax_accuracy, fit_with_early_stopping, own_distribution_from_logits, predict_logits
 
 
 class LocalOnlyConfig(ProtocolConfig):

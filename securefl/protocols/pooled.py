@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 from pydantic import Field as PydField
 
+from securefl.core.message import Message
+from securefl.core.party import DataView, Party
+from securefl.core.training import PlainTrainer, accuracy
 from securefl.protocols.base import Protocol, ProtocolConfig
-from securefl.runtime.message import Message
-from securefl.runtime.party import DataView, Party
-from securefl.runtime.training import PlainTrainer, accuracy
 
 
 class PooledConfig(ProtocolConfig):

@@ -39,6 +39,10 @@ from securefl.config import (
     dump_config,
     parse_config_text,
 )
+from securefl.core.aggregator import Aggregator, PlainAggregator
+from securefl.core.message import AGGREGATOR, BROADCAST, Message
+from securefl.core.party import DataView, FederationContext, Party
+from securefl.core.seeding import derive_seed, seeded
 from securefl.data.datasets import Dataset, load_dataset
 from securefl.data.partition import (
     FederatedSplit,
@@ -53,12 +57,10 @@ from securefl.data.partition import (
 )
 from securefl.layers.base import Layer, Rejected
 from securefl.layers.signing import SigningLayer
+from securefl.models.zoo import build_model
 from securefl.protocols import Protocol, get_protocol
 from securefl.protocols.base import Downlink
-from securefl.runtime.aggregator import PlainAggregator
-from securefl.runtime.host import HostReport, ParticipantHost, as_list, sampled_per_round, seeded
-from securefl.runtime.message import AGGREGATOR, BROADCAST, Message
-from securefl.runtime.party import DataView, FederationContext, Party, derive_seed
+from securefl.runtime.host import HostReport, ParticipantHost, as_list, sampled_per_round
 from securefl.runtime.transport import InProcessTransport, Transport
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -178,7 +180,7 @@ def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
         run_id=run_id, seed=config.run.seed, dataset=dataset, split=split, training=config.training,
         public=view(split.public), public_val=view(split.public_val), public_labelled=data.public_labelled,
         test_x=eval_x[test_mask], test_y=eval_y[test_mask], eval_classes=eval_classes,
-        rounds=config.run.rounds, eval_every=config.run.eval_every,
+        model_builder=build_model, rounds=config.run.rounds, eval_every=config.run.eval_every,
     )
     parties = [Party(id=p.id, index=i, model_name=p.model, train=view(split.parties[i].train),
                      val=view(split.parties[i].val), lr=p.lr)
@@ -245,7 +247,7 @@ class Federation:
             # A coordinator of remote participants reads no participant's data (local = nobody).
             self.dataset, self.split, self.ctx, self.parties, self.protocol = build_world(
                 config, self.run_id, tables=tables, local=set() if remote is not None else None)
-            self.aggregator = PlainAggregator()
+            self.aggregator: Aggregator = PlainAggregator()
             # Refuse impossible set-ups before any training.
             self.protocol.validate_participants(self.parties)
             with seeded(derive_seed(config.run.seed, "setup_server")):
@@ -700,7 +702,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     would run code on ``--resume``, before anything is validated). ``weights_only=True`` accepts only
     tensors, plain containers and numbers, and the classes allowed here, which is all securefl saves.
     """
-    from securefl.crypto.sealed import SealedTensor
+    from securefl.core.sealed import SealedTensor
     from securefl.protocols.base import GlobalUpdate
 
     try:

@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.party import FederationContext, Party
+from securefl.core.seeding import derive_seed, seeded
 from securefl.layers.base import Layer, Rejected
 from securefl.protocols import Protocol
-from securefl.runtime.message import AGGREGATOR, Message
-from securefl.runtime.party import FederationContext, Party, derive_seed
 
 
 @dataclass
@@ -232,18 +231,3 @@ def as_list(messages: Message | Sequence[Message] | None) -> list[Message]:
     if messages is None:
         return []
     return [messages] if isinstance(messages, Message) else list(messages)
-
-
-class seeded:
-    """Seed torch's global RNG for one step, restoring the outer state afterwards."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self._fork = torch.random.fork_rng()
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._fork.__exit__(*exc)

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from securefl.runtime.message import Message
+from securefl.core.message import Message
 
 
 def payload_nbytes(msg: Message) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from securefl.runtime.aggregator import PlainAggregator
+from securefl.core.aggregator import PlainAggregator
 from tests.adversary.wiretap import Wiretap, run_or_refusal
 from tests.conftest import tiny_config
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from securefl.config import parse_config
+from securefl.core.party import DataView
 from securefl.models.heterofl import masked_cross_entropy
-from securefl.runtime.party import DataView
 from tests.adversary.wiretap import Wiretap, run_or_refusal
 from tests.conftest import tiny_raw
 

@@ -25,14 +25,14 @@ from typing import Any
 import pytest
 import torch
 
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.sealed import SealedTensor
 from securefl.crypto.errors import SecAggAbort
 from securefl.crypto.masking import MaskingAggregator, MaskingClient, MaskingSession
-from securefl.crypto.sealed import SealedTensor
 from securefl.layers.base import Rejected
 from securefl.layers.secure_aggregation import KIND_INVITE, MaskingNodeLayer
 from securefl.layers.stack import build_layers
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR, Message
 from tests.conftest import tiny_config
 
 RUN = "run-under-attack"

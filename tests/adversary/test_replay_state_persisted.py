@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from securefl.core.codec import decode
 from securefl.deploy.provision import provision
 from securefl.deploy.remote import RemoteParticipants, isolated_participants
-from securefl.runtime.codec import decode
 from securefl.runtime.federation import Federation
 from tests.conftest import tiny_config
 

@@ -17,12 +17,11 @@ import pytest
 import torch
 from torch import nn
 
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.seeding import derive_seed, seeded
 from securefl.privacy.dp_sgd import DPSGDTrainer
 from securefl.privacy.mechanisms import clip_payload
 from securefl.runtime.federation import Federation
-from securefl.runtime.host import seeded
-from securefl.runtime.message import AGGREGATOR, Message
-from securefl.runtime.party import derive_seed
 from tests.conftest import tiny_config
 from tests.protocols.contract import RecordingTransport
 

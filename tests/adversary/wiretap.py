@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from securefl.core.message import AGGREGATOR, Message
 from securefl.layers.base import LayerSetupError
 from securefl.protocols import ProtocolSetupError
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR, Message
 from securefl.runtime.transport import InProcessTransport
 
 # A refusal before round 1 is one of these (the privacy set-up raises LayerSetupError, a protocol ProtocolSetupError).

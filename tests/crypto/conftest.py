@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from securefl.core.message import AGGREGATOR, Message
 from securefl.crypto.ckks import KeyHolderContext, PublicContext
-from securefl.runtime.message import AGGREGATOR, Message
 
 
 @pytest.fixture(scope="session")

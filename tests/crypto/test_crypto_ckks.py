@@ -13,6 +13,7 @@ import tenseal as ts
 import torch
 from pydantic import ValidationError
 
+from securefl.core.sealed import SealedTensor, attach, is_sealed
 from securefl.crypto import assert_wire_safe, open_field, seal_field
 from securefl.crypto.ckks import (
     CkksAggregator,
@@ -24,7 +25,6 @@ from securefl.crypto.ckks import (
     seal_tensor,
 )
 from securefl.crypto.errors import CiphertextError
-from securefl.crypto.sealed import SealedTensor, attach, is_sealed
 
 SLOTS = 4096  # N/2 for the default N = 8192
 SUM_TOL = 1e-6  # documented in CkksParams
@@ -289,7 +289,7 @@ def test_public_context_multiplies_by_plaintext_vector(key_ctx: KeyHolderContext
 # -- the aggregator -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def replies(key_ctx: KeyHolderContext):
-    from securefl.runtime.message import Message
+    from securefl.core.message import Message
 
     gen = torch.Generator().manual_seed(1)
     xs = [torch.empty(4, 30).uniform_(-10, 10, generator=gen) for _ in range(5)]
@@ -387,7 +387,7 @@ def test_integer_tensors_round_trip(key_ctx: KeyHolderContext) -> None:
 
 
 def test_inbound_layer_opens_every_sealed_field(key_ctx: KeyHolderContext, make_msg) -> None:
-    from securefl.crypto.sealed import open_sealed_fields
+    from securefl.core.sealed import open_sealed_fields
 
     a, b = torch.ones(3), torch.arange(4, dtype=torch.float32)
     msg = key_ctx.seal(b).attach(key_ctx.seal(a).attach(make_msg(payload={"plain": torch.zeros(1)}), "a"), "b")

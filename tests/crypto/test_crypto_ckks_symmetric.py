@@ -11,6 +11,8 @@ import pytest
 import tenseal as ts
 import torch
 
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.sealed import SealedTensor
 from securefl.crypto.ckks import (
     CkksAggregator,
     EncryptedVector,
@@ -20,8 +22,6 @@ from securefl.crypto.ckks import (
     _encryption_type,
 )
 from securefl.crypto.errors import CiphertextError
-from securefl.crypto.sealed import SealedTensor
-from securefl.runtime.message import AGGREGATOR, Message
 
 SLOTS = 4096
 SUM_TOL = 1e-6  # documented in CkksParams

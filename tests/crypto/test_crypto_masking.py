@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.sealed import SealedTensor
 from securefl.crypto import assert_wire_safe
 from securefl.crypto.errors import SecAggAbort
 from securefl.crypto.fixedpoint import FixedPoint
@@ -22,8 +24,6 @@ from securefl.crypto.masking import (
     SecAggSimulation,
     _lp,
 )
-from securefl.crypto.sealed import SealedTensor
-from securefl.runtime.message import AGGREGATOR, Message
 
 IDS10 = [f"p{i:02d}" for i in range(10)]
 

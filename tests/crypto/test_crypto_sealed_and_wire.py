@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from securefl.core.sealed import SealedTensor, attach, is_sealed, open_field
 from securefl.crypto import assert_wire_safe, holds_secret
-from securefl.crypto.sealed import SealedTensor, attach, is_sealed, open_field
 from securefl.crypto.wire import SecretHolder
 
 

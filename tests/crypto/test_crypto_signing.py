@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 
+from securefl.core.message import Message
 from securefl.crypto import assert_wire_safe
 from securefl.crypto.errors import RejectedMessage
 from securefl.crypto.signing import (
@@ -20,7 +21,6 @@ from securefl.crypto.signing import (
     public_key_bytes,
     sign_message,
 )
-from securefl.runtime.message import Message
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import torch
 
+from securefl.core.codec import decode
+from securefl.core.message import AGGREGATOR, Message
 from securefl.crypto.errors import SecAggAbort
 from securefl.crypto.masking import KIND_ROSTER, KIND_UNMASK_REQUEST, _ids_to_bytes
 from securefl.crypto.signing import PartyKeys
@@ -25,9 +27,7 @@ from securefl.deploy.provision import provision
 from securefl.deploy.remote import isolated_participants
 from securefl.layers.base import LayerSetupError, Rejected
 from securefl.layers.secure_aggregation import MaskingCoordinatorLayer, MaskingNodeLayer
-from securefl.runtime.codec import decode
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR, Message
 from tests.conftest import tiny_config
 
 RUN = "run-under-test"
@@ -174,7 +174,7 @@ def deployed_run(tmp_path: Path, name: str, config: Any, fail: dict[tuple[str, i
             request = decode(raw)
             phase = request["phase"]
             if phase == "layer":
-                from securefl.runtime.codec import decode_message
+                from securefl.core.codec import decode_message
 
                 phase = decode_message(request["message"]).kind
             if pid not in fail.get((phase, int(request.get("round", -1))), set()):

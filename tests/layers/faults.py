@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from securefl.crypto.sealed import is_sealed
-from securefl.runtime.message import AGGREGATOR, Message
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.sealed import is_sealed
 from securefl.runtime.transport import InProcessTransport
 
 Fault_ = Callable[[Message], list[Message]]

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.sealed import SealedTensor
 from securefl.crypto.ckks import EncryptedVector, SecretKeyRequired
 from securefl.crypto.errors import SecAggAbort
-from securefl.crypto.sealed import SealedTensor
 from securefl.layers.base import LayerSetupError
 from securefl.layers.secure_aggregation import CkksLayer
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR, Message
 from tests.conftest import metrics_without_time, tiny_config
 from tests.layers.faults import FaultyTransport
 from tests.protocols.contract import RecordingTransport

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from securefl.core.message import AGGREGATOR, Message
 from securefl.crypto.signing import PartyKeys
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR, Message
 from tests.conftest import tiny_config
 from tests.layers.faults import FaultyTransport
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from securefl.core.training import LookAhead
 from securefl.privacy.dp_sgd import DPSGDTrainer
 from securefl.privacy.errors import BudgetExceeded
 from securefl.privacy.events import PrivacyEvent, PublicDataEvent
-from securefl.runtime.training import LookAhead
 
 
 def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,10 +12,10 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 import securefl.privacy.dp_sgd as dp_sgd
+from securefl.core.training import LookAhead, cross_entropy_loss
 from securefl.models.zoo import build_model
 from securefl.privacy.dp_sgd import DPSGDTrainer, _secure_noise, ghost_clipping_applies
 from securefl.privacy.randomness import SecureRandom
-from securefl.runtime.training import LookAhead, cross_entropy_loss
 
 A1_MODELS = ("cnn_s", "mlp_m", "resnet_s", "mlp_l", "deepcnn_s", "mlp_s")
 CLIP = 0.5

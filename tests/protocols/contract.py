@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from securefl.config import deep_merge
+from securefl.core.aggregator import PlainAggregator
+from securefl.core.message import Message
 from securefl.protocols import ProtocolSetupError, get_protocol
-from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import Message
 from securefl.runtime.transport import InProcessTransport
 from tests.conftest import Crash, crash_after_round, metrics_without_time, tiny_config
 

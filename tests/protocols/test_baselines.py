@@ -91,7 +91,7 @@ def test_local_only_never_sends_anything_and_keeps_the_validation_best(tmp_path:
 def test_local_only_reports_its_model_on_the_owners_label_distribution(tmp_path: Path) -> None:
     """The personalised yardstick FML's local model is compared with: per-class test accuracy weighted by the
     owner's own label shares, and withheld from a DP run (owner-only)."""
-    from securefl.runtime.training import accuracy
+    from securefl.core.training import accuracy
 
     fed = Federation(tiny_config(protocol="local_only"), tmp_path / "run", progress=False)
     party = fed.parties[0]

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from securefl.config import ConfigError, parse_config
+from securefl.core.aggregator import PlainAggregator
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.training import PlainTrainer, TrainStats, cross_entropy_loss, kl_distillation
 from securefl.models.generator import ConditionalGenerator, diversity_loss
 from securefl.protocols import ProtocolSetupError
 from securefl.protocols.base import read_updates
 from securefl.protocols.fedgen import FedGen, label_weights, regularizer_weight, teacher_loss
-from securefl.runtime.aggregator import PlainAggregator
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR, Message
-from securefl.runtime.training import PlainTrainer, TrainStats, cross_entropy_loss, kl_distillation
 from tests.conftest import tiny_config, tiny_raw
 from tests.protocols.contract import ProtocolContract, RecordingTransport, SpyAggregator
 

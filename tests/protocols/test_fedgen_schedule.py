@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from securefl.config import ConfigError
+from securefl.core.training import PlainTrainer, TrainStats, accuracy
 from securefl.protocols.base import flat_parameters
 from securefl.protocols.fedgen import FedGen
 from securefl.runtime.federation import Federation
-from securefl.runtime.training import PlainTrainer, TrainStats, accuracy
 from tests.conftest import tiny_config
 from tests.protocols.test_fedgen import _one_thread  # noqa: F401  (autouse: one torch thread in this module too)
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from securefl.config import ConfigError, load_config
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.training import backward_step, predict_logits
 from securefl.protocols.base import ProtocolSetupError
 from securefl.protocols.fedh2l import (
     FedH2L,
@@ -20,8 +22,6 @@ from securefl.protocols.fedh2l import (
     project_conflicting,
 )
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR, Message
-from securefl.runtime.training import backward_step, predict_logits
 from tests.conftest import tiny_config
 from tests.protocols.contract import ProtocolContract, RecordingTransport, SpyAggregator
 

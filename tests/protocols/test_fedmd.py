@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from securefl.config import load_config
+from securefl.core.training import PlainTrainer, predict_logits
 from securefl.protocols.fedmd import FedMD, digest_loss
 from securefl.report import warm_start_note
 from securefl.runtime.federation import Federation
-from securefl.runtime.training import PlainTrainer, predict_logits
 from tests.conftest import tiny_config
 from tests.protocols.contract import ProtocolContract
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from securefl.config import ConfigError, deep_merge, load_config
+from securefl.core.message import Message
+from securefl.core.training import PlainTrainer, accuracy, make_optimizer
 from securefl.protocols import ProtocolSetupError
 from securefl.protocols.base import flat_parameters
 from securefl.protocols.fml import FML, mutual_losses
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import Message
-from securefl.runtime.training import PlainTrainer, accuracy, make_optimizer
 from tests.conftest import metrics_without_time, tiny_config
 from tests.protocols.contract import ProtocolContract, RecordingTransport
 

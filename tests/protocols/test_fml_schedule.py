@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from securefl.config import ConfigError, deep_merge
+from securefl.core.training import PlainTrainer, accuracy, own_distribution_accuracy
 from securefl.protocols.fml import FML, decayed_learning_rate
 from securefl.runtime.federation import Federation
-from securefl.runtime.training import PlainTrainer, accuracy, own_distribution_accuracy
 from tests.conftest import tiny_config
 
 PARITY = {"optimizer": "adam", "lr": 0.001, "weight_decay": 0, "batch_size": 64}

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from securefl.config import ConfigError, parse_config
+from securefl.core.training import accuracy
 from securefl.models.heterofl import build_heterofl_model, channels_per_group
 from securefl.protocols.heterofl import HeteroFL, HeteroFLConfig
 from securefl.runtime.federation import Federation
-from securefl.runtime.training import accuracy
 from tests.conftest import tiny_raw
 
 SMALL = {"hidden_sizes": [8, 16], "local_epochs": 1, "batch_size": 32, "proportions": "a1-b1-c1"}

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from securefl.cli import main
+from securefl.core.party import DataView, Party
 from securefl.data.datasets import DataError, load_dataset
 from securefl.runtime.federation import build_split
-from securefl.runtime.party import DataView, Party
 from tests.conftest import tiny_raw
 from tests.data.test_datasets import _write_idx
 from tests.reliability.helpers import ValidatedFederation, small_config

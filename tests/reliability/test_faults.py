@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from securefl.cli import main
+from securefl.core.message import AGGREGATOR
 from securefl.crypto.errors import SecAggAbort
-from securefl.runtime.message import AGGREGATOR
 from tests.conftest import metrics_without_time
 from tests.layers.faults import ChaosTransport, Fault, Killed, random_schedule
 from tests.reliability.helpers import (

@@ -3,7 +3,7 @@
 Every input gives either a valid object or the documented error of that reader, never another exception:
 
 - config text or mapping -> ``ExperimentConfig`` or :class:`securefl.config.ConfigError`;
-- wire bytes -> value / ``Message`` or :class:`securefl.runtime.codec.DecodeError`;
+- wire bytes -> value / ``Message`` or :class:`securefl.core.codec.DecodeError`;
 - a mapping -> ``Message`` or ``pydantic.ValidationError``;
 - a message's sealed field -> ``SealedTensor`` or ``KeyError`` / ``ValueError`` (as documented);
 - CKKS chunks -> ``EncryptedVector`` or :class:`securefl.crypto.errors.CiphertextError`;
@@ -32,15 +32,15 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from securefl.config import ConfigError, apply_overrides, dump_config, parse_config, parse_config_text
+from securefl.core import codec
+from securefl.core.message import AGGREGATOR, Message
+from securefl.core.sealed import META_PREFIX, SealedTensor
 from securefl.crypto.ckks import EncryptedVector, KeyHolderContext
 from securefl.crypto.errors import CiphertextError, RejectedMessage
-from securefl.crypto.sealed import META_PREFIX, SealedTensor
 from securefl.crypto.signing import MessageVerifier, PartyKeys
 from securefl.crypto.wire import assert_wire_safe
 from securefl.layers.base import Rejected
 from securefl.layers.validation import ValidationLayer
-from securefl.runtime import codec
-from securefl.runtime.message import AGGREGATOR, Message
 from tests.conftest import tiny_raw
 from tests.reliability.helpers import ValidatedFederation, small_config
 

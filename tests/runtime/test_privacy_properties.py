@@ -9,9 +9,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from securefl.core.message import AGGREGATOR
 from securefl.privacy.ledger import read_ledger
 from securefl.runtime.federation import Federation
-from securefl.runtime.message import AGGREGATOR
 from tests.conftest import tiny_config
 from tests.layers.faults import FaultyTransport
 

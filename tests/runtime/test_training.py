@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from securefl.runtime.training import LookAhead, PlainTrainer
+from securefl.core.training import LookAhead, PlainTrainer
 
 
 def _one_sgd_step(**fit_kwargs):  # type: ignore[no-untyped-def]

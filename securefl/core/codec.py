@@ -1,6 +1,6 @@
 """Bytes on the wire between processes: messages and the runtime's requests, without pickle.
 
-A deployment moves :class:`~securefl.runtime.message.Message` objects between
+A deployment moves :class:`~securefl.core.message.Message` objects between
 nodes that do not trust each other, so decoding must never execute anything:
 no pickle, no ``torch.load``. The format is a small JSON header describing the
 structure, followed by the raw buffers it points into::
@@ -19,7 +19,10 @@ import math
 import struct
 from typing import Any
 
+import pydantic
 import torch
+
+from securefl.core.message import Message
 
 MAGIC = b"SFLW1"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -62,16 +65,12 @@ def decode(data: bytes) -> Any:
     return value
 
 
-def encode_message(msg: Any) -> bytes:
+def encode_message(msg: Message) -> bytes:
     return encode(msg.model_dump())
 
 
-def decode_message(data: bytes) -> Any:
+def decode_message(data: bytes) -> Message:
     """A :class:`Message` from bytes, or :class:`DecodeError` (also for a well-formed but invalid one)."""
-    import pydantic
-
-    from securefl.runtime.message import Message
-
     fields = decode(data)
     if not isinstance(fields, dict):
         raise DecodeError(f"a message is a mapping, got {type(fields).__name__}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,28 @@ class TrainStats:
     steps: int
     samples: int
     mean_loss: float
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """How a protocol trains on private data: :class:`PlainTrainer`, or the DP-SGD trainer the privacy layer
+    injects (``securefl.privacy.dp_sgd.DPSGDTrainer``) with the same signature."""
+
+    name: str
+
+    def validation(self, score: Callable[[], float]) -> Callable[[], float] | None: ...
+
+    def fit(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+            batch_size: int, epochs: int | None = None, steps: int | None = None,
+            batch_loss: BatchLoss = ..., max_grad_norm: float | None = None,
+            payload: str = "private_training", public_loss: PublicLoss | None = None,
+            combine: GradientCombine | None = None, lookahead: LookAhead | None = None) -> TrainStats: ...
+
+    def fit_public(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+                   batch_size: int, epochs: int, batch_loss: BatchLoss = ...,
+                   payload: str = "public_training") -> TrainStats: ...
+
+    def label_histogram(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor: ...
 
 
 class PlainTrainer:

@@ -3,27 +3,53 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
-from securefl.data.datasets import Dataset
-from securefl.data.partition import FederatedSplit
-from securefl.models.zoo import build_model
-from securefl.runtime.training import PlainTrainer, make_optimizer
+from securefl.core.seeding import derive_seed
+from securefl.core.training import PlainTrainer, Trainer, make_optimizer
+
+__all__ = ["DataView", "DatasetInfo", "FederationContext", "ModelBuilder", "Party", "SplitInfo", "derive_seed"]
 
 
-def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed for one purpose (e.g. ("init", party) or ("step", round, party)).
+class DatasetInfo(Protocol):
+    """What the context needs of a dataset (``securefl.data.datasets.Dataset`` is one)."""
 
-    Deriving every random stream from (seed, purpose) instead of threading one
-    global RNG through the run makes a resumed run draw exactly what an
-    uninterrupted one would, with no RNG state in the checkpoint.
-    """
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+
+class PartySplitInfo(Protocol):
+    @property
+    def train(self) -> np.ndarray: ...
+
+
+class SplitInfo(Protocol):
+    """What protocols read of who holds what (``securefl.data.partition.FederatedSplit`` is one)."""
+
+    @property
+    def parties(self) -> Sequence[PartySplitInfo]: ...
+
+    @property
+    def private_classes(self) -> tuple[int, ...]: ...
+
+    @property
+    def public_classes(self) -> tuple[int, ...]: ...
+
+
+# (model name, input shape, number of classes) -> a fresh model: the zoo's builder, injected by the runtime.
+ModelBuilder = Callable[[str, tuple[int, ...], int], nn.Module]
 
 
 def _digest_tensor(digest: Any, tensor: torch.Tensor) -> None:
@@ -66,7 +92,7 @@ class Party:
     model_name: str
     train: DataView
     val: DataView
-    trainer: Any = field(default_factory=PlainTrainer)
+    trainer: Trainer = field(default_factory=PlainTrainer)
     model: nn.Module | None = None
     lr: float | None = None  # the owner's own learning rate (participants[].lr); None: the protocol's
     state: dict[str, Any] = field(default_factory=dict)
@@ -86,8 +112,8 @@ class FederationContext:
 
     run_id: str
     seed: int
-    dataset: Dataset
-    split: FederatedSplit
+    dataset: DatasetInfo
+    split: SplitInfo
     training: Any  # securefl.config.TrainingConfig
     public: DataView
     public_val: DataView
@@ -96,6 +122,7 @@ class FederationContext:
     test_y: torch.Tensor
     # Output units the evaluation is restricted to (A2: the private classes), or None for all.
     eval_classes: torch.Tensor | None
+    model_builder: ModelBuilder
     rounds: int = 1
     eval_every: int = 1
 
@@ -130,7 +157,7 @@ class FederationContext:
         """A zoo model, initialised from its own derived seed so creation order never matters."""
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(self.seed, "init", purpose))
-            return build_model(name, self.input_shape, self.num_classes)
+            return self.model_builder(name, self.input_shape, self.num_classes)
 
     def make_optimizer(self, model: nn.Module, *, lr: float | None = None, kind: str | None = None,
                        weight_decay: float | None = None) -> torch.optim.Optimizer:

@@ -9,10 +9,28 @@ without touching the protocol.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from securefl.runtime.message import Message
+from securefl.core.message import Message
+from securefl.core.sealed import SealedTensor
+
+# What an aggregator returns: a plaintext tensor, or a sealed one that only the participants can open (CKKS).
+Aggregate = torch.Tensor | SealedTensor
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    """The one way a protocol combines replies: plain, CKKS and pairwise masking all implement it."""
+
+    name: str
+
+    def sum(self, replies: Sequence[Message], field: str) -> Aggregate: ...
+
+    def mean(self, replies: Sequence[Message], field: str) -> Aggregate: ...
+
+    def weighted_mean(self, replies: Sequence[Message], field: str, weights: Sequence[float]) -> Aggregate: ...
 
 
 class AggregationError(ValueError):

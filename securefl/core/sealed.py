@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from securefl.runtime.message import Message
+    from securefl.core.message import Message
 
 __all__ = [
     "META_PREFIX",
