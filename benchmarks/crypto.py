@@ -71,8 +71,10 @@ from tqdm import tqdm  # noqa: E402
 
 from securefl.core.message import AGGREGATOR, Message  # noqa: E402
 from securefl.core.sealed import SealedTensor  # noqa: E402
-from securefl.crypto.ckks import CkksAggregator, CkksParams, KeyHolderContext, PublicContext, seal_tensor  # noqa: E402
+from securefl.crypto.ckks import CkksParams, KeyHolderContext, PublicContext, seal_tensor  # noqa: E402
 from securefl.crypto.masking import MaskingSession  # noqa: E402
+from securefl.layers.ckks_aggregator import CkksAggregator  # noqa: E402
+from securefl.layers.masking_aggregator import SecAggSimulation  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 T = TypeVar("T")
@@ -171,7 +173,7 @@ def raw_tenseal_round(ctx: ts.Context, public_bytes: bytes, xs: list[np.ndarray]
 def masking_round(xs: list[torch.Tensor], dropped: str, threshold: int):
     """SecAgg end to end: keys, shares, masked inputs of the survivors, unmasking with one dropout."""
     ids = [f"p{k}" for k in range(len(xs))]
-    sim = MaskingSession(run_id="bench", round=1, participant_ids=ids, threshold=threshold).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="bench", round=1, participant_ids=ids, threshold=threshold))
     replies = [
         sim.clients[pid].mask_input(x, field="logits").attach(_msg(pid), "logits")
         for pid, x in zip(ids, xs, strict=True)

@@ -1,11 +1,11 @@
-"""securefl.crypto: CKKS aggregation, pairwise masking (SecAgg), Shamir sharing, keys and signing.
+"""securefl.crypto: CKKS, pairwise masking (SecAgg), Shamir sharing, keys and signing.
 
 Submodules
 ----------
 ckks
-    TenSEAL CKKS: key-holder vs public contexts, dense packing, the CKKS aggregator.
+    TenSEAL CKKS: parameters, key-holder vs public contexts, dense packing and its wire format.
 masking, shamir, fixedpoint
-    Secure aggregation by pairwise masking (Bonawitz et al., CCS 2017).
+    Secure aggregation by pairwise masking (Bonawitz et al., CCS 2017): the session and the client.
 signing
     Ed25519 message signatures and the replay-aware verifier.
 sealed (``securefl.core.sealed``, re-exported)
@@ -16,6 +16,9 @@ wire
 Names are loaded lazily (PEP 562), so ``from securefl.crypto import SealedTensor``
 does not import TenSEAL or ``cryptography``; protocols may use the sealed-value
 helpers without pulling in the crypto libraries.
+
+The aggregators that combine sealed values are the server's side of secure aggregation
+and live a floor up, in :mod:`securefl.layers` (``ckks_aggregator``, ``masking_aggregator``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ _EXPORTS: dict[str, str] = {
     "open_sealed_fields": "sealed",
     "seal_field": "sealed",
     # CKKS
-    "CkksAggregator": "ckks",
     "CkksParams": "ckks",
     "EncryptedVector": "ckks",
     "KeyHolderContext": "ckks",
@@ -53,10 +55,8 @@ _EXPORTS: dict[str, str] = {
     # masking
     "ClientSecrets": "masking",
     "FixedPoint": "fixedpoint",
-    "MaskingAggregator": "masking",
     "MaskingClient": "masking",
     "MaskingSession": "masking",
-    "SecAggSimulation": "masking",
     "prg_stream": "masking",
     # signing
     "MessageVerifier": "signing",
@@ -70,13 +70,11 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "CiphertextError",
-    "CkksAggregator",
     "CkksParams",
     "ClientSecrets",
     "EncryptedVector",
     "FixedPoint",
     "KeyHolderContext",
-    "MaskingAggregator",
     "MaskingClient",
     "MaskingSession",
     "MessageVerifier",
@@ -87,7 +85,6 @@ __all__ = [
     "SealedTensor",
     "Sealer",
     "SecAggAbort",
-    "SecAggSimulation",
     "SecretHolder",
     "SecretKeyRequired",
     "ShamirError",
@@ -135,7 +132,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         seal_field,
     )
     from securefl.crypto.ckks import (
-        CkksAggregator,
         CkksParams,
         EncryptedVector,
         KeyHolderContext,
@@ -145,14 +141,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from securefl.crypto.errors import CiphertextError, RejectedMessage, SecAggAbort, ShamirError
     from securefl.crypto.fixedpoint import FixedPoint
-    from securefl.crypto.masking import (
-        ClientSecrets,
-        MaskingAggregator,
-        MaskingClient,
-        MaskingSession,
-        SecAggSimulation,
-        prg_stream,
-    )
+    from securefl.crypto.masking import ClientSecrets, MaskingClient, MaskingSession, prg_stream
     from securefl.crypto.signing import (
         MessageVerifier,
         PartyKeys,

@@ -49,7 +49,9 @@ from cryptography.exceptions import InvalidSignature
 
 from securefl.core.message import AGGREGATOR, Message
 from securefl.core.sealed import SealedTensor, open_sealed_fields
-from securefl.crypto.ckks import CkksAggregator, CkksParams, EncryptedVector, KeyHolderContext, PublicContext
+from securefl.crypto.ckks.context import KeyHolderContext, PublicContext
+from securefl.crypto.ckks.params import CkksParams
+from securefl.crypto.ckks.vector import EncryptedVector
 from securefl.crypto.errors import CiphertextError
 from securefl.crypto.keystore import write_private_file
 from securefl.crypto.masking import (
@@ -57,13 +59,13 @@ from securefl.crypto.masking import (
     KIND_ROSTER,
     KIND_SHARE_INBOX,
     KIND_UNMASK_REQUEST,
-    MaskingAggregator,
     MaskingClient,
     MaskingSession,
-    SecAggSimulation,
 )
 from securefl.crypto.signing import SIGNATURE_META_KEY, canonical_bytes
 from securefl.layers.base import Layer, LayerSetupError, Rejected, aggregatable_fields
+from securefl.layers.ckks_aggregator import CkksAggregator
+from securefl.layers.masking_aggregator import MaskingAggregator, SecAggSimulation
 from securefl.privacy.cohort import UNPLANNED, Cohort, min_cohort
 
 

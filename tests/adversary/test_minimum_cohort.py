@@ -28,8 +28,9 @@ import torch
 from securefl.core.message import AGGREGATOR, Message
 from securefl.core.sealed import SealedTensor
 from securefl.crypto.errors import SecAggAbort
-from securefl.crypto.masking import MaskingAggregator, MaskingClient, MaskingSession
+from securefl.crypto.masking import MaskingClient, MaskingSession
 from securefl.layers.base import Rejected
+from securefl.layers.masking_aggregator import MaskingAggregator
 from securefl.layers.secure_aggregation import KIND_INVITE, MaskingNodeLayer
 from securefl.layers.stack import build_layers
 from securefl.runtime.federation import Federation

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from securefl.core.sealed import SealedTensor, attach, is_sealed
 from securefl.crypto import assert_wire_safe, open_field, seal_field
 from securefl.crypto.ckks import (
-    CkksAggregator,
     CkksParams,
     EncryptedVector,
     KeyHolderContext,
@@ -25,6 +24,7 @@ from securefl.crypto.ckks import (
     seal_tensor,
 )
 from securefl.crypto.errors import CiphertextError
+from securefl.layers.ckks_aggregator import CkksAggregator
 
 SLOTS = 4096  # N/2 for the default N = 8192
 SUM_TOL = 1e-6  # documented in CkksParams
@@ -452,22 +452,22 @@ def test_seal_with_a_pool_encrypts_no_chunk_on_its_own(key_ctx: KeyHolderContext
 
 
 def test_an_unexpected_tenseal_message_falls_back_to_chunk_by_chunk(key_ctx: KeyHolderContext, monkeypatch) -> None:
-    from securefl.crypto import ckks
+    from securefl.crypto.ckks import context
 
     pooled = KeyHolderContext.from_committee_secret(key_ctx.export_secret_for_committee(), threads=2)
     x = torch.linspace(-1, 1, 2 * SLOTS + 1)
-    monkeypatch.setattr(ckks, "_proto_fields", lambda blob: iter([(2, 0, 10)]))  # one ciphertext, no scale
+    monkeypatch.setattr(context, "_proto_fields", lambda blob: iter([(2, 0, 10)]))  # one ciphertext, no scale
     torch.testing.assert_close(pooled.open(pooled.seal(x)), x, atol=SUM_TOL, rtol=0)
 
     def truncated(blob):  # type: ignore[no-untyped-def]
         raise ValueError("truncated")
 
-    monkeypatch.setattr(ckks, "_proto_fields", truncated)
+    monkeypatch.setattr(context, "_proto_fields", truncated)
     torch.testing.assert_close(pooled.open(pooled.seal(x)), x, atol=SUM_TOL, rtol=0)
 
 
 def test_protobuf_reader_refuses_truncated_messages() -> None:
-    from securefl.crypto.ckks import _proto_fields, _varint
+    from securefl.crypto.ckks.wire import _proto_fields, _varint
 
     good = b"\x0a\x02" + _varint(4096) + b"\x12\x03abc" + b"\x19" + struct.pack("<d", 2.0**40)
     assert [(n, good[s:e]) for n, s, e in _proto_fields(good)] == [

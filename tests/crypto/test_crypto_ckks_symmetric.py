@@ -13,15 +13,10 @@ import torch
 
 from securefl.core.message import AGGREGATOR, Message
 from securefl.core.sealed import SealedTensor
-from securefl.crypto.ckks import (
-    CkksAggregator,
-    EncryptedVector,
-    KeyHolderContext,
-    PublicContext,
-    SecretKeyRequired,
-    _encryption_type,
-)
+from securefl.crypto.ckks import EncryptedVector, KeyHolderContext, PublicContext, SecretKeyRequired
+from securefl.crypto.ckks.wire import _encryption_type
 from securefl.crypto.errors import CiphertextError
+from securefl.layers.ckks_aggregator import CkksAggregator
 
 SLOTS = 4096
 SUM_TOL = 1e-6  # documented in CkksParams
@@ -146,10 +141,10 @@ def test_symmetric_chunks_are_full_ciphertexts_not_seeded(key_ctx: KeyHolderCont
 def test_a_symmetric_context_that_cannot_be_made_falls_back_to_the_public_key(
     key_ctx: KeyHolderContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from securefl.crypto import ckks
+    from securefl.crypto.ckks import context
 
     member = _member(key_ctx)
-    monkeypatch.setattr(ckks, "_encryption_type", lambda ctx: ASYMMETRIC)  # "TenSEAL ignored the field"
+    monkeypatch.setattr(context, "_encryption_type", lambda ctx: ASYMMETRIC)  # "TenSEAL ignored the field"
     with pytest.warns(RuntimeWarning, match="secret-key encryption unavailable"):
         sealed = member.seal(torch.linspace(-1, 1, 10))
     assert not member.symmetric

@@ -17,13 +17,8 @@ from securefl.core.sealed import SealedTensor
 from securefl.crypto import assert_wire_safe
 from securefl.crypto.errors import SecAggAbort
 from securefl.crypto.fixedpoint import FixedPoint
-from securefl.crypto.masking import (
-    KIND_UNMASK_REQUEST,
-    ClientSecrets,
-    MaskingSession,
-    SecAggSimulation,
-    _lp,
-)
+from securefl.crypto.masking import KIND_UNMASK_REQUEST, ClientSecrets, MaskingSession, _lp
+from securefl.layers.masking_aggregator import MaskingAggregator, SecAggSimulation
 
 IDS10 = [f"p{i:02d}" for i in range(10)]
 
@@ -55,7 +50,7 @@ def fixed_secrets(ids, salt: int = 0) -> dict[str, ClientSecrets]:
 # -- correctness ----------------------------------------------------------------------------------
 def test_masked_sum_equals_plaintext_sum_exactly() -> None:
     ids = [f"p{i}" for i in range(5)]
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=ids, threshold=3).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=ids, threshold=3))
     xs = {pid: representable((3, 7), seed=i) for i, pid in enumerate(ids)}
     replies = run(sim, xs)
     # The masked replies themselves do not reveal the inputs.
@@ -69,7 +64,7 @@ def test_masked_sum_equals_plaintext_sum_exactly() -> None:
 
 def test_general_inputs_within_resolution_and_mean() -> None:
     ids = [f"p{i}" for i in range(4)]
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=ids, threshold=3).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=ids, threshold=3))
     gen = torch.Generator().manual_seed(0)
     xs = {pid: torch.randn(1000, generator=gen) for pid in ids}  # float32
     replies = run(sim, xs)
@@ -82,7 +77,7 @@ def test_general_inputs_within_resolution_and_mean() -> None:
 
 
 def test_two_of_ten_dropping_after_sharing_keys_are_recovered_exactly() -> None:
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6))
     assert sim.aggregator.mask_peers == tuple(IDS10)
     xs = {pid: representable((500,), seed=i) for i, pid in enumerate(IDS10)}
     survivors = [pid for pid in IDS10 if pid not in ("p03", "p07")]
@@ -95,7 +90,7 @@ def test_two_of_ten_dropping_after_sharing_keys_are_recovered_exactly() -> None:
 
 def test_dropouts_before_sharing_keys_are_left_out_of_the_masks() -> None:
     session = MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6)
-    sim = session.simulate(drop_before_advertise=["p00"], drop_before_share_keys=["p05", "p09"])
+    sim = SecAggSimulation.setup(session, drop_before_advertise=["p00"], drop_before_share_keys=["p05", "p09"])
     assert set(sim.clients) == set(IDS10) - {"p00", "p05", "p09"}
     xs = {pid: representable((64,), seed=i) for i, pid in enumerate(sim.clients)}
     senders = [pid for pid in sim.clients if pid != "p01"]  # and one more drops after sharing
@@ -105,7 +100,7 @@ def test_dropouts_before_sharing_keys_are_left_out_of_the_masks() -> None:
 
 def test_weighted_mean_needs_client_side_weights() -> None:
     ids = [f"p{i}" for i in range(3)]
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=ids, threshold=2).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=ids, threshold=2))
     xs = {pid: representable((10,), seed=i) for i, pid in enumerate(ids)}
     weights = {"p0": 1.0, "p1": 2.0, "p2": 5.0}
     replies = [reply(pid, sim.clients[pid].mask_input(xs[pid], field="update", weight=weights[pid])) for pid in ids]
@@ -123,7 +118,7 @@ def test_weighted_mean_needs_client_side_weights() -> None:
 
 # -- aborts ---------------------------------------------------------------------------------------
 def test_fewer_than_t_masked_inputs_abort_without_a_result() -> None:
-    sim = MaskingSession(run_id="run-1", round=4, participant_ids=IDS10, threshold=6).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=4, participant_ids=IDS10, threshold=6))
     xs = {pid: representable((8,), seed=i) for i, pid in enumerate(IDS10)}
     replies = run(sim, xs, senders=IDS10[:5])
     with pytest.raises(SecAggAbort, match=r"round 4 of run 'run-1'.*only 5 participants sent masked inputs.*t=6") as info:
@@ -134,7 +129,7 @@ def test_fewer_than_t_masked_inputs_abort_without_a_result() -> None:
 
 
 def test_survivors_going_silent_during_unmasking_abort() -> None:
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6))
     xs = {pid: representable((8,), seed=i) for i, pid in enumerate(IDS10)}
     senders = IDS10[:7]
     replies = run(sim, xs, senders=senders)
@@ -146,9 +141,9 @@ def test_survivors_going_silent_during_unmasking_abort() -> None:
 def test_too_few_at_setup_abort() -> None:
     session = MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6)
     with pytest.raises(SecAggAbort, match="ShareKeys: only 5 participants shared their keys"):
-        session.simulate(drop_before_share_keys=IDS10[:5])
+        SecAggSimulation.setup(session, drop_before_share_keys=IDS10[:5])
     with pytest.raises(SecAggAbort, match="AdvertiseKeys: only 4 participants advertised keys"):
-        session.simulate(drop_before_advertise=IDS10[:6])
+        SecAggSimulation.setup(session, drop_before_advertise=IDS10[:6])
 
 
 def test_threshold_must_be_a_majority() -> None:
@@ -161,7 +156,7 @@ def test_threshold_must_be_a_majority() -> None:
 
 
 def test_survivor_set_cannot_change_within_a_session() -> None:
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6))
     xs = {pid: representable((8,), seed=i) for i, pid in enumerate(IDS10)}
     # A reply message can carry several masked fields; all are masked before unmasking starts.
     a, b, c = (run(sim, xs, senders=IDS10[:9], field=f) for f in "abc")
@@ -173,7 +168,7 @@ def test_survivor_set_cannot_change_within_a_session() -> None:
 
 
 def test_a_client_never_answers_two_different_unmask_requests() -> None:
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=IDS10, threshold=6))
     client = sim.clients["p00"]
 
     def request(survivors):
@@ -198,7 +193,7 @@ def test_a_client_never_answers_two_different_unmask_requests() -> None:
 
 def test_tampered_share_ciphertext_is_rejected() -> None:
     session = MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2)
-    from securefl.crypto.masking import MaskingAggregator, MaskingClient
+    from securefl.crypto.masking import MaskingClient
 
     clients = {pid: MaskingClient(session, pid) for pid in session.participant_ids}
     server = MaskingAggregator(session)
@@ -211,7 +206,7 @@ def test_tampered_share_ciphertext_is_rejected() -> None:
 
 
 def test_a_field_is_masked_once_and_overflow_is_reported() -> None:
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2))
     sim.clients["a"].mask_input(torch.zeros(3), field="x")
     with pytest.raises(ValueError, match="already masked"):
         sim.clients["a"].mask_input(torch.zeros(3), field="x")
@@ -237,7 +232,7 @@ def test_masks_are_the_documented_chacha20_streams() -> None:
     ids = ["p00", "p01", "p02"]
     secrets_ = fixed_secrets(ids)
     session = MaskingSession(run_id="run-1", round=3, participant_ids=ids, threshold=2)
-    sim = session.simulate(client_secrets=secrets_)
+    sim = SecAggSimulation.setup(session, client_secrets=secrets_)
     x = representable((50,), seed=0)
     y = np.frombuffer(sim.clients["p00"].mask_input(x, field="logits").chunks[0], dtype="<u8")
     expected = session.encoding.encode(x, n_contributors=3)
@@ -250,7 +245,7 @@ def test_masks_are_the_documented_chacha20_streams() -> None:
 
 
 def test_a_masked_vector_looks_uniform() -> None:
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2))
     n = 20_000
     y = np.frombuffer(sim.clients["b"].mask_input(torch.zeros(n), field="x").chunks[0], dtype="<u8")
     assert np.count_nonzero(y) == n  # zeros in, nothing zero out
@@ -269,7 +264,7 @@ def test_same_keys_same_masks_new_round_new_masks() -> None:
 
     def masked(round_: int, salt: int = 0, field: str = "x") -> bytes:
         session = MaskingSession(run_id="run-1", round=round_, participant_ids=ids, threshold=2)
-        sim = session.simulate(client_secrets=fixed_secrets(ids, salt))
+        sim = SecAggSimulation.setup(session, client_secrets=fixed_secrets(ids, salt))
         return sim.clients["a"].mask_input(x, field=field).chunks[0]
 
     assert masked(1) == masked(1)  # deterministic given the keys (Shamir randomness does not enter)
@@ -280,21 +275,23 @@ def test_same_keys_same_masks_new_round_new_masks() -> None:
 
 def test_client_secrets_are_single_use() -> None:
     secrets_ = fixed_secrets(["a", "b", "c"])
-    MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2).simulate(client_secrets=secrets_)
+    SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2),
+                           client_secrets=secrets_)
     with pytest.raises(ValueError, match="single-use: already used by 'a' in run 'run-1' round 1"):
-        MaskingSession(run_id="run-1", round=2, participant_ids=["a", "b", "c"], threshold=2).simulate(client_secrets=secrets_)
+        SecAggSimulation.setup(MaskingSession(run_id="run-1", round=2, participant_ids=["a", "b", "c"], threshold=2),
+                               client_secrets=secrets_)
 
 
 def test_fresh_secrets_give_fresh_masks() -> None:
     session = MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2)
-    one = session.simulate().clients["a"].mask_input(torch.zeros(100), field="x").chunks[0]
-    two = session.simulate().clients["a"].mask_input(torch.zeros(100), field="x").chunks[0]
+    one = SecAggSimulation.setup(session).clients["a"].mask_input(torch.zeros(100), field="x").chunks[0]
+    two = SecAggSimulation.setup(session).clients["a"].mask_input(torch.zeros(100), field="x").chunks[0]
     assert one != two
 
 
 # -- wire safety --------------------------------------------------------------------------------------
 def test_client_state_stays_off_the_wire() -> None:
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2).simulate()
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2))
     with pytest.raises(TypeError, match="must never be pickled"):
         pickle.dumps(sim.clients["a"])
     with pytest.raises(TypeError, match="MaskingClient holds"):
@@ -310,7 +307,8 @@ def test_client_state_stays_off_the_wire() -> None:
 
 def test_setup_messages_carry_no_plaintext_secrets() -> None:
     secrets_ = fixed_secrets(["a", "b", "c"])
-    sim = MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2).simulate(client_secrets=secrets_)
+    sim = SecAggSimulation.setup(MaskingSession(run_id="run-1", round=1, participant_ids=["a", "b", "c"], threshold=2),
+                                 client_secrets=secrets_)
     from securefl.crypto.masking import _raw_private
 
     blob = b"".join(b"".join(v if isinstance(v, bytes) else b"".join(v) for v in m.payload.values()) for m in sim.traffic)
@@ -323,7 +321,7 @@ def test_custom_ring() -> None:
     session = MaskingSession(
         run_id="r", round=0, participant_ids=["a", "b", "c"], threshold=2, encoding=FixedPoint(ring_bits=32, fractional_bits=10)
     )
-    sim = session.simulate()
+    sim = SecAggSimulation.setup(session)
     xs = {pid: torch.tensor([1.5, -2.25, 100.0]) * (i + 1) for i, pid in enumerate(["a", "b", "c"])}
     replies = run(sim, xs)
     assert len(replies[0].payload["update"][0]) == 3 * 4

@@ -349,7 +349,7 @@ def test_a_forged_ckks_body_behind_a_valid_digest_fails_with_a_ciphertext_error(
     # parser is what stands between the bytes and the aggregator.
     import hashlib
 
-    from securefl.crypto.ckks import _CHUNK_HEADER, _DIGEST_AT
+    from securefl.crypto.ckks.wire import _CHUNK_HEADER, _DIGEST_AT
 
     chunk = bytearray(genuine_sealed.payload["logits"][0])
     body = bytearray(chunk[_CHUNK_HEADER.size:])
