@@ -37,6 +37,22 @@ class AggregationError(ValueError):
     """Replies cannot be combined (missing field, shape mismatch, bad weights)."""
 
 
+def require_replies(replies: Sequence[Message], field: str) -> None:
+    """Every aggregator refuses an empty round with this one error."""
+    if not replies:
+        raise AggregationError(f"no replies to aggregate for field {field!r}")
+
+
+def require_one_shape(field: str, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+    """Every aggregator refuses replies of different shapes with this one error, naming the first reply's sender
+    and shape and the first that differs."""
+    (first, shape), *rest = shapes
+    for sender, other in rest:
+        if tuple(other) != tuple(shape):
+            raise AggregationError(f"field {field!r} has different shapes across replies: {first!r} {tuple(shape)}, "
+                                   f"{sender!r} {tuple(other)}")
+
+
 class PlainAggregator:
     """Sums in the clear. The aggregator therefore sees every individual payload."""
 
@@ -60,10 +76,7 @@ class PlainAggregator:
 
     @staticmethod
     def _stack(replies: Sequence[Message], field: str) -> torch.Tensor:
-        if not replies:
-            raise AggregationError(f"no replies to aggregate for field {field!r}")
+        require_replies(replies, field)
         tensors = [r.tensor(field) for r in replies]
-        shapes = {tuple(t.shape) for t in tensors}
-        if len(shapes) != 1:
-            raise AggregationError(f"field {field!r} has different shapes across replies: {sorted(shapes)}")
+        require_one_shape(field, [(r.sender, tuple(t.shape)) for r, t in zip(replies, tensors, strict=True)])
         return torch.stack([t.float() for t in tensors])

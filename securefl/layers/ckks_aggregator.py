@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from securefl.core.aggregator import Aggregator
+from securefl.core.aggregator import AggregationError, Aggregator, require_one_shape, require_replies
 from securefl.core.message import Message
 from securefl.core.sealed import SealedTensor
 from securefl.crypto.ckks.context import KeyHolderContext, PublicContext
@@ -97,8 +97,7 @@ class CkksAggregator(Aggregator):
         return vector
 
     def _load(self, replies: Sequence[Message], field: str) -> tuple[list[EncryptedVector], SealedTensor]:
-        if not replies:
-            raise ValueError(f"no replies to aggregate for field {field!r}")
+        require_replies(replies, field)
         senders = [r.sender for r in replies]
         dupes = sorted({s for s in senders if senders.count(s) > 1})
         if dupes:
@@ -111,11 +110,10 @@ class CkksAggregator(Aggregator):
                 raise ValueError(f"reply from {reply.sender!r}, field {field!r}: scheme {sealed.scheme!r}, expected 'ckks'")
             if first is None:
                 first = sealed
-            elif (sealed.shape, sealed.dtype) != (first.shape, first.dtype):
-                raise ValueError(
-                    f"field {field!r}: reply from {reply.sender!r} has shape {sealed.shape} ({sealed.dtype}), "
-                    f"reply from {replies[0].sender!r} has shape {first.shape} ({first.dtype})"
-                )
+            require_one_shape(field, [(replies[0].sender, tuple(first.shape)), (reply.sender, tuple(sealed.shape))])
+            if sealed.dtype != first.dtype:
+                raise AggregationError(f"field {field!r}: reply from {reply.sender!r} is {sealed.dtype}, reply from "
+                                       f"{replies[0].sender!r} is {first.dtype}")
             parsed = self._parsed_vector(reply.sender, field, sealed)
             if parsed is not None:
                 loaded.append(parsed)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from securefl.core.aggregator import Aggregator
+from securefl.core.aggregator import Aggregator, require_one_shape, require_replies
 from securefl.core.message import AGGREGATOR, BROADCAST, Message
 from securefl.core.sealed import SealedTensor, from_float64, torch_dtype
 from securefl.crypto import shamir
@@ -179,6 +179,7 @@ class MaskingAggregator(Aggregator):
     def _load(self, replies: Sequence[Message], field: str) -> tuple[list[np.ndarray], SealedTensor]:
         if not self._u2:
             raise RuntimeError("aggregation before route_shares(): rounds 0-1 have not run")
+        require_replies(replies, field)
         senders = [r.sender for r in replies]
         dupes = sorted({s for s in senders if senders.count(s) > 1})
         if dupes:
@@ -199,8 +200,7 @@ class MaskingAggregator(Aggregator):
                 raise ValueError(f"{where}: encoded with {dict(sealed.params)}, the session uses {enc}")
             if first is None:
                 first = sealed
-            elif sealed.shape != first.shape:
-                raise ValueError(f"{where}: shape {sealed.shape}, but {replies[0].sender!r} sent {first.shape}")
+            require_one_shape(field, [(replies[0].sender, tuple(first.shape)), (reply.sender, tuple(sealed.shape))])
             if len(sealed.chunks) != 1 or len(sealed.chunks[0]) != sealed.length * enc.dtype.itemsize:
                 raise ValueError(
                     f"{where}: expected one chunk of {sealed.length * enc.dtype.itemsize} bytes, got "
