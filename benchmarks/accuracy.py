@@ -277,7 +277,8 @@ def _one_run(task: tuple[str, Row, str, int, bool, str | None, int | None, Sets]
     torch.set_num_threads(1)
     from securefl.config import parse_config
     from securefl.protocols import ProtocolSetupError
-    from securefl.runtime.federation import CHECKPOINT, Federation
+    from securefl.runtime.checkpoint import CHECKPOINT
+    from securefl.runtime.federation import Federation
 
     setting, row, epsilon, seed, quick, data_dir, rounds, sets = task
     out = run_dir(setting, row, epsilon, seed, quick, rounds, sets)

@@ -118,7 +118,8 @@ def train(participants: Sequence[Participant], *, test: Any, out: str | Path, pu
         raw[protocol] = dict(protocol_options)
     config = parse_config(raw, "securefl.api.train")
 
-    from securefl.runtime.federation import CHECKPOINT, Federation
+    from securefl.runtime.checkpoint import CHECKPOINT
+    from securefl.runtime.federation import Federation
     from securefl.runtime.privacy import ledger_path
 
     out = Path(out)

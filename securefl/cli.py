@@ -364,7 +364,7 @@ COMMANDS = {"run": cmd_run, "compare": cmd_compare, "audit": cmd_audit, "protoco
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from securefl.runtime.federation import RunDirError
+    from securefl.runtime.checkpoint import RunDirError
 
     try:
         return COMMANDS[args.command](args)

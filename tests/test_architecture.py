@@ -50,3 +50,13 @@ def test_the_floors_contract_catches_an_upward_import(tmp_path):
     result = lint_imports(tmp_path, "--config", str(tmp_path / ".importlinter"))
     assert result.returncode != 0
     assert "securefl.core.message -> securefl.runtime.federation" in result.stdout
+
+
+def test_importing_the_config_loads_neither_tenseal_nor_opacus():
+    """Validating a YAML file must not cost the cryptography's and the DP library's import time (TenSEAL alone
+    took 4.7 s), and a node that only checks a config should not load them at all."""
+    probe = ("import sys, securefl.config; "
+             "print(sorted(m for m in ('tenseal', 'opacus', 'cryptography') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -22,6 +22,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from securefl.core.durable import write_atomically
 from securefl.crypto.signing import PartyKeys, load_public_key, public_key_bytes
 
 #: Environment variable naming the root of the simulations' key store.
@@ -74,16 +75,13 @@ def write_private_file(path: Path, data: bytes, *, exclusive: bool = False, atom
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    target, path = path, (path.with_name(path.name + ".tmp") if atomic else path)
+    if atomic:
+        write_atomically(path, data, mode=0o600)
+        return
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-        if atomic:
-            handle.flush()
-            os.fsync(handle.fileno())
-    if atomic:
-        os.replace(path, target)
 
 
 # ----- the roster: every party's public key, as a deployment distributes it ---------------------

@@ -55,6 +55,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from securefl.core.durable import write_atomically
 from securefl.core.message import BROADCAST, Message
 from securefl.crypto.errors import RejectedMessage
 from securefl.crypto.wire import SecretHolder
@@ -370,17 +371,8 @@ class MessageVerifier:
         path = self.state_file
         path.parent.mkdir(parents=True, exist_ok=True)
         slots = [[*slot, rnd, sorted(self._digests.get(slot, ()))] for slot, rnd in sorted(self._latest.items())]
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(json.dumps({"format": _REPLAY_FORMAT, "run_id": self.run_id, "slots": slots}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        record = {"format": _REPLAY_FORMAT, "run_id": self.run_id, "slots": slots}
+        write_atomically(path, (json.dumps(record) + "\n").encode())
 
     def add_party(self, party_id: str, public_key: Ed25519PublicKey | bytes) -> None:
         """Register (or replace) a sender's public key."""

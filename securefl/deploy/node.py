@@ -295,7 +295,8 @@ class ParticipantNode:
     def _build(self, config: Any, run_id: str) -> None:
         from securefl.layers.signing import SigningLayer
         from securefl.layers.stack import build_layers
-        from securefl.runtime.federation import build_world, load_checkpoint
+        from securefl.runtime.checkpoint import load_checkpoint
+        from securefl.runtime.federation import build_world
 
         # Only this participant's own data is read on its node.
         _, _, ctx, parties, protocol = build_world(config, run_id, local={self.participant_id})
@@ -326,7 +327,7 @@ class ParticipantNode:
         self._last_round = host.current_round
 
     def _checkpoint(self, phase: str) -> None:
-        from securefl.runtime.federation import save_atomically
+        from securefl.runtime.checkpoint import save_atomically
 
         assert self.host is not None
         path = self.node_dir / NODE_CHECKPOINT
@@ -353,7 +354,7 @@ class ParticipantNode:
         from. Spends booked the first time stay in the ledger (a redone round is charged twice, never
         under-counted)."""
         from securefl.layers.signing import SigningLayer
-        from securefl.runtime.federation import load_checkpoint
+        from securefl.runtime.checkpoint import load_checkpoint
 
         self._last_round = max(self._last_round, host.current_round)
         if self._last_round < rnd:
@@ -446,7 +447,7 @@ def wire_message(exc: BaseException) -> str:
     from securefl.models.zoo import UnknownModel
     from securefl.privacy.errors import CalibrationError, LedgerCorrupt, LedgerMismatch, PolicyError
     from securefl.protocols import ProtocolSetupError
-    from securefl.runtime.federation import RunDirError
+    from securefl.runtime.checkpoint import RunDirError
 
     if isinstance(exc, NodeError | ConfigError):
         return str(exc)

@@ -17,38 +17,49 @@ The layout follows Opacus's split between pure analysis and stateful objects:
 
 See ``spec/privacy.md`` for the privacy model these modules implement.
 """
+import importlib
+from typing import Any
 
-from securefl.privacy.accountants import (
-    ACCOUNTANT_NAMES,
-    Accountant,
-    PldAccountant,
-    PrvAccountant,
-    RdpAccountant,
-    get_accountant,
-)
-from securefl.privacy.audit import AuditReport, AuditRow, audit_ledger, audit_run
-from securefl.privacy.budget import Budget, ExperimentTarget, PrivacyPolicy, resolve_budget
-from securefl.privacy.calibration import calibrate_noise_multiplier, planned_event
-from securefl.privacy.errors import (
-    BudgetExceeded,
-    CalibrationError,
-    LedgerCorrupt,
-    LedgerLocked,
-    LedgerMismatch,
-    PolicyError,
-    PrivacyError,
-    UnsupportedEvent,
-)
-from securefl.privacy.events import AnyEvent, PrivacyEvent, PublicDataEvent
-from securefl.privacy.ledger import Ledger, read_ledger
-from securefl.privacy.mechanisms import (
-    clip_and_noise,
-    distributed_event,
-    distributed_noise_share,
-    effective_noise_multiplier,
-    gaussian_histogram,
-    top_up_std,
-)
+# Loaded on first use (PEP 562): the config imports privacy.cohort, and must not pull in Opacus through this
+# package's accountants.
+_EXPORTS = {
+    "ACCOUNTANT_NAMES": "accountants",
+    "Accountant": "accountants",
+    "AnyEvent": "events",
+    "AuditReport": "audit",
+    "AuditRow": "audit",
+    "Budget": "budget",
+    "BudgetExceeded": "errors",
+    "CalibrationError": "errors",
+    "ExperimentTarget": "budget",
+    "Ledger": "ledger",
+    "LedgerCorrupt": "errors",
+    "LedgerLocked": "errors",
+    "LedgerMismatch": "errors",
+    "PldAccountant": "accountants",
+    "PolicyError": "errors",
+    "PrivacyError": "errors",
+    "PrivacyEvent": "events",
+    "PrivacyPolicy": "budget",
+    "PrvAccountant": "accountants",
+    "PublicDataEvent": "events",
+    "RdpAccountant": "accountants",
+    "UnsupportedEvent": "errors",
+    "audit_ledger": "audit",
+    "audit_run": "audit",
+    "calibrate_noise_multiplier": "calibration",
+    "clip_and_noise": "mechanisms",
+    "distributed_event": "mechanisms",
+    "distributed_noise_share": "mechanisms",
+    "effective_noise_multiplier": "mechanisms",
+    "gaussian_histogram": "mechanisms",
+    "get_accountant": "accountants",
+    "planned_event": "calibration",
+    "read_ledger": "ledger",
+    "resolve_budget": "budget",
+    "top_up_std": "mechanisms",
+}
+
 
 __all__ = [
     "ACCOUNTANT_NAMES",
@@ -87,3 +98,16 @@ __all__ = [
     "resolve_budget",
     "top_up_std",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'securefl.privacy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"securefl.privacy.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

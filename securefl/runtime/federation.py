@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import platform
 import secrets
 import shutil
@@ -31,117 +30,31 @@ from tqdm.auto import tqdm
 
 from securefl.config import (
     ConfigError,
-    DirichletPartition,
-    ExplicitPartition,
-    FewShotPartition,
-    ShardPartition,
     config_differences,
     dump_config,
     parse_config_text,
 )
 from securefl.core.aggregator import Aggregator, PlainAggregator
+from securefl.core.durable import append_durably, write_atomically
 from securefl.core.message import AGGREGATOR, BROADCAST, Message
 from securefl.core.party import DataView, FederationContext, Party
 from securefl.core.seeding import derive_seed, seeded
 from securefl.data.datasets import Dataset, load_dataset
-from securefl.data.partition import (
-    FederatedSplit,
-    PartySplit,
-    carve_public,
-    dirichlet_partition,
-    explicit_partition,
-    few_shot_partition,
-    shard_partition,
-    stratified_sample,
-    train_val_split,
-)
+from securefl.data.partition import FederatedSplit
+from securefl.data.split import build_split
 from securefl.layers.base import Layer, Rejected
 from securefl.layers.signing import SigningLayer
 from securefl.models.zoo import build_model
 from securefl.protocols import Protocol, get_protocol
 from securefl.protocols.base import Downlink
+from securefl.runtime.checkpoint import CHECKPOINT, RunDirError, load_checkpoint, lock_run_dir, save_atomically
 from securefl.runtime.host import HostReport, ParticipantHost, as_list, sampled_per_round
 from securefl.runtime.transport import InProcessTransport, Transport
 
-CHECKPOINT = "checkpoints/last.pt"
 #: One line per message a participant sent (sender, receiver, round, kind, private fields, payload digest).
 RELEASES = "releases.jsonl"
 #: Each owner's calibrated σ and the plan behind it.
 PRIVACY_PLAN = "privacy_plan.json"
-
-
-class RunDirError(ValueError):
-    """The output directory cannot be used as asked (e.g. it holds a run and --resume was not given)."""
-
-
-RUN_LOCK = ".lock"
-
-
-def lock_run_dir(out: Path) -> int:
-    """Hold ``out`` for this process until the returned descriptor is closed (the OS releases it if the process
-    dies). Two processes writing one run directory would interleave its metrics and checkpoints; a private run's
-    ledgers lock themselves, but a run without DP has nothing else to stop a second ``--resume``."""
-    import fcntl
-
-    fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunDirError(f"{out} is in use by another process (pid {holder}); wait for it to finish, or choose "
-                          "another --out") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
-
-
-def build_split(config: Any, dataset: Dataset) -> FederatedSplit:
-    """Public set and private silos, deterministic in ``run.seed``."""
-    data, seed, n_parties = config.data, config.run.seed, len(config.participants)
-    labels = dataset.y_train.numpy()
-    pool = np.arange(len(labels))
-    if data.max_train_records is not None and data.max_train_records < len(pool):
-        pool = np.sort(stratified_sample(labels, data.max_train_records, np.random.default_rng(derive_seed(seed, "subsample"))))
-    holdout = np.empty(0, dtype=np.int64)
-    if data.holdout_size:
-        # Held out first, so no participant and no public set ever holds an evaluation record.
-        holdout, pool = carve_public(labels, pool, data.holdout_size, derive_seed(seed, "holdout"))
-    all_classes = tuple(range(dataset.num_classes))
-    private_classes = tuple(data.private_classes or all_classes)
-    public_classes = tuple(data.public_classes or all_classes)
-    for name, classes in (("private_classes", private_classes), ("public_classes", public_classes)):
-        bad = [c for c in classes if c not in all_classes]
-        if bad:
-            raise ConfigError(f"data.{name} = {bad}: classes must be in 0..{dataset.num_classes - 1}")
-    public_pool = pool[np.isin(labels[pool], public_classes)]
-    public, _ = carve_public(labels, public_pool, data.public_size, derive_seed(seed, "public"))
-    private_pool = np.setdiff1d(pool[np.isin(labels[pool], private_classes)], public)
-
-    partition = data.partition
-    if isinstance(partition, DirichletPartition):
-        silos = dirichlet_partition(labels, private_pool, n_parties, alpha=partition.alpha,
-                                    seed=derive_seed(seed, "partition"), min_size=partition.min_size)
-    elif isinstance(partition, ShardPartition):
-        silos = shard_partition(labels, private_pool, n_parties, classes_per_party=partition.classes_per_party,
-                                seed=derive_seed(seed, "partition"))
-    elif isinstance(partition, ExplicitPartition):
-        silos = explicit_partition(private_pool, partition.assignment)
-    elif isinstance(partition, FewShotPartition):
-        silos = few_shot_partition(labels, private_pool, n_parties, per_class=partition.per_class,
-                                   seed=derive_seed(seed, "partition"))
-    else:
-        shuffled = np.random.default_rng(derive_seed(seed, "partition")).permutation(private_pool)
-        silos = [np.sort(s) for s in np.array_split(shuffled, n_parties)]
-
-    parties = tuple(train_val_split(s, data.val_fraction, derive_seed(seed, "val", i)) for i, s in enumerate(silos))
-    # A labelled public set gets its own validation split, for early stopping of transfer learning.
-    if data.public_labelled and len(public) > 0:
-        public_split = train_val_split(public, 0.1, derive_seed(seed, "public-val"))
-    else:
-        public_split = PartySplit(train=public, val=np.empty(0, dtype=np.int64))
-    return FederatedSplit(public=public_split.train, public_val=public_split.val, parties=parties,
-                          private_classes=private_classes, public_classes=public_classes, holdout=holdout)
 
 
 def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
@@ -162,7 +75,7 @@ def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
         dataset, split = owner_tables(config, local=local, given=tables)
     else:
         dataset = load_dataset(config.data.dataset, seed=config.run.seed, data_dir=config.data.data_dir)
-        split = build_split(config, dataset)
+        split = build_split(config.data, dataset, seed=config.run.seed, n_parties=len(config.participants))
 
     def view(idx: np.ndarray) -> DataView:
         return DataView(dataset.x_train, dataset.y_train, torch.as_tensor(idx, dtype=torch.long))
@@ -462,10 +375,7 @@ class Federation:
         }
         # Present from the start, even if nothing leaves: a missing record then means a deleted one.
         (self.out / RELEASES).touch()
-        path = self.out / PRIVACY_PLAN
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_atomically(self.out / PRIVACY_PLAN, (json.dumps(plan, indent=1, sort_keys=True) + "\n").encode())
 
     def _record_releases(self, rnd: int, outgoing: Sequence[Message]) -> None:
         """Append what is about to leave the participants to ``releases.jsonl`` (fsynced before it is sent): the
@@ -481,10 +391,7 @@ class Federation:
                                      "digest": payload_digest(msg)}, sort_keys=True))
         if not lines:
             return
-        with open(self.out / RELEASES, "a") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_durably(self.out / RELEASES, "".join(line + "\n" for line in lines).encode())
 
     # ----- the run -----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -612,10 +519,7 @@ class Federation:
 
     # ----- persistence -------------------------------------------------------------------
     def _log(self, record: RoundRecord) -> None:
-        with open(self.out / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record.to_json()) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_durably(self.out / "metrics.jsonl", (json.dumps(record.to_json()) + "\n").encode())
 
     def _metrics_lines(self) -> int:
         path = self.out / "metrics.jsonl"
@@ -684,42 +588,3 @@ def payload_digest(msg: Message) -> str:
             for part in value if isinstance(value, list) else [value]:
                 digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
-
-
-def save_atomically(state: Mapping[str, Any], path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a crash leaves the old or the new file, never half."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(dict(state), tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint without running any code it holds.
-
-    A checkpoint is a pickle, and a full unpickler calls whatever the file names (a crafted ``last.pt``
-    would run code on ``--resume``, before anything is validated). ``weights_only=True`` accepts only
-    tensors, plain containers and numbers, and the classes allowed here, which is all securefl saves.
-    """
-    from securefl.core.sealed import SealedTensor
-    from securefl.protocols.base import GlobalUpdate
-
-    try:
-        # The classes a checkpoint holds besides plain values (the server's update log, with sealed fields):
-        # frozen dataclasses of tensors, bytes and plain values, whose loading calls no code of the file's choice.
-        with torch.serialization.safe_globals([GlobalUpdate, SealedTensor]):
-            state = torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message quotes what the file asked for; say what it means instead.
-        what = ("holds objects other than tensors, numbers, strings and containers (loading them could run "
-                "code)" if "Weights only load failed" in str(exc) else "is corrupt or truncated")
-        raise RunDirError(f"{path}: not a checkpoint securefl wrote: it {what}; refusing to load it (restore the "
-                          "checkpoint from a copy you trust)") from None
-    except Exception as exc:  # noqa: BLE001 - any other failure means a corrupt file
-        raise RunDirError(f"{path}: checkpoint is corrupt or truncated ({type(exc).__name__}); "
-                          "refusing to start over silently") from None
-    if not isinstance(state, dict):
-        raise RunDirError(f"{path}: not a securefl checkpoint (it holds a {type(state).__name__}, not a mapping); "
-                          "refusing to resume from it")
-    return state

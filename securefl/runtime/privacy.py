@@ -22,11 +22,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from securefl.core.durable import write_atomically
 from securefl.privacy.budget import ExperimentTarget, PrivacyPolicy, resolve_budget
 from securefl.privacy.calibration import calibrate_noise_multiplier
 from securefl.privacy.dp_sgd import DPSGDTrainer
@@ -158,9 +158,7 @@ class PrivacyRuntime:
         if key not in cache:
             cache[key] = calibrate_noise_multiplier(**inputs)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=1) + "\n")
-            os.replace(tmp, path)
+            write_atomically(path, (json.dumps(cache, indent=1) + "\n").encode())
         return float(cache[key])
 
     def _inject_dp_sgd(self, party: Any) -> None:

@@ -29,7 +29,8 @@ class _RunsCode:
 
 @pytest.mark.parametrize("where", ["simulation", "node"])
 def test_a_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path: Path, where: str) -> None:
-    from securefl.runtime.federation import Federation, RunDirError
+    from securefl.runtime.checkpoint import RunDirError
+    from securefl.runtime.federation import Federation
 
     config = tiny_config(run={"rounds": 2})
     out = tmp_path / "run"
@@ -44,7 +45,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path: Path, where:
             Federation(config, out, progress=False, resume=True).run()
     else:
         # The same file as a node's checkpoint, which every request of a fresh node process loads.
-        from securefl.runtime.federation import load_checkpoint
+        from securefl.runtime.checkpoint import load_checkpoint
 
         node_checkpoint = tmp_path / "node" / "checkpoints" / "node.pt"
         node_checkpoint.parent.mkdir(parents=True)
@@ -62,7 +63,8 @@ def test_a_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path: Path, where:
 def test_a_genuine_checkpoint_still_resumes(tmp_path: Path) -> None:
     """Not an attack: the safe loader still reads what securefl writes (a CKKS run, whose update log holds sealed
     values, the classes the loader allows besides plain values)."""
-    from securefl.runtime.federation import Federation, load_checkpoint
+    from securefl.runtime.checkpoint import load_checkpoint
+    from securefl.runtime.federation import Federation
 
     config = tiny_config(protocol="fml", secure_aggregation="ckks", run={"rounds": 2})
     out = tmp_path / "run"

@@ -14,7 +14,8 @@ from securefl.deploy.node import NODE_CHECKPOINT, ParticipantNode, settings_from
 from securefl.deploy.provision import provision
 from securefl.deploy.remote import RemoteParticipants, RemoteSetupError, isolated_participants, local_exchange
 from securefl.privacy.audit import audit_run
-from securefl.runtime.federation import Federation, load_checkpoint
+from securefl.runtime.checkpoint import load_checkpoint
+from securefl.runtime.federation import Federation
 from tests.conftest import tiny_raw
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare"

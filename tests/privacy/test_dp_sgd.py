@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from securefl.core.training import LookAhead
+from securefl.core.training import LookAhead, PlainTrainer
 from securefl.privacy.dp_sgd import DPSGDTrainer
 from securefl.privacy.errors import BudgetExceeded
 from securefl.privacy.events import PrivacyEvent, PublicDataEvent
@@ -158,6 +158,23 @@ def test_public_steps_are_logged_as_spending_nothing() -> None:
     DPSGDTrainer(noise_multiplier=1.0, max_grad_norm=1.0, commit=events.append).fit_public(
         model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, batch_size=16, epochs=1, payload="digest")
     assert len(events) == 1 and isinstance(events[0], PublicDataEvent) and events[0].payload == "digest"
+
+
+def test_public_steps_train_exactly_as_the_plain_trainer_does() -> None:
+    """Logging the public step is not enough: a DP ``fit_public`` that booked the event but skipped the training
+    passed every other test. It must move the model, and exactly as the plain trainer would (no clipping, no
+    noise: the data are public)."""
+    x, y = _data()
+    trained = {}
+    for trainer in (PlainTrainer(), DPSGDTrainer(noise_multiplier=1.0, max_grad_norm=1.0, commit=lambda e: None)):
+        torch.manual_seed(0)
+        model = nn.Linear(5, 3)
+        before = [p.detach().clone() for p in model.parameters()]
+        stats = trainer.fit_public(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, batch_size=16, epochs=2)
+        assert stats.steps == 8
+        assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+        trained[trainer.name] = [p.detach() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(trained["plain"], trained["dp_sgd"], strict=True))
 
 
 def test_model_is_left_without_opacus_hooks() -> None:

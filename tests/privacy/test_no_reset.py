@@ -14,17 +14,18 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import securefl.privacy.ledger as ledger_module
+import securefl
+import securefl.privacy.ledger.ledger as ledger_module
 from securefl.privacy.ledger import Ledger
 
 from .helpers import DELTA, dp_sgd, logits_event
 
-SECUREFL = Path(ledger_module.__file__).resolve().parent.parent
+SECUREFL = Path(securefl.__file__).resolve().parent
 
 #: The only modules allowed to construct an accountant.
 ALLOWED = {
     "privacy/accountants.py",  # the registry itself
-    "privacy/ledger.py",  # one per participant, for the whole run
+    "privacy/ledger/ledger.py",  # one per participant, for the whole run
     "privacy/calibration.py",  # before round 1, same accountant as reporting
     "privacy/audit.py",  # after the run, from the ledger file
 }

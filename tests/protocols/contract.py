@@ -16,9 +16,10 @@ import torch
 
 from securefl.config import deep_merge
 from securefl.core.aggregator import PlainAggregator
-from securefl.core.message import Message
+from securefl.core.message import AGGREGATOR, BROADCAST, Message
 from securefl.protocols import ProtocolSetupError, get_protocol
-from securefl.runtime.federation import Federation
+from securefl.runtime.federation import Federation, build_world
+from securefl.runtime.host import as_list
 from securefl.runtime.transport import InProcessTransport
 from tests.conftest import Crash, crash_after_round, metrics_without_time, tiny_config
 
@@ -67,6 +68,18 @@ class RateRecorder:
         return getattr(self.inner, name)
 
 
+def addressed(messages: Any, ids: list[str]) -> dict[str, list[Message]]:
+    """Inboxes from a downlink or a list of messages, as the transport would fill them (a broadcast to all)."""
+    inboxes: dict[str, list[Message]] = {pid: [] for pid in ids}
+    if isinstance(messages, dict):
+        messages = [m.model_copy(update={"receiver": pid}) for pid, ms in messages.items() for m in as_list(ms)]
+    for msg in as_list(messages):
+        for pid in ids if msg.receiver == BROADCAST else [msg.receiver]:
+            if pid != AGGREGATOR:
+                inboxes[pid].append(msg.model_copy(update={"receiver": pid}))
+    return inboxes
+
+
 class ProtocolContract:
     protocol: ClassVar[str]
     overrides: ClassVar[dict[str, Any]] = {}
@@ -74,6 +87,46 @@ class ProtocolContract:
 
     def config(self, **changes: Any) -> Any:
         return tiny_config(**deep_merge({"protocol": self.protocol, **self.overrides}, changes))
+
+    def test_one_round_by_hand_declares_its_messages_and_aggregates_only_through_the_aggregator(self) -> None:
+        """The contract without a Federation, run directory or layers: the role methods called as the
+        participants and the aggregator would call them, for one round."""
+        _, _, _, parties, proto = build_world(self.config(run={"rounds": 1}), "contract")
+        proto.validate_participants(parties)
+        proto.setup_server(parties)
+        for party in parties:
+            proto.setup_party(party)
+            proto.prepare_party(party)
+        ids = [p.id for p in parties]
+        inboxes = addressed(proto.open_round(1, ids), ids)
+        sent = [m for p in parties for m in as_list(proto.client_step(p, inboxes[p.id], 1))]
+        if self.shares_nothing:
+            assert sent == []
+            return
+        assert proto.uplink is not None
+        to_server = [m for m in sent if m.receiver == AGGREGATOR]
+        for msg in sent:
+            assert msg.round == 1 and msg.sender in ids
+        for msg in to_server:
+            proto.uplink.check(msg)
+            assert all(isinstance(v, torch.Tensor) and torch.isfinite(v).all() for v in msg.payload.values())
+        spy = SpyAggregator()
+        downlink = proto.server_step(1, to_server, spy) if to_server else None
+        # Only declared fields are combined; only aggregatable ones, unless the protocol refuses secure
+        # aggregation (FedGen's reference mode averages heads the server also reads one by one).
+        aggregatable = {n for n, f in proto.uplink.fields.items()
+                        if f.aggregatable or proto.secure_aggregation_refusal() is not None}
+        assert {field for _, field in spy.calls} <= aggregatable
+        if to_server and aggregatable:
+            assert spy.calls, "server_step combined the replies without the aggregator"
+        inboxes = addressed(downlink, ids)
+        for msg in sent:
+            if msg.receiver != AGGREGATOR:
+                inboxes[msg.receiver].append(msg)
+        for party in parties:
+            proto.client_update(party, inboxes[party.id], 1)
+            accuracy = proto.evaluate(party)["accuracy"]
+            assert 0.0 <= accuracy <= 1.0
 
     def test_runs_and_writes_the_run_directory(self, tmp_path: Path) -> None:
         summary = Federation(self.config(), tmp_path / "run", progress=False).run()

@@ -16,7 +16,7 @@ import yaml
 from securefl.cli import main
 from securefl.core.party import DataView, Party
 from securefl.data.datasets import DataError, load_dataset
-from securefl.runtime.federation import build_split
+from securefl.data.split import build_split
 from tests.conftest import tiny_raw
 from tests.data.test_datasets import _write_idx
 from tests.reliability.helpers import ValidatedFederation, small_config
@@ -26,7 +26,7 @@ def _pool(**data: Any) -> tuple[np.ndarray, np.ndarray]:
     """The private pool (train indices outside the public set) of the small config, and the labels."""
     cfg = small_config(data=data) if data else small_config()
     dataset = load_dataset("digits", seed=cfg.run.seed)
-    split = build_split(cfg, dataset)
+    split = build_split(cfg.data, dataset, seed=cfg.run.seed, n_parties=len(cfg.participants))
     pool = np.sort(np.concatenate([np.concatenate([p.train, p.val]) for p in split.parties]))
     return pool, dataset.y_train.numpy()
 

@@ -27,7 +27,8 @@ import yaml
 from securefl.cli import main
 from securefl.config import parse_config
 from securefl.privacy.audit import audit_run
-from securefl.runtime.federation import Federation, RunDirError, lock_run_dir
+from securefl.runtime.checkpoint import RunDirError, lock_run_dir
+from securefl.runtime.federation import Federation
 from tests.conftest import Crash, crash_after_round, tiny_raw
 from tests.data.test_datasets import _write_idx
 from tests.reliability.helpers import small_raw
@@ -339,7 +340,7 @@ def test_a_run_directory_in_use_by_another_process_is_refused_and_freed_when_tha
     os.close(lock_run_dir(out))  # freed once the run is over
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from securefl.runtime.federation import lock_run_dir\n"
+                               "from securefl.runtime.checkpoint import lock_run_dir\n"
                                "lock_run_dir(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)", str(out)],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from securefl.config import config_differences
-from securefl.runtime.federation import Federation, RunDirError
+from securefl.runtime.checkpoint import RunDirError
+from securefl.runtime.federation import Federation
 from tests.conftest import Crash, crash_after_round, metrics_without_time, tiny_config
 
 
