@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+# fedgen is one class per fedgen.mode, each registering itself with FedGen on import: FedGen(config, ctx)
+# builds the class of the configured mode.
+from securefl.protocols import fedgen_private, fedgen_reference  # noqa: F401
 from securefl.protocols.base import Field, Protocol, ProtocolConfig, ProtocolSetupError, Schema
 from securefl.protocols.fedavg import FedAvg
-from securefl.protocols.fedgen import FedGen
+from securefl.protocols.fedgen_common import FedGen
 from securefl.protocols.fedh2l import FedH2L
 from securefl.protocols.fedmd import FedMD
 from securefl.protocols.fml import FML

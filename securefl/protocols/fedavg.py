@@ -1,17 +1,24 @@
 """FedAvg baseline, for homogeneous participants only.
 
-McMahan et al., "Communication-Efficient Learning of Deep Networks from
-Decentralized Data", AISTATS 2017. The server broadcasts the global model,
-sampled clients train ``local_epochs`` on their data and send their weights,
-and the server takes the mean weighted by sample counts (``fedavg.weighting:
-samples``, the paper's) or the plain mean (``uniform``). FedAvg cannot mix
-architectures; a heterogeneous set-up is refused before round 1.
+McMahan, Moore, Ramage, Hampson & Agüera y Arcas, "Communication-Efficient Learning of Deep
+Networks from Decentralized Data", AISTATS 2017, arXiv:1602.05629. The server broadcasts the
+global model, sampled clients train ``local_epochs`` on their data and send their weights, and the
+server takes the mean weighted by sample counts (``fedavg.weighting: samples``, the paper's) or the
+plain mean (``uniform``). FedAvg cannot mix architectures; a heterogeneous set-up is refused before
+round 1. Sample weighting sends each client's exact record count in the clear and scales each
+client's share of distributed noise, so the privacy set-up refuses ``samples`` under DP (see
+``docs/algorithms/fedavg.md``).
 
-Sample weighting sends each client's exact record count in the clear, and a
-weighted sum scales each client's share of distributed noise by its count.
-Both are declared (:meth:`FedAvg.uplink_metadata`,
-:meth:`FedAvg.weighted_aggregation`), so the privacy set-up refuses
-``samples`` under DP before round 1; a DP run uses ``uniform``.
+Paper (FederatedAveraging)                             here
+the server initialises w_0                             ``setup_server`` (``global_model``)
+each round: send w_t (all start from w_0; only a       ``open_round``
+client that missed a round needs it again)
+ClientUpdate: E epochs of minibatch SGD from w_t       ``client_step``
+w_{t+1} = Σ_k (n_k / n) · w_{t+1}^k                    ``server_step`` (``weighting``; declared in
+                                                       ``uplink_metadata``, ``weighted_aggregation``)
+clients load w_{t+1}                                   ``client_update``
+one architecture for all                               ``validate_participants``
+evaluation: the global model (``accuracy``)            ``evaluate``
 """
 
 from __future__ import annotations

@@ -1,101 +1,25 @@
 """FedH2L: decentralised mutual distillation on a shared seed set.
 
-Li, Zhou, Wang, Mi & Hospedales, "FedH2L: Federated Learning with Model and
-Statistical Heterogeneity", arXiv:2101.11296. There is no public reference
-code; this file follows the paper as the project spec (section 2) states it.
+Li, Zhou, Wang, Mi & Hospedales, "FedH2L: Federated Learning with Model and Statistical
+Heterogeneity", arXiv:2101.11296, 2021. There is no public reference code; this file follows the
+paper as the project spec (section 2) states it. There is no server: peers on a neighbour graph
+send each other their posteriors on a small public (or consented) seed set S and distil from them,
+optionally aligning the distillation with the local task (``meta`` or ``pcgrad``). The procedure,
+the relay form, why ``direct`` is refused under secure aggregation and distributed noise, and why
+each variant stays sound under DP-SGD: ``docs/algorithms/fedh2l.md``.
 
-Each peer i keeps its own architecture f_i and its private data D_i. What the
-peers share is a small **seed set** S (here: a fixed, deterministic subset of
-the runtime's public set, used without its labels). The seed set is declared
-``public`` or ``consented`` in the config (``fedh2l.seed_set``); that status
-is a documented privacy assumption and the run report states it (see
-:meth:`FedH2L.run_notes`).
-
-There is no server. Peers sit on a neighbour graph N(i): the full mesh, a
-ring, or a k-regular graph drawn deterministically from the run seed. Every
-round, as in the paper:
-
-1. **Share.** Each sampled peer i evaluates its model on S and sends its
-   posteriors p_i^T(S) (|S| x C, softmax at temperature T) to each neighbour
-   j in N(i), directly, peer to peer (``client_step`` returns one message per
-   neighbour). Nothing computes on these messages on the way.
-2. **Mutually distil.** Each peer minimises its local objective with the
-   posteriors it received held fixed for the round::
-
-       L_i = CE(f_i; D_i) + lambda * T^2 * mean_{j in N(i)} KL(p_j^T(S) || p_i^T(S))
-
-   (T = 2, lambda = 1 by default). Training on the private data goes through
-   the injected ``party.trainer.fit``: every private minibatch step adds the
-   distillation term on a fresh random minibatch of the seed set
-   (``fedh2l.seed_batch_size`` records), so the CE sees each private record
-   once per epoch while the distillation term is spread over the same steps.
-3. **Align** (optional, ``fedh2l.alignment``; the paper's robustness to
-   statistical heterogeneity). Distilling from peers whose data differ can
-   pull a peer away from its own task. Two ways to keep the distillation step
-   from hurting local accuracy, both computed per step by gradient surgery:
-
-   - ``meta``, a first-order meta step in the style of MLDG (Li, Yang, Song &
-     Hospedales 2018): theta' = theta - alpha * grad L_dist(theta), and the
-     step follows (1 - beta) grad L_loc(theta) + grad L_dist(theta) +
-     beta grad L_loc(theta'), the gradient of L_loc at theta' applied to
-     theta (first order). The cross-entropy keeps total weight 1, split
-     between theta and the look-ahead point (beta in [0, 1]). To second order
-     this adds -alpha * beta * grad L_dist . grad L_loc to L_i: it rewards
-     distillation steps that also lower the local loss. See
-     :meth:`FedH2L.look_ahead` for why L_dist(theta) stays in the update.
-   - ``pcgrad``, the cheaper variant: when grad L_loc . grad L_dist < 0, the
-     distillation gradient is projected onto the normal plane of the local
-     gradient before the two are added (PCGrad, Yu et al. 2020, applied one
-     way only, as the spec says).
-
-Only the peers sampled in a round take part in it; a sampled peer distils
-from whatever neighbour posteriors of *this* round arrived, i.e. from its
-sampled neighbours. Posteriors addressed to a peer while it was not sampled
-are stale when it next steps and are dropped (a signing layer already rejects
-them as stale). The runtime calls ``client_update`` only for a non-empty
-inbox, so a sampled peer none of whose neighbours was sampled does not train
-in that round (a runtime limitation: it should train on CE alone).
-
-**Relay form** (``fedh2l.exchange: relay_sum``). The peer average of
-posteriors is a sum, so a relay can compute it under HE or SecAgg without
-seeing any p_j: peers send p_i^T(S) to the relay, which only calls
-``aggregator.sum`` and broadcasts the sum; each peer subtracts its own p_i and
-divides by n - 1 (n, the number of contributors, is public). This is valid
-for the full mesh only. The gradient of mean_j KL(p_j || p_i) with respect to
-the model equals that of KL(mean_j p_j || p_i) (the two differ by a constant
-that does not depend on the model), so the relay form trains like the direct
-one up to rounding. In the ``direct`` form the relay
-never computes: ``server_step`` is never given a message.
-
-The ``direct`` form under secure aggregation or distributed noise. A secure
-aggregator seals only what goes to the relay's sum, so the posteriors a peer
-sends to each neighbour would leave in the clear, and under distributed DP
-noise each would carry only its 1/sqrt(n) share of the noise that the ledger
-books for a sum (a peer reading one message sees about twice the booked ε).
-Both combinations are refused before round 1
-(:meth:`FedH2L.secure_aggregation_refusal`, :meth:`FedH2L.peer_to_peer`).
-``exchange: relay_sum`` is the form that runs under them.
-
-Each peer is evaluated on the global balanced test set: the paper's goal is
-that every peer does well on the whole distribution, not just its own silo.
-``accuracy``: each peer's own model on the global balanced test set.
-
-Privacy notes. The posteriors are what leaves a peer (the declared uplink
-field). Under DP-SGD, the distillation term is a function of the public seed
-set, of already-released posteriors and of the model, so its gradient costs no
-further privacy; but
-adding it inside the per-sample private loss (as ``batch_loss`` does here)
-would make a per-sample-gradient trainer clip it together with each private
-record's gradient and see two forward passes of different batch sizes. A DP
-trainer takes the public term separately and adds its gradient after
-clipping and noising (:meth:`FedH2L.public_objective`). ``pcgrad`` stays
-sound the same way: the trainer hands the combination step the private
-gradient *after* clipping and noise, and projecting the public gradient off a
-released vector is post-processing. ``meta`` stays sound too: θ' is taken
-along the distillation gradient, a function of public data and the model only,
-so each private record contributes one vector (1 - beta) grad L_loc(θ) +
-beta grad L_loc(θ'), which the DP trainer clips per record as a whole (the same
-sensitivity and spend as plain DP-SGD; see ``LookAhead``).
+Paper / spec                                           here
+the seed set S, the neighbour graph N(i)               ``seed_indices``, ``neighbour_sets``
+1. share p_i^T(S) with each neighbour (or the relay)   ``client_step``, ``posteriors``; relay:
+                                                       ``server_step`` (a sum, nothing else)
+2. L_i = CE(f_i; D_i) + λ·T²·mean_{j∈N(i)} KL(p_j^T(S) ‖ p_i^T(S))
+                                                       ``client_update``, ``received_posteriors``,
+                                                       ``local_objective``, ``public_objective``,
+                                                       ``distillation_loss``
+3. align: ``meta`` (first-order MLDG step)             ``look_ahead``
+          ``pcgrad`` (project off a conflicting g)     ``gradient_combine``, ``project_conflicting``
+refusals: direct exchange under SecAgg / shared noise  ``secure_aggregation_refusal``, ``peer_to_peer``
+evaluation: each peer's model, global test set         the base class's ``evaluate``; ``run_notes``
 """
 
 from __future__ import annotations

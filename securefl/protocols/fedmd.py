@@ -1,39 +1,24 @@
 """FedMD: heterogeneous federated learning via model distillation.
 
-Li & Wang, "FedMD: Heterogenous Federated Learning via Model Distillation",
-arXiv:1910.03581 (reference code: FedMD_clean, TF/Keras).
+Li & Wang, "FedMD: Heterogenous Federated Learning via Model Distillation", NeurIPS 2019 Workshop
+on Federated Learning for Data Privacy and Confidentiality, arXiv:1910.03581 (reference code:
+``diogenes0319/FedMD_clean``, TF/Keras). Each participant keeps its own architecture and its weights
+never leave it; what crosses the wire is its logits on a public alignment subset, averaged into a
+consensus that every model is then fitted to. The procedure, its choices (early stopping on
+validation splits, the digest losses, optimizer state across rounds) and how it differs from the
+reference code: ``docs/algorithms/fedmd.md``.
 
-Each participant keeps its own architecture and its weights never leave it.
-What crosses the wire is the matrix of class scores (logits) on a public
-alignment subset. The procedure, as in the paper:
-
-0. Transfer learning: train on the labelled public set D_0 to convergence,
-   then on the private set D_k. With an unlabelled public set (benchmark A1),
-   only D_k is used and D_0 serves purely as alignment inputs. Early stopping
-   uses validation splits, never the test set (the reference code selects on
-   the test set; we do not).
-Then every round:
-
-1. draw a fresh alignment subset X_a of D_0, seeded by the round, so every
-   party draws the same subset without being told;
-2. communicate: each participant sends z_k(X_a);
-3. aggregate: the consensus is the unweighted mean of the logits;
-4. digest: each participant fits its logits to the consensus on X_a
-   (L1 on raw logits by default, the reference's Keras MAE with Adam 1e-3 and
-   batch 256);
-5. revisit: a few epochs of cross-entropy on the private data.
-
-Digest comes before revisit, and each participant keeps its optimizers'
-state across rounds (the two phases have separate optimizers, like the two
-compiled Keras models of the reference). The ``kl`` digest is Hinton's
-distillation loss, T^2 * KL(softmax(consensus / T) || softmax(z_k / T)), the
-consensus being the mean of the raw logits, softened only inside the loss.
-
-Step 0 already is an early-stopped local fit, so the runtime's generic warm
-start (``training.warm_start``) is not run on top of it
-(``has_own_warm_start``).
-
-``accuracy``: each participant's own model, after the rounds, on the test set.
+Paper                                                  here
+0. transfer learning: D_0 to convergence, then D_k     ``prepare_party`` (the warm start:
+                                                       ``has_own_warm_start``)
+1. a fresh alignment subset X_a of D_0 each round,     ``alignment_indices``
+   the same at every party (seeded by the round)
+2. communicate: each participant sends z_k(X_a)        ``client_step``, ``expected_uplink_shape``
+3. aggregate: the unweighted mean of the logits        ``server_step``
+4. digest: fit z_k(X_a) to the consensus               ``client_update``, ``digest_loss``
+   (L1 on raw logits, or T²·KL with ``kl``)
+5. revisit: a few epochs of CE on the private data     ``client_update``
+evaluation: each participant's own model (``accuracy``), the base class's ``evaluate``
 """
 
 from __future__ import annotations

@@ -1,100 +1,24 @@
 """FML: Federated Mutual Learning.
 
-Shen, Zhang, Jia, Zhang, Huang, Zhou, Kuang, Wu, Wu, "Federated Mutual
-Learning", arXiv:2006.16765 (reference code: ZJU-DAI/Federated-Mutual-Learning).
+Shen, Zhang, Jia, Zhang, Huang, Zhou, Kuang, Wu & Wu, "Federated Mutual Learning",
+arXiv:2006.16765, 2020 (reference code: ``ZJU-DAI/Federated-Mutual-Learning``). Each client holds
+a **local** model of its own architecture that never leaves it (the personalized model) and a
+**meme** of one common architecture, the only thing shared and averaged as in FedAvg. Both are
+trained together by deep mutual learning. The procedure, the optimizer schedule, the traps of the
+code in circulation avoided here, and why both models go through one private-training loop (DP):
+``docs/algorithms/fml.md``.
 
-Each client holds two models. Its **local** model has an architecture of the
-client's own choosing, is trained only on the client's private data and never
-leaves the client: it is the *personalized* model. Its **meme** model has one
-architecture common to every client: it is the *generalized* model, the only
-thing that is shared, averaged by the server as in FedAvg.
-
-The procedure, as in the paper:
-
-1. The global meme is initialised, and every client starts from it (here all
-   memes are initialised from one shared seed, so round 1 needs no download).
-2. Each round, every selected client *forks* the global meme (its copy is
-   the latest merge; ``open_round`` sends the latest merge to a selected
-   client that sat out and so holds an older one; the reference also
-   re-initialises the meme's optimizer at the fork), then trains both of its
-   models for E local epochs by **deep mutual learning**: on every minibatch
-   (x, y) of its private data, with logits z_l of the local model and z_m of
-   the meme, p = softmax(z) at temperature T = 1,
-
-       L_local = α·CE(z_l, y) + (1−α)·KL(p_m ‖ p_l)
-       L_meme  = β·CE(z_m, y) + (1−β)·KL(p_l ‖ p_m)
-
-   with α = β = 0.5, where each KL's target distribution is detached (it is a
-   fixed teacher for this step), and each model is stepped by its own
-   optimizer on the *same* minibatch.
-3. Each client uploads its meme's parameters (and float buffers).
-4. The server *merges*: the new global meme is the mean of the uploaded
-   memes (uniform as in the reference; sample-count weighting is an option,
-   which sends each client's exact record count in the clear and so is refused
-   under DP), and sends it back to the clients, which load it as their meme.
-   The server only forwards the merge and never reads it, so the merge can run
-   under secure aggregation, CKKS included.
-
-``accuracy`` is the local (personalized) model on the balanced test set, the paper's headline.
-Beside it: ``own_distribution_accuracy``, the same model's per-class test
-accuracy weighted by the owner's training label distribution (the population
-a personalized model serves); ``meme_accuracy`` and
-``meme_own_distribution_accuracy``, the client's copy of the meme, which
-after a round is the global meme.
-
-Optimizer and schedule: the reference's (SGD lr 0.01, momentum 0.9, weight
-decay 5e-4, batch 128; its Adam variant uses weight decay 1e-4), one rate for
-both models, decayed ×0.1 before every ``int(R/3)``-th round below round 50
-(``utils.LR_scheduler``; ``fml.lr_decay*``). The rate is recomputed from the
-round number each round, so it survives the meme optimizer's reset at a fork
-and a resume. ``fml.optimizer/lr/momentum/weight_decay/batch_size`` replace
-it (e.g. Adam 1e-3, no weight decay, batch 64, for parity with other rows).
-
-Warm start: the local model is ``party.model``, never overwritten by a merge,
-so the generic warm start applies to it (the meme, shared, starts from the
-common initialisation).
-
-Known traps of the code in circulation, avoided here:
-
-- the reference's main script has ``fork``/``merge`` commented out, so its
-  clients never federate; here they do (a test checks that the memes are
-  identical across clients after a round);
-- library copies (e.g. PFLlib's ``clientfml``) compute the KL with
-  ``nn.KLDivLoss()``, i.e. reduction ``'mean'``, which divides by B·C instead
-  of B and so weakens the mutual term C-fold; they also leave the teacher
-  attached, so the local loss leaks gradient into the meme. Here the KL is
-  :func:`~securefl.core.training.kl_distillation` (``batchmean``, teacher
-  detached);
-- the reference's merge sums and divides every ``state_dict`` entry, integer
-  counters (BatchNorm's ``num_batches_tracked``) included; here only
-  parameters and float buffers travel and are averaged, and a client's
-  integer buffers are never overwritten.
-
-How the two updates go through one private-training loop
---------------------------------------------------------
-Every step on private data goes through ``party.trainer.fit`` so that a
-DP-SGD trainer can be injected without touching this file. FML steps *two*
-models per minibatch, so the client's local model and meme are wrapped in one
-module, :class:`MutualPair`, whose forward returns both logits, and the
-per-batch loss is ``L_local + L_meme``. Because each KL's teacher is
-detached, the gradient of that sum with respect to the local parameters is
-exactly ∇L_local and with respect to the meme's parameters exactly ∇L_meme:
-one backward pass gives the paper's two separate updates, with no gradient
-crossing between the models. The "two optimizers" are the two models'
-parameters in one torch optimizer; SGD (and Adam) keep per-parameter state, so
-this steps each model exactly as its own optimizer would. (Only
-``training.max_grad_norm`` differs: it clips the pair's joint norm.)
-
-This choice matters for privacy. Under record-level DP the meme's per-record
-loss uses the local model's prediction as its teacher, so if the local model
-were trained outside DP-SGD, its data-dependent outputs would feed every
-record's meme gradient and the meme's release would no longer be
-post-processing of DP steps. Passing the pair through one trainer makes every
-step that touches private data a DP-SGD step (per-record clipping over both
-models' gradients, noise on both), as the privacy model requires; everything
-shared afterwards is post-processing. The price is that the local model is
-trained with noise too. A participant-level mechanism (clip and noise the
-meme delta) needs no such coupling and works with the plain trainer.
+Paper                                                  here
+1. initialise the global meme (one shared seed)        ``setup_party``, ``_build_meme``
+2. fork: each selected client takes the global meme    ``open_round`` (to a client that sat out),
+                                                       ``client_step``
+   DML on every minibatch, α = β = 0.5, T = 1:         ``client_step``, ``MutualPair``,
+   L_local = α·CE(z_l, y) + (1−α)·KL(p_m ‖ p_l)         ``mutual_losses``
+   L_meme  = β·CE(z_m, y) + (1−β)·KL(p_l ‖ p_m)
+   the reference's lr schedule                         ``learning_rate``, ``decayed_learning_rate``
+3. upload the meme                                     ``client_step``
+4. merge: the mean of the memes, loaded by the clients ``server_step``, ``client_update``
+evaluation: the local model (``accuracy``), the meme   ``evaluate``
 """
 
 from __future__ import annotations

@@ -1,139 +1,27 @@
 """HeteroFL: width-scaled subnetworks of one global model.
 
-Diao, Ding & Tarokh, "HeteroFL: Computation and Communication Efficient
-Federated Learning for Heterogeneous Clients", ICLR 2021 (reference code:
-``HeteroFL-Computation-and-Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients``,
-``src/fed.py`` and ``src/train_classifier_fed.py``).
+Diao, Ding & Tarokh, "HeteroFL: Computation and Communication Efficient Federated Learning for
+Heterogeneous Clients", ICLR 2021 (reference code:
+``diaoenmao/HeteroFL-Computation-and-Communication-Efficient-Federated-Learning-for-Heterogeneous-Clients``,
+``src/fed.py`` and ``src/train_classifier_fed.py``). There is one global model; client m trains the
+sub-model of rate r_m (every hidden width h becomes ceil(r_m h), ``securefl/models/heterofl.py``),
+and every parameter element is averaged over the clients whose slice covers it. The participants,
+never the server, hold the global model (:class:`HeteroFLReplica`), so the same code runs in
+plaintext, under masking and under CKKS. The procedure, the federated sBN statistics, and what DP
+refuses (``norm: bn``, ``label_split: present``) and why: ``docs/algorithms/heterofl.md``.
 
-There is one global model. Clients differ in computation and
-communication capacity, so client m trains a *sub-model* of rate
-r_m in {1, 1/2, 1/4, 1/8, 1/16} (levels a-e): the global architecture with
-every hidden width h replaced by ceil(r_m h) (``securefl/models/heterofl.py``).
-Rates are assigned
-
-- ``fixed``: by the proportions of the reference's notation ("a2-b8": 20 % of
-  the clients at level a, 80 % at level b), each client keeping its level for
-  the whole run (the assignment is a seeded permutation of the clients);
-- ``dynamic``: re-drawn for every client every round from those proportions
-  (seeded by the round, so every run draws the same rates).
-
-The global model has the width of the largest level in the proportions (the
-reference's ``global_model_rate``: "e1" trains a 1/16-width model), and every
-Scaler divides by r_m / r_global. Each round:
-
-1. **Down.** Every sampled client takes, for every parameter, the top-left
-   slice ``W[:ceil(r out), :ceil(r in)]`` of the global one (biases and norm
-   parameters likewise). The first layer's input channels and the
-   classifier's outputs are never sliced. The server only tells it its rate
-   (and sends the updates it missed, see "Who holds the global model").
-2. **Local training.** The client trains its sub-model for 5 epochs (batch 10,
-   SGD with momentum 0.9 and weight decay 5e-4, gradient norm clipped at 1;
-   the reference's defaults, fresh optimizer every round as in the
-   reference), with static batch norm (batch statistics only), the Scaler,
-   and the cross-entropy masked to the classes present in its data (its
-   *label split*; ``label_split: all`` takes every class instead, see
-   "Under DP" below). The learning rate follows the reference's MultiStepLR
-   over global rounds: ``lr * lr_decay ** #{milestones < round}``.
-   ``local_steps`` replaces the epochs by a fixed number of minibatch steps
-   (a step budget equal to another method's, where 5 epochs cost too much).
-3. **Up.** The trained slice, zero-padded to global coordinates as one flat
-   vector, with the classifier rows (weights and biases) of the classes
-   absent from the client's data set to 0. The client's rate and label split
-   travel as public metadata.
-4. **Aggregate.** Every parameter *element* is the average over the clients
-   whose slice covers it (count weighting, not sample weighting); for
-   classifier rows a client counts only for the classes in its label split;
-   elements no client covered keep their value:
-   ``new = where(count > 0, sum / count, old)``. The server obtains only the
-   sum, through ``aggregator.sum`` (so secure aggregation can replace it),
-   and broadcasts it with the contributors' public rates and label splits,
-   from which every participant computes the per-element counts and applies
-   the formula to its replica.
-5. **sBN statistics, federated.** With ``norm: bn`` the evaluation models need
-   batch-norm statistics. The reference computes them by running the global
-   model over the pooled training set; here the clients send per-channel sums
-   (sum x, sum x^2, n), which are aggregated with ``aggregator.sum``. The
-   statistics are computed layer by layer: the query for
-   norm layer l runs the model in evaluation mode with layers < l already
-   using their federated statistics, so every layer's mean and (population)
-   variance are exactly those of its input over the union of the clients'
-   training data in the network that is evaluated (the reference's cumulative
-   average of per-batch statistics depends on how the pooled data is
-   batched). The global model and the sub-model of every level in use get
-   their own statistics, which travel with the round's update. ``norm: gn``
-   (GroupNorm, for DP-SGD, since Opacus rejects batch norm) needs none; its
-   groups hold ``gn_channels_per_group`` channels at every width, so a slice
-   is normalised exactly as the same channels in the global model.
-
-Who holds the global model: the participants, never the server. Each keeps a
-replica (:class:`HeteroFLReplica`) and applies every round's update to it
-(step 4); the update is deterministic, so all replicas are identical. A
-client that sat out some rounds receives the updates it missed with its next
-rate assignment, in order, before it slices its sub-model. So the server never
-needs to read a sum, and the same code runs in plaintext, under pairwise
-masking and under CKKS (where the sums stay sealed until a participant's
-inbound layer opens them). The price: every sampled client downloads the
-whole (padded) sum, not only its slice, and the server keeps the updates a
-client that sits out still lacks.
-
-``accuracy`` is the global model's test accuracy (the paper's headline).
-
-Evaluation, by every participant on its own replica (the server has no
-model): the global model on the test set (``accuracy``, the same for every
-participant that holds the latest update, so the mean over participants is
-the global model's accuracy), its sub-model at its rate on the test set
-(``submodel_accuracy``, beside ``rate`` so a report can average each level),
-plus ``submodel_local_accuracy``: the sub-model restricted to the client's
-classes on the test records of those classes (the reference's "Local"
-metric, which uses the label-split mask at test time). Under partial
-participation a client that sat out the last round reports the replica it
-holds, one update or more behind.
-
-The statistics serve evaluation only (training normalises with batch
-statistics), so the query runs in the rounds that are evaluated
-(``run.eval_every``, and the last); it is most of a round's cost.
-
-Where the sBN query runs: the runtime's round has a single uplink, before
-aggregation, but the statistics must be those of the *aggregated* model. The
-query therefore runs inside ``server_step``, right after aggregation, as
-extra exchanges of declared message kinds (``sbn_query`` down, ``sbn_sums``
-up; :meth:`client_sbn_sums` is the client's side), summed through the same
-``aggregator``. Its sub-models are sliced from a current replica with the
-round's update applied, and in this in-process form neither they nor the
-``sbn_sums`` replies pass through the runtime's transport or the clients'
-layers: they cross the server in the clear, and every client's data must be
-in the server's process. Secure aggregation (CKKS or pairwise masking)
-therefore refuses ``norm: bn`` before round 1
-(:meth:`HeteroFL.secure_aggregation_refusal`) and runs with ``norm: gn``, and
-``norm: bn`` cannot run with participants on their own nodes
-(``simulation_only``). Routing the query through the layers needs a
-post-aggregation query phase in the runtime.
-
-Under DP. Two habits of the reference release private data that no DP layer
-noises or books; each is declared, and the privacy set-up refuses it before
-round 1 under any DP unit:
-
-- ``norm: bn`` sends the per-channel sums (sum x, sum x^2, n) of every
-  client's raw training data to the server, outside the layers and the ledger
-  (:meth:`HeteroFL.releases_outside_layers`); use ``norm: gn``;
-- ``label_split: present`` sends the set of classes in a client's data in the
-  clear every round (a class held by one record exposes that record exactly),
-  and masks every record's loss to that set, so removing a class's only record
-  changes the gradient of every other record and DP-SGD's per-record clipping
-  no longer bounds one record (:meth:`HeteroFL.uplink_metadata`,
-  :meth:`HeteroFL.record_coupling`). ``label_split: all`` uses every class of
-  the task: the split is public, the mask is constant, and every classifier
-  row is sent and counted.
-
-How the protocol learns that it runs under DP: it does not. ``label_split`` is
-an ordinary setting, and the privacy set-up (which reads the declarations)
-refuses the unsafe value, naming it, so a DP config states ``all`` itself and
-the same file runs the same way everywhere.
-
-Participants' ``model`` names are ignored: every HeteroFL client's model is a
-slice of the one global model, chosen by ``heterofl.model`` (``conv`` or
-``mlp``) and ``heterofl.hidden_sizes``; the heterogeneity is in width, set by
-``heterofl.proportions``.
+Paper, reference code                                  here
+rates: ``fixed`` or ``dynamic`` from the proportions   ``rate_of``, ``fixed_rates``, ``dynamic_rates``
+1. down: the top-left slice of every parameter         ``open_round`` (rate, missed updates),
+                                                       ``submodel``, ``sub_shapes``, ``ParamLayout``
+2. local training: SGD, static BN, Scaler, CE masked   ``client_step``, ``label_split``,
+   to the label split; MultiStepLR over rounds         ``learning_rate``
+3. up: the slice zero-padded to global coordinates     ``client_step`` (``ParamLayout.pad``)
+4. new = where(count > 0, sum / count, old)            ``server_step`` (the sum), ``contributors``,
+                                                       ``counts``, ``apply_update`` (every replica)
+5. sBN statistics, federated                           ``_federated_sbn_statistics``,
+                                                       ``client_sbn_sums``, ``channel_sums``
+evaluation: global model, sub-model, "Local" metric    ``evaluate``
 """
 
 from __future__ import annotations

@@ -1,11 +1,19 @@
 """Local-only baseline: every participant trains alone on its own silo.
 
-This is the lower bound every collaborative protocol must beat. It runs the
-same step 0 as FedMD without a labelled public set (train on D_k with early
-stopping on the validation split), then keeps training for ``local_epochs``
-per round, keeping the weights with the best validation accuracy, so the
-comparison gives local training the same number of rounds and the same
-model selection rule as the protocols it is compared with.
+No paper: the lower bound every collaborative protocol must beat. It runs the same step 0 as FedMD
+without a labelled public set (train on D_k with early stopping on the validation split), then
+keeps training for ``local_epochs`` per round, keeping the weights with the best validation
+accuracy, so the comparison gives local training the same number of rounds and the same model
+selection rule as the protocols it is compared with. Nothing is ever sent. Page:
+``docs/algorithms/local-only.md``.
+
+Step                                                   here
+build the participant's own model                      ``setup_party``
+step 0: train on D_k, early-stopped on validation      ``prepare_party`` (``max_epochs_first``)
+each round: ``local_epochs`` more, best weights kept   ``client_step`` (returns no message)
+what the DP plan books                                 ``private_training_plan``
+evaluation: its own model, and reweighted to its       ``evaluate``
+own label shares (``own_distribution_accuracy``)
 """
 
 from __future__ import annotations

@@ -1,10 +1,18 @@
 """Pooled baseline: one model per architecture trained on the union of all private data.
 
-This is the upper bound of the comparisons, and it is *not* private: it
-pretends the silos' data were pooled in one place, which is what federated
-learning exists to avoid. Participants with the same architecture share one
-model, so the cost is one training per architecture, not per participant.
-Model selection uses the union of the validation splits.
+No paper: the upper bound of the comparisons, and it is *not* private: it pretends the silos' data
+were pooled in one place, which is what federated learning exists to avoid. Participants with the
+same architecture share one model, so the cost is one training per architecture, not per
+participant. Model selection uses the union of the validation splits. It needs every silo in one
+process (``simulation_only``). Page: ``docs/algorithms/pooled.md``.
+
+Step                                                   here
+one model per architecture, shared by its users        ``setup_party``
+each round: epochs on the union of the silos (plain    ``client_step`` (returns no message)
+training, never a DP trainer), best validation weights kept
+nothing booked to any owner's DP plan                  ``private_training_plan``
+optimizers and best weights across a resume            ``state_dict``, ``load_state_dict``
+no warm start (no owner has a model of its own)        ``warm_start_refusal``
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+import inspect
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +20,14 @@ from securefl.core.aggregator import PlainAggregator
 from securefl.core.message import AGGREGATOR, Message
 from securefl.core.training import PlainTrainer, TrainStats, cross_entropy_loss, kl_distillation
 from securefl.models.generator import ConditionalGenerator, diversity_loss
-from securefl.protocols import ProtocolSetupError
+from securefl.protocols import ProtocolSetupError, get_protocol
 from securefl.protocols.base import read_updates
-from securefl.protocols.fedgen import FedGen, label_weights, regularizer_weight, teacher_loss
+from securefl.protocols.fedgen_common import FedGen, label_weights, regularizer_weight, teacher_loss
+from securefl.protocols.fedgen_private import FedGenPrivate
+from securefl.protocols.fedgen_reference import FedGenReference
 from securefl.runtime.federation import Federation
 from tests.conftest import tiny_config, tiny_raw
-from tests.protocols.contract import ProtocolContract, RecordingTransport, SpyAggregator
+from tests.protocols.contract import FORBIDDEN_IMPORTS, ProtocolContract, RecordingTransport, SpyAggregator
 
 FAST = {"local_steps": 5, "generator_steps": 10}
 
@@ -370,6 +374,25 @@ def test_whole_model_sharing_needs_identical_models(tmp_path: Path) -> None:
     assert isinstance(shared, torch.nn.Module) and hasattr(shared, "head")
 
 
+@pytest.mark.parametrize(("mode", "cls"), [("private", FedGenPrivate), ("reference", FedGenReference)])
+def test_the_registry_builds_the_class_of_the_configured_mode(tmp_path: Path, mode: str, cls: type) -> None:
+    assert get_protocol("fedgen") is FedGen
+    protocol = _federation(tmp_path, fedgen={"mode": mode}).protocol
+    assert type(protocol) is cls and isinstance(protocol, FedGen)
+    assert type(copy.deepcopy(protocol)) is cls
+
+
+@pytest.mark.parametrize("cls", [FedGenPrivate, FedGenReference])
+def test_the_mode_files_import_no_privacy_crypto_or_transport_library(cls: type) -> None:
+    # The contract checks the registry entry's file (fedgen_common); each mode's own file is checked here.
+    source = Path(inspect.getfile(cls)).read_text()
+    for node in ast.walk(ast.parse(source)):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for name in names:
+            assert not any(name == f or name.startswith(f + ".") for f in FORBIDDEN_IMPORTS), name
+
+
 def test_bad_values_name_the_field() -> None:
     with pytest.raises(ConfigError, match="fedgen.generator_batch_size"):
         tiny_config(protocol="fedgen", fedgen={"generator_batch_size": 1})
@@ -392,3 +415,12 @@ def test_headline_accuracy_is_the_users_extractor_with_the_averaged_head(tmp_pat
     assert metrics["accuracy"] == pytest.approx(by_hand)
     assert set(metrics) == {"accuracy", "local_accuracy", "generator_accuracy"}
     assert isinstance(fed.protocol, FedGen)
+
+
+def test_an_owners_approval_covers_the_code_of_both_modes() -> None:
+    """The registry's class is the shared file; the releases are computed in the mode files, so the approval's
+    code fingerprint must cover them too (a changed private-mode update must void an approval)."""
+    from securefl.deploy.approval import code_version
+
+    sources = code_version("fedgen")["protocol_source"].split(", ")
+    assert {"fedgen_common.py", "fedgen_private.py", "fedgen_reference.py", "base.py"} <= set(sources)

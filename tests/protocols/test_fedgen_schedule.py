@@ -11,7 +11,7 @@ import torch
 from securefl.config import ConfigError
 from securefl.core.training import PlainTrainer, TrainStats, accuracy
 from securefl.protocols.base import flat_parameters
-from securefl.protocols.fedgen import FedGen
+from securefl.protocols.fedgen_common import FedGen
 from securefl.runtime.federation import Federation
 from tests.conftest import tiny_config
 from tests.protocols.test_fedgen import _one_thread  # noqa: F401  (autouse: one torch thread in this module too)
