@@ -83,13 +83,22 @@ def approved_settings(config: Any, participant_id: str) -> dict[str, Any]:
 
 
 def code_version(protocol: str) -> dict[str, str]:
-    """The package version and the SHA-256 of the protocol's source file: what computes the releases."""
+    """The package version and one SHA-256 over the protocol's source files: what computes the releases.
+
+    The files are those of the registered class, of every class it may build instead (FedGen's modes), and of
+    their protocol base classes: a change to any of them changes what leaves the node, so it voids an approval."""
     import securefl
     from securefl.protocols import PROTOCOLS
 
-    source = Path(inspect.getsourcefile(PROTOCOLS[protocol]) or "")
-    return {"securefl": securefl.__version__, "protocol_source": source.name,
-            "protocol_sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    registered = PROTOCOLS[protocol]
+    classes = [registered, *getattr(registered, "modes", {}).values()]
+    sources = sorted({Path(inspect.getsourcefile(base) or "") for cls in classes for base in cls.__mro__
+                      if base.__module__.startswith("securefl.protocols")})
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.name.encode() + b"\0" + hashlib.sha256(source.read_bytes()).digest())
+    return {"securefl": securefl.__version__, "protocol_source": ", ".join(s.name for s in sources),
+            "protocol_sha256": digest.hexdigest()}
 
 
 def approval_digest(config: Any, participant_id: str) -> str:
@@ -206,6 +215,7 @@ def plan(config: Any, participant_id: str, *, key_dir: Path) -> dict[str, Any]:
     spend, computed as the node will (in a scratch directory: no ledger of the node is touched)."""
     from securefl.privacy.calibration import planned_epsilon, planned_event
     from securefl.privacy.mechanisms import histogram_event
+    from securefl.runtime.builder import KeyRing
     from securefl.runtime.federation import build_world
     from securefl.runtime.host import ParticipantHost
 
@@ -221,9 +231,10 @@ def plan(config: Any, participant_id: str, *, key_dir: Path) -> dict[str, Any]:
     mine = [p for p in parties if p.id == participant_id]
     with tempfile.TemporaryDirectory() as scratch:
         host = ParticipantHost(config=config, out=Path(scratch), ctx=ctx, protocol=protocol, parties=mine,
-                               key_dir=key_dir, n_participants=len(parties))
+                               keys=KeyRing(key_dir), n_participants=len(parties))
         try:
             host.set_up()
+            assert host.privacy is not None  # privacy.unit is not 'none' here
             pp = host.privacy.participants[participant_id]
             sigma, steps, rate = pp.noise_multiplier, pp.planned_steps, pp.sample_rate
             if cfg.unit == "record":

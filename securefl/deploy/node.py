@@ -294,7 +294,7 @@ class ParticipantNode:
 
     def _build(self, config: Any, run_id: str) -> None:
         from securefl.layers.signing import SigningLayer
-        from securefl.layers.stack import build_layers
+        from securefl.runtime.builder import KeyRing, host_participants
         from securefl.runtime.checkpoint import load_checkpoint
         from securefl.runtime.federation import build_world
 
@@ -302,13 +302,8 @@ class ParticipantNode:
         _, _, ctx, parties, protocol = build_world(config, run_id, local={self.participant_id})
         protocol.validate_participants(parties)  # also builds what the protocol derives from them (topologies)
         mine = [p for p in parties if p.id == self.participant_id]
-        host = ParticipantHost(config=config, out=self.node_dir, ctx=ctx, protocol=protocol, parties=mine,
-                               key_dir=self.node_dir / "keys", n_participants=len(parties))
-        host.set_up()
-        signers = {self.participant_id: host.party_keys(self.participant_id)} if config.signing else {}
-        host.layers = build_layers(config, side="participant", run_id=run_id, key_dir=self.node_dir / "keys",
-                                   party_ids=[p.id for p in parties], signers=signers, hosted=[self.participant_id],
-                                   privacy_layer=host.privacy.layer if host.privacy is not None else None)
+        host = host_participants(config, run_id=run_id, out=self.node_dir, ctx=ctx, protocol=protocol,
+                                 parties=parties, hosted=mine, keys=KeyRing(self.node_dir / "keys"), side="participant")
         for layer in host.layers:
             layer.check(protocol, parties)
             if isinstance(layer, SigningLayer):
@@ -322,7 +317,7 @@ class ParticipantNode:
             protocol.load_state_dict(state["protocol"])
             host.load_party_states(state["parties"])
             host.stopped.update(state["stopped"])
-            host.current_round = int(state["round"])
+            host.enter_round(int(state["round"]))
         self.host, self.run_id, self._layer_round = host, run_id, None
         self._last_round = host.current_round
 
@@ -367,7 +362,7 @@ class ParticipantNode:
         host.load_party_states(state["parties"])
         host.stopped.clear()
         host.stopped.update(state["stopped"])
-        host.current_round = int(state["round"])
+        host.enter_round(int(state["round"]))
         for layer in host.layers:
             if isinstance(layer, SigningLayer):
                 layer.redo_round()  # a process that lives on accepts the round's newly signed messages

@@ -47,8 +47,10 @@ from securefl.layers.signing import SigningLayer
 from securefl.models.zoo import build_model
 from securefl.protocols import Protocol, get_protocol
 from securefl.protocols.base import Downlink
+from securefl.runtime.builder import KeyRing, host_participants
 from securefl.runtime.checkpoint import CHECKPOINT, RunDirError, load_checkpoint, lock_run_dir, save_atomically
 from securefl.runtime.host import HostReport, ParticipantHost, as_list, sampled_per_round
+from securefl.runtime.privacy import PrivacyRuntime
 from securefl.runtime.transport import InProcessTransport, Transport
 
 #: One line per message a participant sent (sender, receiver, round, kind, private fields, payload digest).
@@ -169,19 +171,18 @@ class Federation:
             self._missing: list[str] = []
             self.stopped: dict[str, str] = {}
             self._current_round = 0
-            self._keys: dict[str, Any] = {}
-            self.privacy = None
+            # One key ring: in a simulation the coordinator and the host share the key store.
+            self.keys = KeyRing(self.key_dir)
+            self.privacy: PrivacyRuntime | None = None
             self.host: ParticipantHost | None = None  # the participants hosted in this process (a simulation)
             if remote is None:
-                self.host = ParticipantHost(config=config, out=self.out, ctx=self.ctx, protocol=self.protocol,
-                                            parties=self.parties, key_dir=self.key_dir,
-                                            n_participants=len(self.parties), stopped=self.stopped)
-                self.host._keys = self._keys  # one key cache: the simulation's host and coordinator share a key dir
-                self.host.set_up()
+                self.host = host_participants(config, run_id=self.run_id, out=self.out, ctx=self.ctx,
+                                              protocol=self.protocol, parties=self.parties, hosted=self.parties,
+                                              keys=self.keys, side="simulation", stopped=self.stopped)
                 self.privacy = self.host.privacy
                 self.participants: Any = self.host
-                self.layers: list[Layer] = self._build_layers()
-                self.host.layers = self.layers  # one stack: each layer's participant and server hooks
+                # One stack: each layer's participant hooks run in the host, its server hooks here.
+                self.layers: list[Layer] = self.host.layers
                 self._publish_public_keys()
                 self._write_privacy_plan()
             else:
@@ -193,7 +194,7 @@ class Federation:
                 remote.connect(run_id=self.run_id, config_text=dump_config(config))
                 from securefl.layers.stack import build_layers
 
-                signers = {AGGREGATOR: self.party_keys(AGGREGATOR)} if config.signing else {}
+                signers = {AGGREGATOR: self.keys(AGGREGATOR)} if config.signing else {}
                 self.layers = build_layers(config, side="coordinator", run_id=self.run_id, key_dir=self.key_dir,
                                            party_ids=[p.id for p in self.parties], signers=signers)
                 for layer in self.layers:
@@ -313,24 +314,6 @@ class Federation:
                          "scikit-learn": sklearn.__version__},
         }
 
-    def _build_layers(self) -> list[Layer]:
-        """The simulation's stack: one process holds every participant's and the aggregator's keys."""
-        from securefl.layers.stack import build_layers
-
-        ids = [p.id for p in self.parties]
-        signers = {pid: self.party_keys(pid) for pid in [*ids, AGGREGATOR]} if self.config.signing else {}
-        return build_layers(self.config, side="simulation", run_id=self.run_id, key_dir=self.key_dir,
-                            party_ids=ids, signers=signers,
-                            privacy_layer=self.privacy.layer if self.privacy is not None else None)
-
-    def party_keys(self, party_id: str) -> Any:
-        """A party's Ed25519 keys (messages and ledger seal), from its key directory."""
-        if party_id not in self._keys:
-            from securefl.crypto.keystore import load_or_create_party_keys
-
-            self._keys[party_id] = load_or_create_party_keys(self.key_dir, party_id)
-        return self._keys[party_id]
-
     def _simulation_key_dir(self, resume: bool, root: str | Path | None) -> Path:
         """The key store of this run, outside the run directory; on resume it must hold the keys the run began
         with (a fresh key could not extend its sealed ledgers, and would sign as someone else)."""
@@ -352,7 +335,7 @@ class Federation:
         to, from outside the run directory."""
         from securefl.crypto.keystore import publish_public_key
 
-        for pid, keys in self._keys.items():
+        for pid, keys in self.keys.loaded().items():
             if pid != AGGREGATOR:
                 publish_public_key(self.key_dir, keys)
 

@@ -26,6 +26,7 @@ from securefl.core.party import FederationContext, Party
 from securefl.core.seeding import derive_seed, seeded
 from securefl.layers.base import Layer, Rejected
 from securefl.protocols import Protocol
+from securefl.runtime.privacy import PartyKeysFor, PrivacyRuntime
 
 
 @dataclass
@@ -41,7 +42,7 @@ class ParticipantHost:
     """Runs the participant half of every round for the parties it hosts."""
 
     def __init__(self, *, config: Any, out: Path, ctx: FederationContext, protocol: Protocol,
-                 parties: Sequence[Party], key_dir: Path, n_participants: int,
+                 parties: Sequence[Party], keys: PartyKeysFor, n_participants: int,
                  stopped: dict[str, str] | None = None) -> None:
         self.config = config
         self.out = Path(out)
@@ -49,14 +50,13 @@ class ParticipantHost:
         self.protocol = protocol
         self.parties = list(parties)
         self.by_id = {p.id: p for p in self.parties}
-        self.key_dir = Path(key_dir)
+        self.keys = keys
         self.n_participants = n_participants
         # Shared with the coordinator in a simulation, so a stop is seen by sampling at once.
         self.stopped: dict[str, str] = stopped if stopped is not None else {}
         self.current_round = 0
         self.layers: list[Layer] = []
-        self.privacy: Any = None
-        self._keys: dict[str, Any] = {}
+        self.privacy: PrivacyRuntime | None = None
 
     # ----- set-up ------------------------------------------------------------------------------
     def set_up(self) -> None:
@@ -70,18 +70,20 @@ class ParticipantHost:
             with seeded(derive_seed(self.config.run.seed, "setup", party.id)):
                 self.protocol.setup_party(party)
         if self.config.privacy.unit != "none":
-            from securefl.runtime.privacy import PrivacyRuntime
-
             # One ledger per data owner for the whole run, opened here and never re-created mid-run.
-            self.privacy = PrivacyRuntime.build(self)
+            self.privacy = PrivacyRuntime.build(config=self.config, out=self.out, protocol=self.protocol,
+                                                parties=self.parties, keys=self.keys)
 
-    def party_keys(self, party_id: str) -> Any:
-        """A hosted party's Ed25519 keys (messages and ledger seal), from its key directory."""
-        if party_id not in self._keys:
-            from securefl.crypto.keystore import load_or_create_party_keys
+    def attach_layers(self, layers: Sequence[Layer]) -> None:
+        """The participant side of the layer stack (DP, sealing, signing, validation), in order."""
+        self.layers = list(layers)
 
-            self._keys[party_id] = load_or_create_party_keys(self.key_dir, party_id)
-        return self._keys[party_id]
+    def enter_round(self, rnd: int) -> None:
+        """Round ``rnd`` begins (or, on resume, is where the hosted participants stand): what the ledgers book
+        from now on is booked under it."""
+        self.current_round = rnd
+        if self.privacy is not None:
+            self.privacy.enter_round(rnd)
 
     def sampled_per_round(self) -> int:
         return sampled_per_round(self.config, self.n_participants)
@@ -99,7 +101,7 @@ class ParticipantHost:
 
     def step(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:
         """``client_step`` of every hosted participant in ``inboxes``; sealed replies in ``outgoing``."""
-        self.current_round = rnd
+        self.enter_round(rnd)
         report = HostReport()
         for pid, inbox in inboxes.items():
             party = self.by_id[pid]
@@ -126,7 +128,7 @@ class ParticipantHost:
 
     def update(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport:
         """``client_update`` of every hosted participant with a non-empty (verified, opened) inbox."""
-        self.current_round = rnd
+        self.enter_round(rnd)
         report = HostReport()
         for pid, inbox in inboxes.items():
             opened = self._open(self.by_id[pid], inbox, report)

@@ -247,7 +247,7 @@ class ChaosTransport(InProcessTransport):
     def _resign(self, msg: Message) -> Message:
         if "signature" not in msg.meta:
             return msg
-        return self.fed.party_keys(msg.sender).sign(msg)
+        return self.fed.keys(msg.sender).sign(msg)
 
     def receive(self, party_id: str) -> list[Message]:
         msgs = super().receive(party_id)

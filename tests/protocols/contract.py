@@ -112,10 +112,10 @@ class ProtocolContract:
             assert all(isinstance(v, torch.Tensor) and torch.isfinite(v).all() for v in msg.payload.values())
         spy = SpyAggregator()
         downlink = proto.server_step(1, to_server, spy) if to_server else None
-        # Only declared fields are combined; only aggregatable ones, unless the protocol refuses secure
-        # aggregation (FedGen's reference mode averages heads the server also reads one by one).
-        aggregatable = {n for n, f in proto.uplink.fields.items()
-                        if f.aggregatable or proto.secure_aggregation_refusal() is not None}
+        # A protocol that declares aggregatable fields combines only those. One that declares none cannot run under
+        # secure aggregation (the layers refuse it by its schema) and may combine declared fields in the clear
+        # (FedGen's reference mode averages the heads its server also reads one by one).
+        aggregatable = {n for n, f in proto.uplink.fields.items() if f.aggregatable} or set(proto.uplink.fields)
         assert {field for _, field in spy.calls} <= aggregatable
         if to_server and aggregatable:
             assert spy.calls, "server_step combined the replies without the aggregator"
