@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from securefl.config import ExperimentConfig
 from securefl.core.party import Party
 from securefl.protocols import Protocol
 from securefl.runtime.privacy import ledger_path
@@ -19,7 +20,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_report(run_dir: Path, config: Any, parties: Sequence[Party], protocol: Protocol, *,
+def write_report(run_dir: Path, config: ExperimentConfig, parties: Sequence[Party], protocol: Protocol, *,
                  facts: Mapping[str, Mapping[str, Any]] | None = None,
                  stopped: dict[str, str] | None = None) -> dict[str, Any]:
     """``facts``: what each participant's host reports about it (train records, which it withholds under DP;
@@ -167,7 +168,7 @@ def plot_accuracy(metrics: list[dict[str, Any]], path: Path, *, title: str) -> N
     finish_figure(fig, ax, path, legend_loc="lower right")
 
 
-def warm_start_note(config: Any, protocol: Protocol) -> dict[str, str]:
+def warm_start_note(config: ExperimentConfig, protocol: Protocol) -> dict[str, str]:
     """How round 1 starts, stated in every report (the A1 benchmark compares protocols under one warm start)."""
     t = config.training
     if protocol.has_own_warm_start:

@@ -40,7 +40,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 
-from securefl.config import config_differences
+from securefl.config import ExperimentConfig, config_differences
 from securefl.privacy.ledger import canonical_json
 
 APPROVALS = "approvals"
@@ -56,7 +56,7 @@ class ApprovalError(ValueError):
 
 
 # ----- what is approved -----------------------------------------------------------------------------
-def approved_settings(config: Any, participant_id: str) -> dict[str, Any]:
+def approved_settings(config: ExperimentConfig, participant_id: str) -> dict[str, Any]:
     """The privacy-relevant, coordinator-settable parts of ``config`` (after the node's own overrides)."""
     dumped = config.model_dump(mode="json")
     own = next((p for p in dumped["participants"] if p["id"] == participant_id), None)
@@ -101,7 +101,7 @@ def code_version(protocol: str) -> dict[str, str]:
             "protocol_sha256": digest.hexdigest()}
 
 
-def approval_digest(config: Any, participant_id: str) -> str:
+def approval_digest(config: ExperimentConfig, participant_id: str) -> str:
     """SHA-256 over the canonical JSON of the approved settings and the code version."""
     return _digest(participant_id, approved_settings(config, participant_id), code_version(config.protocol))
 
@@ -112,7 +112,7 @@ def _digest(participant_id: str, settings: dict[str, Any], code: dict[str, Any])
 
 
 # ----- the owner's policy -----------------------------------------------------------------------------
-def cohort_fractions(config: Any) -> dict[str, float]:
+def cohort_fractions(config: ExperimentConfig) -> dict[str, float]:
     """The config's smallest-cohort settings that apply, by field name (fractions of a round's participants)."""
     out: dict[str, float] = {}
     dp_fraction = getattr(config.privacy, "min_contributors", None)
@@ -125,7 +125,7 @@ def cohort_fractions(config: Any) -> dict[str, float]:
     return out
 
 
-def policy_violations(config: Any, participant_id: str, policy: Any) -> list[str]:
+def policy_violations(config: ExperimentConfig, participant_id: str, policy: Any) -> list[str]:
     """How ``config`` is weaker than the owner's :class:`~securefl.privacy.budget.PrivacyPolicy` (empty: it is not)."""
     if policy is None:
         return []
@@ -179,7 +179,7 @@ def released_meta(protocol: Any) -> list[str]:
     return sorted(keys)
 
 
-def _release_lines(config: Any, protocol: Any) -> list[str]:
+def _release_lines(config: ExperimentConfig, protocol: Any) -> list[str]:
     lines = []
     uplink = getattr(protocol, "uplink", None)
     if uplink is not None:
@@ -210,7 +210,7 @@ def _release_lines(config: Any, protocol: Any) -> list[str]:
     return lines
 
 
-def plan(config: Any, participant_id: str, *, key_dir: Path) -> dict[str, Any]:
+def plan(config: ExperimentConfig, participant_id: str, *, key_dir: Path) -> dict[str, Any]:
     """What the node would do under ``config``: its releases, and (under DP) its calibrated σ and planned
     spend, computed as the node will (in a scratch directory: no ledger of the node is touched)."""
     from securefl.privacy.calibration import planned_epsilon, planned_event
@@ -254,7 +254,7 @@ def plan(config: Any, participant_id: str, *, key_dir: Path) -> dict[str, Any]:
     return out
 
 
-def propose(config: Any, participant_id: str, *, node_dir: str | Path, policy: Any = None) -> dict[str, Any]:
+def propose(config: ExperimentConfig, participant_id: str, *, node_dir: str | Path, policy: Any = None) -> dict[str, Any]:
     """The unsigned approval of ``config`` (already with the node's overrides) for the owner to read."""
     node_dir = Path(node_dir)
     key = node_key(node_dir, participant_id)  # before the slow part: a node without its key cannot approve
@@ -371,7 +371,7 @@ def read_approval(path: Path, participant_id: str, key: Any) -> dict[str, Any]:
     return approval
 
 
-def check_setup(config: Any, participant_id: str, node_dir: str | Path, *, policy: Any = None,
+def check_setup(config: ExperimentConfig, participant_id: str, node_dir: str | Path, *, policy: Any = None,
                 require_approval: bool = False) -> dict[str, Any] | None:
     """The node's gate at ``setup``: refuse (:class:`ApprovalError`, one line) a setup weaker than the owner's
     policy, or, when an approval is required, one that no approval signed by the node's key carries.

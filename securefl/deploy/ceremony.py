@@ -42,7 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from securefl.config import PARTY_ID_PATTERN
+from securefl.config import PARTY_ID_PATTERN, ExperimentConfig
 from securefl.crypto.envelope import EnvelopeError, open_envelope, seal_envelope, x25519_public_bytes
 from securefl.crypto.keystore import (
     ROSTER,
@@ -233,7 +233,7 @@ def _committee_key(secret: bytes, what: str) -> Any:
         raise CeremonyError(f"{what}: not a readable CKKS committee key ({str(exc)[:160]})") from None
 
 
-def _committee_members(config: Any, own_id: str) -> list[str]:
+def _committee_members(config: ExperimentConfig, own_id: str) -> list[str]:
     if config.secure_aggregation != "ckks":
         raise CeremonyError(f"secure_aggregation={config.secure_aggregation!r}: only a ckks run has a committee key")
     ids = [p.id for p in config.participants]
@@ -243,7 +243,7 @@ def _committee_members(config: Any, own_id: str) -> list[str]:
     return ids
 
 
-def create_committee(config: Any, key_dir: str | Path, own_id: str, out_dir: str | Path) -> list[Path]:
+def create_committee(config: ExperimentConfig, key_dir: str | Path, own_id: str, out_dir: str | Path) -> list[Path]:
     """On one data owner's machine: the committee key (kept if it exists), an envelope for every other owner,
     and the public context for the coordinator, written to ``out_dir``. Returns the files written."""
     from securefl.crypto.ckks import KeyHolderContext
@@ -277,7 +277,7 @@ def create_committee(config: Any, key_dir: str | Path, own_id: str, out_dir: str
     return [*written, public]
 
 
-def join_committee(config: Any, key_dir: str | Path, own_id: str, envelope: bytes) -> str:
+def join_committee(config: ExperimentConfig, key_dir: str | Path, own_id: str, envelope: bytes) -> str:
     """On a fellow owner's machine: open its envelope (sealed by another data owner of the config) and keep the
     committee key. Returns the sender."""
     from securefl.layers.secure_aggregation import CkksLayer
@@ -306,7 +306,7 @@ def join_committee(config: Any, key_dir: str | Path, own_id: str, envelope: byte
 
 
 # ----- step 4: the coordinator's public context --------------------------------------------------
-def install_public_context(config: Any, key_dir: str | Path, data: bytes) -> Path:
+def install_public_context(config: ExperimentConfig, key_dir: str | Path, data: bytes) -> Path:
     """On the coordinator: keep the committee's public context; refuse one that holds a secret key."""
     from securefl.crypto.ckks import PublicContext
     from securefl.layers.secure_aggregation import CkksLayer

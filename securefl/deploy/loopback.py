@@ -16,7 +16,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from securefl.config import ExperimentConfig
 
 APP_DIR = Path(__file__).resolve().parent / "flower_app"
 
@@ -162,7 +165,7 @@ class LoopbackFederation:
         raise LoopbackError(f"{name} did not open port {port} within 60 s: {self.log(name)}")
 
 
-def approve_on_nodes(config: Any, specs: list[NodeSpec]) -> None:
+def approve_on_nodes(config: ExperimentConfig, specs: list[NodeSpec]) -> None:
     """Each owner's ``securefl approve --yes`` of ``config`` on its node, with its node's own settings; the
     specs then require an approval."""
     from securefl.config import dump_config

@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from securefl.config import ConfigError, dump_config, parse_config
+from securefl.config import ConfigError, ExperimentConfig, dump_config, parse_config
 from securefl.core.codec import DecodeError, decode_message, encode_message
 from securefl.core.message import BROADCAST
 from securefl.runtime.host import HostReport, ParticipantHost
@@ -209,7 +209,7 @@ class ParticipantNode:
         ``securefl approve`` shows the owner and signs)."""
         return self._accept_config(text, "approval")
 
-    def _check_owner_terms(self, config: Any) -> dict[str, Any] | None:
+    def _check_owner_terms(self, config: ExperimentConfig) -> dict[str, Any] | None:
         """Refuse a setup weaker than the owner's policy, or one the owner has not approved (one line)."""
         from securefl.deploy.approval import ApprovalError, check_setup
         from securefl.privacy.budget import PrivacyPolicy
@@ -292,7 +292,7 @@ class ParticipantNode:
         assert self.host is not None
         return self.host
 
-    def _build(self, config: Any, run_id: str) -> None:
+    def _build(self, config: ExperimentConfig, run_id: str) -> None:
         from securefl.layers.signing import SigningLayer
         from securefl.runtime.builder import KeyRing, host_participants
         from securefl.runtime.checkpoint import load_checkpoint
@@ -414,7 +414,7 @@ class ParticipantNode:
             row, run, ledger=str(ledger_path(self.node_dir, pid)), audit_dir=self.node_dir))
 
 
-def settings_from_config(config: Any, participant_id: str) -> dict[str, str]:
+def settings_from_config(config: ExperimentConfig, participant_id: str) -> dict[str, str]:
     """The path settings of an owner that keeps its files where ``config`` names them, as
     :class:`ParticipantNode` keyword arguments (one machine standing in for every owner: the isolation check,
     tests, the loopback federation): its own table, the shared tables and the data directory."""

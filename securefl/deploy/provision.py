@@ -27,13 +27,13 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
+from securefl.config import ExperimentConfig
 from securefl.core.message import AGGREGATOR
 from securefl.deploy.ceremony import create_committee, create_party, install_public_context, join_committee, trust_card
 
 
-def provision(config: Any, *, coordinator_dir: Path, node_dirs: Mapping[str, Path]) -> None:
+def provision(config: ExperimentConfig, *, coordinator_dir: Path, node_dirs: Mapping[str, Path]) -> None:
     """Every party's ceremony step (:mod:`securefl.deploy.ceremony`), run here for directories this machine
     reaches: the same code and files as across sites, without the phone calls."""
     ids = [p.id for p in config.participants]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from securefl.config import ExperimentConfig
 from securefl.core.codec import DecodeError, decode, decode_message, encode, encode_message
 from securefl.core.message import Message
 from securefl.runtime.host import HostReport
@@ -196,7 +197,7 @@ def local_exchange(nodes: Mapping[str, Any], *, fresh_process: bool = False) -> 
     return exchange
 
 
-def isolated_participants(config: Any, root: Path, *, fresh_process: bool = False,
+def isolated_participants(config: ExperimentConfig, root: Path, *, fresh_process: bool = False,
                           require_approval: bool = False) -> tuple[RemoteParticipants, dict[str, Any]]:
     """Every participant as its own node under ``root/<id>`` (provisioned), in this process: the deployment's
     code path without the network. Returns the coordinator's view and the nodes. ``require_approval``: each

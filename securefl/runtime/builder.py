@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+from securefl.config import ExperimentConfig
 from securefl.core.message import AGGREGATOR
 from securefl.core.party import FederationContext, Party
 from securefl.crypto.keystore import load_or_create_party_keys
@@ -41,7 +42,7 @@ class KeyRing:
         return dict(self._keys)
 
 
-def host_participants(config: Any, *, run_id: str, out: Path, ctx: FederationContext, protocol: Protocol,
+def host_participants(config: ExperimentConfig, *, run_id: str, out: Path, ctx: FederationContext, protocol: Protocol,
                       parties: Sequence[Party], hosted: Sequence[Party], keys: KeyRing,
                       side: Literal["simulation", "participant"],
                       stopped: dict[str, str] | None = None) -> ParticipantHost:

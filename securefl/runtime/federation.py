@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from securefl.config import (
     ConfigError,
+    ExperimentConfig,
     config_differences,
     dump_config,
     parse_config_text,
@@ -59,7 +60,7 @@ RELEASES = "releases.jsonl"
 PRIVACY_PLAN = "privacy_plan.json"
 
 
-def build_world(config: Any, run_id: str, *, local: set[str] | None = None,
+def build_world(config: ExperimentConfig, run_id: str, *, local: set[str] | None = None,
                 tables: Mapping[str, Any] | None = None,
                 ) -> tuple[Dataset, FederatedSplit, FederationContext, list[Party], Protocol]:
     """Everything both sides derive from the config alone, deterministically in ``run.seed``: the data
@@ -134,7 +135,7 @@ class RoundRecord:
 class Federation:
     """One experiment: build everything from a validated config, run the rounds, write the run dir."""
 
-    def __init__(self, config: Any, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+    def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  transport: Transport | None = None,
                  on_round_end: Callable[[int], None] | None = None,
                  remote: Any = None, run_id: str | None = None, tables: Mapping[str, Any] | None = None,

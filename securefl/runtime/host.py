@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from securefl.config import ExperimentConfig
 from securefl.core.message import AGGREGATOR, Message
 from securefl.core.party import FederationContext, Party
 from securefl.core.seeding import derive_seed, seeded
@@ -41,7 +42,7 @@ class HostReport:
 class ParticipantHost:
     """Runs the participant half of every round for the parties it hosts."""
 
-    def __init__(self, *, config: Any, out: Path, ctx: FederationContext, protocol: Protocol,
+    def __init__(self, *, config: ExperimentConfig, out: Path, ctx: FederationContext, protocol: Protocol,
                  parties: Sequence[Party], keys: PartyKeysFor, n_participants: int,
                  stopped: dict[str, str] | None = None) -> None:
         self.config = config
@@ -225,7 +226,7 @@ class ParticipantHost:
             report.stopped[party_id] = reason
 
 
-def sampled_per_round(config: Any, n_participants: int) -> int:
+def sampled_per_round(config: ExperimentConfig, n_participants: int) -> int:
     return max(1, int(round(config.run.participation * n_participants)))
 
 

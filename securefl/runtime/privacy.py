@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from securefl.config import ExperimentConfig
 from securefl.core.durable import write_atomically
 from securefl.privacy.budget import ExperimentTarget, PrivacyPolicy, resolve_budget
 from securefl.privacy.calibration import calibrate_noise_multiplier
@@ -64,7 +65,7 @@ class PrivacyRuntime:
     """The hosted participants' ledgers and DP machinery. It knows the round only as the host tells it
     (:meth:`enter_round`), and holds no reference back to the host."""
 
-    config: Any
+    config: ExperimentConfig
     out: Path
     keys: PartyKeysFor
     participants: dict[str, ParticipantPrivacy] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class PrivacyRuntime:
         return str(self.config.privacy.accountant)
 
     @classmethod
-    def build(cls, *, config: Any, out: Path, protocol: Protocol, parties: Sequence[Party],
+    def build(cls, *, config: ExperimentConfig, out: Path, protocol: Protocol, parties: Sequence[Party],
               keys: PartyKeysFor) -> PrivacyRuntime:
         """Ledgers, calibrated noise and the DP trainer or layer for ``parties`` (the ones this process hosts)."""
         cfg = config.privacy
@@ -225,7 +226,7 @@ class PrivacyRuntime:
         return ledger_path(self.out, participant)
 
 
-def _refuse_large_delta(config: Any, party: Party, delta: float, field: str) -> None:
+def _refuse_large_delta(config: ExperimentConfig, party: Party, delta: float, field: str) -> None:
     """PolicyError, before round 1, if δ >= 1/n: such a δ allows a mechanism that publishes one unit's data
     outright (n: the participant's records at record level, the run's participants at participant level)."""
     if config.privacy.unit == "record":
@@ -239,7 +240,7 @@ def _refuse_large_delta(config: Any, party: Party, delta: float, field: str) -> 
                           f"1/n (e.g. 1e-5)")
 
 
-def adversary_of(config: Any) -> str:
+def adversary_of(config: ExperimentConfig) -> str:
     """Whom a booked ε protects against, in words (the summary and report carry it)."""
     cfg = config.privacy
     if cfg.unit == "record":
