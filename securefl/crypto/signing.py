@@ -46,7 +46,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +279,26 @@ def _sign(msg: Message, private_key: Ed25519PrivateKey, memo: _LeafDigests | Non
 
 
 # -- verification ---------------------------------------------------------------------------------
+class Roster(Mapping[str, Ed25519PublicKey]):
+    """An immutable ``party id -> Ed25519PublicKey`` map, each key loaded and type-checked once."""
+
+    def __init__(self, public_keys: Mapping[str, Ed25519PublicKey | bytes]) -> None:
+        keys = {party: load_public_key(key) if isinstance(key, bytes) else key for party, key in public_keys.items()}
+        for party, key in keys.items():
+            if not isinstance(key, Ed25519PublicKey):
+                raise TypeError(f"public key of {party!r} must be an Ed25519PublicKey, got {type(key).__name__}")
+        self._keys = keys
+
+    def __getitem__(self, party: str) -> Ed25519PublicKey:
+        return self._keys[party]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class MessageVerifier:
     """Verify signed messages for one run, and remember what was accepted to stop replays.
 
@@ -314,12 +334,9 @@ class MessageVerifier:
                  state_file: str | os.PathLike[str] | None = None) -> None:
         self.run_id = run_id
         self.receiver = receiver
-        self._keys: dict[str, Ed25519PublicKey] = {
-            party: load_public_key(key) if isinstance(key, bytes) else key for party, key in public_keys.items()
-        }
-        for party, key in self._keys.items():
-            if not isinstance(key, Ed25519PublicKey):
-                raise TypeError(f"public key of {party!r} must be an Ed25519PublicKey, got {type(key).__name__}")
+        # A Roster is checked once and shared by the verifiers of one process (the simulation has one per
+        # receiver: copying the roster into each cost K² keys at K participants); add_party copies on write.
+        self._keys: Mapping[str, Ed25519PublicKey] = public_keys if isinstance(public_keys, Roster) else Roster(public_keys)
         self._latest: dict[tuple[str, str, str], int] = {}  # over this process and, with a state file, earlier ones
         self._digests: dict[tuple[str, str, str], set[str]] = {}  # accepted in the slot's latest round
         self._here: dict[tuple[str, str, str], int] = {}  # the latest round accepted by this very verifier
@@ -377,7 +394,7 @@ class MessageVerifier:
     def add_party(self, party_id: str, public_key: Ed25519PublicKey | bytes) -> None:
         """Register (or replace) a sender's public key."""
         with self._lock:
-            self._keys[party_id] = load_public_key(public_key) if isinstance(public_key, bytes) else public_key
+            self._keys = Roster({**self._keys, party_id: public_key})
 
     def new_attempt(self) -> None:
         """Behave as a verifier of a new process: a sender that redoes a round may sign its messages afresh.

@@ -23,7 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from securefl.core.message import AGGREGATOR, Message
-from securefl.crypto.signing import NONCE_META_KEY, MessageVerifier, PartyKeys, RejectedMessage
+from securefl.crypto.signing import NONCE_META_KEY, MessageVerifier, PartyKeys, RejectedMessage, Roster
 from securefl.layers.base import Layer, Rejected
 
 
@@ -40,7 +40,8 @@ class SigningLayer(Layer):
         missing = sorted(set(self._keys) - set(public))
         if missing:
             raise ValueError(f"the roster has no public key for {missing}")
-        self._verifiers = {pid: MessageVerifier(run_id, public, receiver=pid) for pid in self._keys}
+        roster = Roster(public)  # checked once, shared by every receiver's verifier
+        self._verifiers = {pid: MessageVerifier(run_id, roster, receiver=pid) for pid in self._keys}
         self.current_round = 0
 
     def keep_replay_state(self, directory: str | Path) -> None:
