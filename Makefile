@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-slow test-all bench-smoke lint typecheck clean healthcare healthcare-flower
+.PHONY: demo test test-integration test-slow test-all bench-smoke lint typecheck clean healthcare healthcare-flower
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,17 @@ healthcare-flower: $(STAMP)
 	$(BIN)/securefl flower-loopback examples/healthcare/experiment.yaml --out runs/healthcare-flower
 	@echo "Coordinator: runs/healthcare-flower/coordinator; each hospital's node (its approval, ledger, report): runs/healthcare-flower/nodes/"
 
+# The fast suite, on both cores (pytest-xdist). End-to-end runs are `integration`, slow ones `slow`; CI runs all.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m 'integration and not slow'
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]  # exit 5 = no slow tests selected
 
-test-all: test test-slow
+test-all: test test-integration test-slow
 
 # Every protocol of A1, and A2's rows, for 2 rounds on real Fashion-MNIST (6,000 records, one seed): catches a
 # protocol broken on real data; and the DP learning-rate check for 2 epochs.

@@ -81,6 +81,10 @@ def addressed(messages: Any, ids: list[str]) -> dict[str, list[Message]]:
 
 
 class ProtocolContract:
+    """The fast part (one round by hand, one whole run with its messages checked) runs in ``make test``; the
+    end-to-end runs (reproducibility, resume, nodes, masking between nodes) are ``integration`` tests, run by
+    ``make test-integration`` and in CI."""
+
     protocol: ClassVar[str]
     overrides: ClassVar[dict[str, Any]] = {}
     shares_nothing: ClassVar[bool] = False  # baselines such as local-only send no messages
@@ -138,6 +142,7 @@ class ProtocolContract:
         # Round 0 (after pre-training) plus one line per round.
         assert len(metrics_without_time(tmp_path / "run")) == 3
 
+    @pytest.mark.integration
     def test_same_seed_same_metrics_and_other_seed_differs(self, tmp_path: Path) -> None:
         Federation(self.config(), tmp_path / "a", progress=False).run()
         Federation(self.config(), tmp_path / "b", progress=False).run()
@@ -168,6 +173,7 @@ class ProtocolContract:
         assert aggregated, "server_step never called the aggregator"
         assert aggregated <= aggregatable, f"aggregated undeclared fields {aggregated - aggregatable}"
 
+    @pytest.mark.integration
     def test_an_owners_own_learning_rate_is_the_rate_its_private_data_trains_at_and_no_one_elses(
             self, tmp_path: Path) -> None:
         own_rate = 0.0123  # no protocol's default
@@ -199,6 +205,7 @@ class ProtocolContract:
         # ... and nobody else's changes.
         assert {p: r for p, r in after.items() if p != owner} == {p: r for p, r in before.items() if p != owner}
 
+    @pytest.mark.integration
     def test_resume_after_a_crash_matches_an_uninterrupted_run(self, tmp_path: Path) -> None:
         cfg = self.config(run={"rounds": 3})
         Federation(cfg, tmp_path / "full", progress=False).run()
@@ -208,6 +215,7 @@ class ProtocolContract:
         Federation(cfg, tmp_path / "cut", progress=False, resume=True).run()
         assert metrics_without_time(tmp_path / "cut") == metrics_without_time(tmp_path / "full")
 
+    @pytest.mark.integration
     def test_participants_on_their_own_nodes_compute_what_the_simulation_computes(self, tmp_path: Path) -> None:
         """Each participant in its own node (own directory, own protocol instance rebuilt from disk for every
         request, messages as bytes) gives the simulation's metrics: nothing passes between server and
@@ -228,6 +236,7 @@ class ProtocolContract:
         # The coordinator's directory holds no participant's private key.
         assert sorted(p.name for p in (tmp_path / "coordinator" / "keys").glob("*.ed25519")) == ["aggregator.ed25519"]
 
+    @pytest.mark.integration
     def test_masking_between_nodes_gives_the_simulations_metrics(self, tmp_path: Path) -> None:
         """Pairwise masking on separate nodes: the key agreement, the masked inputs and the unmasking travel
         as messages between the coordinator and nodes rebuilt from disk for every request, and the decoded

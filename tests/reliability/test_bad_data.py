@@ -106,9 +106,18 @@ def _corrupted(party_id: str, corrupt: Callable[[Party], None]) -> type[Validate
     """A federation in which one participant's local data is broken (what its own loader handed over)."""
 
     class Corrupted(ValidatedFederation):
-        def _build_layers(self):  # type: ignore[no-untyped-def]
-            corrupt(next(p for p in self.parties if p.id == party_id))
-            return super()._build_layers()
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            import securefl.runtime.federation as federation
+
+            wire = federation.host_participants
+
+            def wire_corrupted(config: Any, *, parties: Any, **rest: Any) -> Any:
+                corrupt(next(p for p in parties if p.id == party_id))
+                return wire(config, parties=parties, **rest)
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(federation, "host_participants", wire_corrupted)
+                super().__init__(*args, **kwargs)
 
     return Corrupted
 
