@@ -93,7 +93,7 @@ DP_FEDAVG = {**DP_TRAINING, "fedavg": {"weighting": "uniform"}}
 # Each protocol's own knobs, chosen on validation data by benchmarks/tune.py (benchmarks/results/tune.md); the
 # test suite checks these against that file.
 FEDMD_DIGEST = {"digest_loss": "kl", "digest_temperature": 2.0}
-FML_WEIGHTS = {"alpha": 0.5, "beta": 0.5}
+FML_WEIGHTS = {"alpha": 0.9, "beta": 0.5, "lr_decay": 1.0}
 FEDH2L_DP_DISTILL = 0.1
 FEDGEN_GENERATOR = {"generative_alpha": 10.0, "generative_beta": 10.0, "early_stop": 20}
 HETEROFL_EVAL = {"eval_every": 5}
