@@ -270,7 +270,10 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
         # Discriminated unions add the tag to the location; drop it so the path matches the YAML.
         loc = re.sub(r"\.(dirichlet|shards|iid|explicit)(?=\.|$)", "", loc)
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
+        if not err["loc"]:
+            # A rule across fields (a model validator): its message names the field; the input is the whole config.
+            parts.append(msg)
+        elif err["type"] == "missing":
             parts.append(f"{loc}: required field is missing")
         elif err["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown field (value {_short(err['input'])})")

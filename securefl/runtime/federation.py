@@ -172,6 +172,7 @@ class Federation:
             self._missing: list[str] = []
             self.stopped: dict[str, str] = {}
             self._current_round = 0
+            self._metrics_count: int | None = None
             # One key ring: in a simulation the coordinator and the host share the key store.
             self.keys = KeyRing(self.key_dir)
             self.privacy: PrivacyRuntime | None = None
@@ -503,11 +504,17 @@ class Federation:
 
     # ----- persistence -------------------------------------------------------------------
     def _log(self, record: RoundRecord) -> None:
+        lines = self._metrics_lines()
         append_durably(self.out / "metrics.jsonl", (json.dumps(record.to_json()) + "\n").encode())
+        self._metrics_count = lines + 1
 
     def _metrics_lines(self) -> int:
-        path = self.out / "metrics.jsonl"
-        return len(path.read_text().splitlines()) if path.exists() else 0
+        """Lines in metrics.jsonl: counted once, then kept (re-reading the file at every checkpoint cost the
+        square of the rounds over a run)."""
+        if self._metrics_count is None:
+            path = self.out / "metrics.jsonl"
+            self._metrics_count = len(path.read_text().splitlines()) if path.exists() else 0
+        return self._metrics_count
 
     def _checkpoint(self, rnd: int) -> None:
         state = {
@@ -547,6 +554,7 @@ class Federation:
             self.host.load_party_states(state["parties"])
         # Drop metrics lines written after the checkpoint (a round that was cut short).
         metrics.write_text("".join(lines[: state["metrics_lines"]]))
+        self._metrics_count = int(state["metrics_lines"])
         return int(state["round"]) + 1
 
 

@@ -26,6 +26,7 @@ from securefl.core.message import AGGREGATOR, Message
 from securefl.core.party import FederationContext, Party
 from securefl.core.seeding import derive_seed, seeded
 from securefl.layers.base import Layer, Rejected
+from securefl.privacy.cohort import participants_per_round
 from securefl.protocols import Protocol
 from securefl.runtime.privacy import PartyKeysFor, PrivacyRuntime
 
@@ -227,7 +228,8 @@ class ParticipantHost:
 
 
 def sampled_per_round(config: ExperimentConfig, n_participants: int) -> int:
-    return max(1, int(round(config.run.participation * n_participants)))
+    """How many participants a round samples: the one rule the cohort planning uses too."""
+    return participants_per_round(config.run.participation, n_participants)
 
 
 def as_list(messages: Message | Sequence[Message] | None) -> list[Message]:
