@@ -23,49 +23,50 @@ and live a floor up, in :mod:`securefl.layers` (``ckks_aggregator``, ``masking_a
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from securefl.core.lazy import lazy_attributes
 
 _EXPORTS: dict[str, str] = {
     # errors
-    "CiphertextError": "errors",
-    "RejectedMessage": "errors",
-    "SecAggAbort": "errors",
-    "ShamirError": "errors",
+    "CiphertextError": ".errors",
+    "RejectedMessage": ".errors",
+    "SecAggAbort": ".errors",
+    "ShamirError": ".errors",
     # wire safety
-    "SecretHolder": "wire",
-    "assert_wire_safe": "wire",
-    "holds_secret": "wire",
+    "SecretHolder": ".wire",
+    "assert_wire_safe": ".wire",
+    "holds_secret": ".wire",
     # sealed values
-    "SealedTensor": "sealed",
-    "Sealer": "sealed",
-    "Opener": "sealed",
-    "attach": "sealed",
-    "is_sealed": "sealed",
-    "open_field": "sealed",
-    "open_sealed_fields": "sealed",
-    "seal_field": "sealed",
+    "SealedTensor": "securefl.core.sealed",
+    "Sealer": "securefl.core.sealed",
+    "Opener": "securefl.core.sealed",
+    "attach": "securefl.core.sealed",
+    "is_sealed": "securefl.core.sealed",
+    "open_field": "securefl.core.sealed",
+    "open_sealed_fields": "securefl.core.sealed",
+    "seal_field": "securefl.core.sealed",
     # CKKS
-    "CkksParams": "ckks",
-    "EncryptedVector": "ckks",
-    "KeyHolderContext": "ckks",
-    "PublicContext": "ckks",
-    "SecretKeyRequired": "ckks",
-    "seal_tensor": "ckks",
+    "CkksParams": ".ckks",
+    "EncryptedVector": ".ckks",
+    "KeyHolderContext": ".ckks",
+    "PublicContext": ".ckks",
+    "SecretKeyRequired": ".ckks",
+    "seal_tensor": ".ckks",
     # masking
-    "ClientSecrets": "masking",
-    "FixedPoint": "fixedpoint",
-    "MaskingClient": "masking",
-    "MaskingSession": "masking",
-    "prg_stream": "masking",
+    "ClientSecrets": ".masking",
+    "FixedPoint": ".fixedpoint",
+    "MaskingClient": ".masking",
+    "MaskingSession": ".masking",
+    "prg_stream": ".masking",
     # signing
-    "MessageVerifier": "signing",
-    "PartyKeys": "signing",
-    "canonical_bytes": "signing",
-    "generate_signing_key": "signing",
-    "load_public_key": "signing",
-    "public_key_bytes": "signing",
-    "sign_message": "signing",
+    "MessageVerifier": ".signing",
+    "PartyKeys": ".signing",
+    "canonical_bytes": ".signing",
+    "generate_signing_key": ".signing",
+    "load_public_key": ".signing",
+    "public_key_bytes": ".signing",
+    "sign_message": ".signing",
 }
 
 __all__ = [
@@ -105,19 +106,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'securefl.crypto' has no attribute {name!r}")
-    # Sealed values are the core's (protocols and the runtime carry them); the rest are crypto's own modules.
-    package = "securefl.core" if module == "sealed" else "securefl.crypto"
-    value = getattr(importlib.import_module(f"{package}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only

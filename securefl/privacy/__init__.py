@@ -17,47 +17,47 @@ The layout follows Opacus's split between pure analysis and stateful objects:
 
 See ``spec/privacy.md`` for the privacy model these modules implement.
 """
-import importlib
-from typing import Any
+
+from securefl.core.lazy import lazy_attributes
 
 # Loaded on first use (PEP 562): the config imports privacy.cohort, and must not pull in Opacus through this
 # package's accountants.
 _EXPORTS = {
-    "ACCOUNTANT_NAMES": "accountants",
-    "Accountant": "accountants",
-    "AnyEvent": "events",
-    "AuditReport": "audit",
-    "AuditRow": "audit",
-    "Budget": "budget",
-    "BudgetExceeded": "errors",
-    "CalibrationError": "errors",
-    "ExperimentTarget": "budget",
-    "Ledger": "ledger",
-    "LedgerCorrupt": "errors",
-    "LedgerLocked": "errors",
-    "LedgerMismatch": "errors",
-    "PldAccountant": "accountants",
-    "PolicyError": "errors",
-    "PrivacyError": "errors",
-    "PrivacyEvent": "events",
-    "PrivacyPolicy": "budget",
-    "PrvAccountant": "accountants",
-    "PublicDataEvent": "events",
-    "RdpAccountant": "accountants",
-    "UnsupportedEvent": "errors",
-    "audit_ledger": "audit",
-    "audit_run": "audit",
-    "calibrate_noise_multiplier": "calibration",
-    "clip_and_noise": "mechanisms",
-    "distributed_event": "mechanisms",
-    "distributed_noise_share": "mechanisms",
-    "effective_noise_multiplier": "mechanisms",
-    "gaussian_histogram": "mechanisms",
-    "get_accountant": "accountants",
-    "planned_event": "calibration",
-    "read_ledger": "ledger",
-    "resolve_budget": "budget",
-    "top_up_std": "mechanisms",
+    "ACCOUNTANT_NAMES": ".accountants",
+    "Accountant": ".accountants",
+    "AnyEvent": ".events",
+    "AuditReport": ".audit",
+    "AuditRow": ".audit",
+    "Budget": ".budget",
+    "BudgetExceeded": ".errors",
+    "CalibrationError": ".errors",
+    "ExperimentTarget": ".budget",
+    "Ledger": ".ledger",
+    "LedgerCorrupt": ".errors",
+    "LedgerLocked": ".errors",
+    "LedgerMismatch": ".errors",
+    "PldAccountant": ".accountants",
+    "PolicyError": ".errors",
+    "PrivacyError": ".errors",
+    "PrivacyEvent": ".events",
+    "PrivacyPolicy": ".budget",
+    "PrvAccountant": ".accountants",
+    "PublicDataEvent": ".events",
+    "RdpAccountant": ".accountants",
+    "UnsupportedEvent": ".errors",
+    "audit_ledger": ".audit",
+    "audit_run": ".audit",
+    "calibrate_noise_multiplier": ".calibration",
+    "clip_and_noise": ".mechanisms",
+    "distributed_event": ".mechanisms",
+    "distributed_noise_share": ".mechanisms",
+    "effective_noise_multiplier": ".mechanisms",
+    "gaussian_histogram": ".mechanisms",
+    "get_accountant": ".accountants",
+    "planned_event": ".calibration",
+    "read_ledger": ".ledger",
+    "resolve_budget": ".budget",
+    "top_up_std": ".mechanisms",
 }
 
 
@@ -100,14 +100,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'securefl.privacy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"securefl.privacy.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, __all__)

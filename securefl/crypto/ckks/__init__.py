@@ -49,16 +49,17 @@ EUROCRYPT 2021): decrypted aggregates stay with the key holders.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from securefl.core.lazy import lazy_attributes
 
 _EXPORTS: dict[str, str] = {
-    "CkksParams": "params",
-    "EncryptedVector": "vector",
-    "KeyHolderContext": "context",
-    "PublicContext": "context",
-    "SecretKeyRequired": "context",
-    "seal_tensor": "context",
+    "CkksParams": ".params",
+    "EncryptedVector": ".vector",
+    "KeyHolderContext": ".context",
+    "PublicContext": ".context",
+    "SecretKeyRequired": ".context",
+    "seal_tensor": ".context",
 }
 
 __all__ = [
@@ -71,17 +72,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'securefl.crypto.ckks' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"securefl.crypto.ckks.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, __all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
