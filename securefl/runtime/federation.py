@@ -50,7 +50,7 @@ from securefl.protocols import Protocol, get_protocol
 from securefl.protocols.base import Downlink
 from securefl.runtime.builder import KeyRing, host_participants
 from securefl.runtime.checkpoint import CHECKPOINT, RunDirError, load_checkpoint, lock_run_dir, save_atomically
-from securefl.runtime.host import HostReport, ParticipantHost, as_list, sampled_per_round
+from securefl.runtime.host import HostReport, ParticipantHost, Participants, RemoteHosts, as_list, sampled_per_round
 from securefl.runtime.privacy import PrivacyRuntime
 from securefl.runtime.transport import InProcessTransport, Transport
 
@@ -138,7 +138,7 @@ class Federation:
     def __init__(self, config: ExperimentConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  transport: Transport | None = None,
                  on_round_end: Callable[[int], None] | None = None,
-                 remote: Any = None, run_id: str | None = None, tables: Mapping[str, Any] | None = None,
+                 remote: RemoteHosts | None = None, run_id: str | None = None, tables: Mapping[str, Any] | None = None,
                  keys: str | Path | None = None) -> None:
         """``remote``: participants hosted elsewhere (e.g. :class:`securefl.deploy.flower.FlowerParticipants`);
         then this process is only the coordinator, with the aggregator's keys and no participant data.
@@ -182,7 +182,7 @@ class Federation:
                                               protocol=self.protocol, parties=self.parties, hosted=self.parties,
                                               keys=self.keys, side="simulation", stopped=self.stopped)
                 self.privacy = self.host.privacy
-                self.participants: Any = self.host
+                self.participants: Participants = self.host
                 # One stack: each layer's participant hooks run in the host, its server hooks here.
                 self.layers: list[Layer] = self.host.layers
                 self._publish_public_keys()

@@ -16,6 +16,7 @@ same, so a deployment computes what the simulation computes.
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,29 @@ class HostReport:
     outgoing: list[Message] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
     stopped: dict[str, str] = field(default_factory=dict)
+
+
+class Participants(typing.Protocol):
+    """The participants' side as the coordinator sees it: a :class:`ParticipantHost` in this process (a
+    simulation), or remote nodes (``securefl.deploy.remote.RemoteParticipants``); the round loop is the same."""
+
+    def prepare(self) -> HostReport: ...
+
+    def step(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport: ...
+
+    def update(self, rnd: int, inboxes: Mapping[str, Sequence[Message]]) -> HostReport: ...
+
+    def evaluate(self, rnd: int) -> dict[str, dict[str, float]]: ...
+
+    def finish(self) -> dict[str, dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class RemoteHosts(Participants, typing.Protocol):
+    """Participants on their own nodes: they first receive the run's config (and refuse it, or accept)."""
+
+    def connect(self, *, run_id: str, config_text: str) -> None: ...
 
 
 class ParticipantHost:
