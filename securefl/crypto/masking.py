@@ -247,7 +247,8 @@ class MaskingSession:
         except ValueError:
             raise ValueError(f"{participant!r} is not a participant of this session {self.participant_ids}") from None
 
-    def _abort(self, phase: str, have: int, what: str) -> SecAggAbort:
+    def abort(self, phase: str, have: int, what: str) -> SecAggAbort:
+        """The error that ends the session at ``phase``: fewer than t parties left (no partial result)."""
         return SecAggAbort(
             f"secure aggregation aborted in round {self.round} of run {self.run_id!r} at {phase}: "
             f"only {have} {what}, below the threshold t={self.threshold}; no partial result is returned"
@@ -256,7 +257,8 @@ class MaskingSession:
     def message(self, *, sender: str, receiver: str, kind: str, payload: dict[str, Any]) -> Message:
         return Message(sender=sender, receiver=receiver, run_id=self.run_id, round=self.round, kind=kind, payload=payload)
 
-    def _check(self, msg: Message, kind: str) -> None:
+    def check_message(self, msg: Message, kind: str) -> None:
+        """Refuse a message of another kind, run or round than this session expects at this phase."""
         if not isinstance(msg, Message):
             raise TypeError(f"expected a Message of kind {kind!r}, got {type(msg).__name__}")
         if msg.kind != kind or msg.run_id != self.run_id or msg.round != self.round:
@@ -384,7 +386,7 @@ class MaskingClient(SecretHolder):
         Each peer's share pair is encrypted with AES-GCM under the pairwise
         channel key and sent through the server. This client keeps its own share.
         """
-        self.session._check(roster, KIND_ROSTER)
+        self.session.check_message(roster, KIND_ROSTER)
         ids = _ids_from_bytes(roster.payload.get("ids"), "roster ids")
         c_pks, s_pks = _bytes_list(roster, "c_pks"), _bytes_list(roster, "s_pks")
         if not (len(ids) == len(c_pks) == len(s_pks)) or len(set(ids)) != len(ids):
@@ -396,7 +398,7 @@ class MaskingClient(SecretHolder):
         if (c_pks[ids.index(self.id)], s_pks[ids.index(self.id)]) != self.public_keys:
             raise ValueError(f"the roster lists different public keys for {self.id!r} than the ones it advertised")
         if len(ids) < self.session.threshold:
-            raise self.session._abort("ShareKeys", len(ids), "participants advertised keys")
+            raise self.session.abort("ShareKeys", len(ids), "participants advertised keys")
         self._roster = {pid: (c, s) for pid, c, s in zip(ids, c_pks, s_pks, strict=True)}
         xs = [self.session.x_of(pid) for pid in ids]
         t = self.session.threshold
@@ -418,7 +420,7 @@ class MaskingClient(SecretHolder):
 
     def receive_shares(self, inbox: Message) -> None:
         """End of round 1: decrypt and keep the shares forwarded by the server; learn ``U2``."""
-        self.session._check(inbox, KIND_SHARE_INBOX)
+        self.session.check_message(inbox, KIND_SHARE_INBOX)
         if not self._roster:
             raise RuntimeError(f"{self.id!r}: receive_shares() before share_keys()")
         senders = _ids_from_bytes(inbox.payload.get("from"), "share inbox senders")
@@ -439,7 +441,7 @@ class MaskingClient(SecretHolder):
             self._held[pid] = (shamir.Share.from_bytes(s_raw), shamir.Share.from_bytes(b_raw))
         u2 = sorted([*senders, self.id])
         if len(u2) < self.session.threshold:
-            raise self.session._abort("ShareKeys", len(u2), "participants shared their keys")
+            raise self.session.abort("ShareKeys", len(u2), "participants shared their keys")
         self._u2 = tuple(u2)
 
     @property
@@ -515,7 +517,7 @@ class MaskingClient(SecretHolder):
         A client answers for one survivor set only: answering twice with
         different sets could hand the server both shares of the same peer.
         """
-        self.session._check(request, KIND_UNMASK_REQUEST)
+        self.session.check_message(request, KIND_UNMASK_REQUEST)
         survivors = set(_ids_from_bytes(request.payload.get("survivors"), "survivors"))
         dropped = set(_ids_from_bytes(request.payload.get("dropped"), "dropped"))
         if not self._u2:
@@ -528,7 +530,7 @@ class MaskingClient(SecretHolder):
         if self.id not in survivors:
             raise SecAggAbort(f"{self.id!r}: unmasking request lists this client as dropped")
         if len(survivors) < self.session.threshold:
-            raise self.session._abort("Unmasking", len(survivors), "survivors")
+            raise self.session.abort("Unmasking", len(survivors), "survivors")
         frozen = frozenset(survivors)
         if self._answered is not None and self._answered != frozen:
             raise SecAggAbort(

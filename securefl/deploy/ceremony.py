@@ -96,7 +96,7 @@ class PublicCard:
     def fingerprint(self) -> str:
         return fingerprint(self.signing_key)
 
-    def _signed(self) -> bytes:
+    def signed_bytes(self) -> bytes:
         return _CARD_DOMAIN + length_prefixed(self.party_id, self.signing_key, self.transport_key)
 
     def to_bytes(self) -> bytes:
@@ -126,7 +126,7 @@ class PublicCard:
             raise CeremonyError(f"{source}: not a securefl public card ({exc})") from None
         _check_id(card.party_id, source)
         try:
-            signing_key.verify(card.signature, card._signed())
+            signing_key.verify(card.signature, card.signed_bytes())
         except InvalidSignature:
             raise CeremonyError(f"{source}: the card's signature does not verify: it was altered after "
                                 f"{card.party_id!r} made it (e.g. its transport key was swapped)") from None
@@ -153,7 +153,7 @@ def create_party(key_dir: str | Path, party_id: str) -> tuple[PublicCard, Path]:
     keys = load_or_create_party_keys(key_dir, _check_id(party_id, "keys create"))
     transport = _load_or_create_transport_key(key_dir, party_id)
     unsigned = PublicCard(party_id, public_key_bytes(keys.public_key), x25519_public_bytes(transport), b"")
-    card = PublicCard(party_id, unsigned.signing_key, unsigned.transport_key, keys.private_key.sign(unsigned._signed()))
+    card = PublicCard(party_id, unsigned.signing_key, unsigned.transport_key, keys.private_key.sign(unsigned.signed_bytes()))
     publish_public_key(key_dir, keys)
     (key_dir / ROSTER / f"{party_id}{TRANSPORT_PUB_SUFFIX}").write_bytes(card.transport_key)
     path = key_dir / f"{party_id}.card"

@@ -94,7 +94,7 @@ class MaskingAggregator(Aggregator):
     # Round 0 ------------------------------------------------------------------------------------
     def check_advertisement(self, msg: Message) -> None:
         """One participant's round-0 message on its own (ValueError naming what is wrong)."""
-        self.session._check(msg, KIND_ADVERTISE)
+        self.session.check_message(msg, KIND_ADVERTISE)
         self.session.x_of(msg.sender)
         for name in ("c_pk", "s_pk"):
             key = msg.payload.get(name)
@@ -110,7 +110,7 @@ class MaskingAggregator(Aggregator):
                 raise ValueError(f"two key advertisements from {msg.sender!r}")
             roster[msg.sender] = (msg.payload["c_pk"], msg.payload["s_pk"])
         if len(roster) < self.session.threshold:
-            raise self.session._abort("AdvertiseKeys", len(roster), "participants advertised keys")
+            raise self.session.abort("AdvertiseKeys", len(roster), "participants advertised keys")
         self._roster = dict(sorted(roster.items()))
         ids = list(self._roster)
         return self.session.message(
@@ -129,7 +129,7 @@ class MaskingAggregator(Aggregator):
         """One participant's round-1 message on its own (ValueError naming what is wrong)."""
         if not self._roster:
             raise RuntimeError("shares before collect_advertisements()")
-        self.session._check(msg, KIND_SHARES)
+        self.session.check_message(msg, KIND_SHARES)
         if msg.sender not in self._roster:
             raise ValueError(f"shares from {msg.sender!r}, who did not advertise keys in round 0")
         to = _ids_from_bytes(msg.payload.get("to"), "share recipients")
@@ -157,7 +157,7 @@ class MaskingAggregator(Aggregator):
             outgoing[msg.sender] = dict(zip(to, _bytes_list(msg, "ciphertexts"), strict=True))
         u2 = sorted(outgoing)
         if len(u2) < self.session.threshold:
-            raise self.session._abort("ShareKeys", len(u2), "participants shared their keys")
+            raise self.session.abort("ShareKeys", len(u2), "participants shared their keys")
         self._u2 = tuple(u2)
         self._unmasked = None
         return {
@@ -188,7 +188,7 @@ class MaskingAggregator(Aggregator):
         if strangers:
             raise ValueError(f"field {field!r}: replies from {strangers}, who did not share keys in round 1")
         if len(replies) < self.session.threshold:
-            raise self.session._abort("MaskedInputCollection", len(replies), "participants sent masked inputs")
+            raise self.session.abort("MaskedInputCollection", len(replies), "participants sent masked inputs")
         enc = self.session.encoding
         arrays, first = [], None
         for reply in replies:
@@ -254,7 +254,7 @@ class MaskingAggregator(Aggregator):
                 s_shares[owner].append(share)
             responders += 1
         if responders < self.session.threshold:
-            raise self.session._abort("Unmasking", responders, "survivors answered the unmasking request")
+            raise self.session.abort("Unmasking", responders, "survivors answered the unmasking request")
         self_keys = {u: _self_mask_key(self.session, u, shamir.reconstruct(b_shares[u])) for u in survivors}
         pair_seeds: dict[tuple[str, str], bytes] = {}
         for v in dropped:
@@ -273,7 +273,7 @@ class MaskingAggregator(Aggregator):
         self, answer: Message, u: str, survivors: frozenset[str], dropped: frozenset[str]
     ) -> tuple[list[tuple[str, shamir.Share]], list[tuple[str, shamir.Share]]]:
         """The (owner, share) pairs of one unmasking answer, checked against the request (ValueError if not)."""
-        self.session._check(answer, KIND_UNMASK)
+        self.session.check_message(answer, KIND_UNMASK)
         if answer.sender != u:
             raise ValueError(f"unmasking answer for {u!r} came from {answer.sender!r}")
         b_owners = _ids_from_bytes(answer.payload.get("b_owners"), "b_owners")

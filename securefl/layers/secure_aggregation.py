@@ -413,7 +413,7 @@ class MaskingCoordinatorLayer(_MaskingServer):
         shares = self._well_formed(ask(rnd, sampled, dict.fromkeys(adverts, roster)), aggregator.check_share_message)
         inboxes = aggregator.route_shares(list(shares.values()))
         # A node that cannot take its shares sends no masked input: the survivors' shares recover it.
-        self._well_formed(ask(rnd, sampled, inboxes), lambda msg: session._check(msg, KIND_READY))
+        self._well_formed(ask(rnd, sampled, inboxes), lambda msg: session.check_message(msg, KIND_READY))
         self._session, self._aggregator = session, aggregator
 
     def _check_advert(self, aggregator: MaskingAggregator, advert: Message) -> None:

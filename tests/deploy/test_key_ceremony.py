@@ -150,7 +150,7 @@ def test_trust_refuses_a_substituted_key_an_altered_card_and_a_private_key(parti
 
     key = generate_signing_key()
     unsigned = PublicCard("../../escape", public_key_bytes(key), genuine.transport_key, b"")
-    escaping = PublicCard(unsigned.party_id, unsigned.signing_key, unsigned.transport_key, key.sign(unsigned._signed()))
+    escaping = PublicCard(unsigned.party_id, unsigned.signing_key, unsigned.transport_key, key.sign(unsigned.signed_bytes()))
     with pytest.raises(CeremonyError, match="party id '../../escape' must be"):
         trust_card(parties["h2"], escaping.to_bytes(), expected_fingerprint=escaping.fingerprint)
     assert not list(tmp_path.rglob("escape*"))
