@@ -14,7 +14,7 @@ from torch import nn
 from securefl.core.seeding import derive_seed
 from securefl.core.training import PlainTrainer, Trainer, make_optimizer
 
-__all__ = ["DataView", "DatasetInfo", "FederationContext", "ModelBuilder", "Party", "SplitInfo", "derive_seed"]
+__all__ = ["DataView", "DatasetInfo", "FederationContext", "ModelBuilder", "Party", "PartySplitInfo", "SplitInfo"]
 
 
 class DatasetInfo(Protocol):
